@@ -1,0 +1,47 @@
+# ReDistill Edge. `make distill` sets up and runs the main job; `make test` runs the tests.
+PYTHON  ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+DATA_ARCHIVE ?= ../shared/data/cifar10-jpeg.tar.gz
+DATA    ?= data/cifar10
+PRESET  ?= quick
+TEACHER ?=
+ARGS    ?=
+RUN     ?= runs/$(PRESET)
+CHECKPOINT ?= $(RUN)/student/best.pt
+BUNDLES ?= bundles
+JETSON  ?=
+JETSON_PYTHON ?= python3
+
+.PHONY: setup data distill evaluate memory export deploy compare test test-slow clean-venv
+
+$(BIN)/redistill: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --upgrade pip
+	$(BIN)/pip install -c constraints.txt -e '.[dev]'
+	touch $@
+
+setup: $(BIN)/redistill
+
+data: $(DATA)/train
+
+$(DATA)/train:
+	@test -f $(DATA_ARCHIVE) || { echo "no data archive at $(DATA_ARCHIVE): set DATA_ARCHIVE=path/to/cifar10-jpeg.tar.gz or DATA=dir with train/ and test/"; exit 2; }
+	mkdir -p $(DATA)
+	tar -xzf $(DATA_ARCHIVE) -C $(DATA)
+
+# Idempotent: an interrupted run resumes, a finished one only re-reports.
+distill: setup data
+	$(BIN)/redistill distill $(PRESET) data.root=$(DATA) $(if $(TEACHER),teacher.checkpoint=$(TEACHER)) $(ARGS) --resume
+
+evaluate: setup data
+	$(BIN)/redistill evaluate $(CHECKPOINT) --data-root $(DATA)
+
+test: setup
+	$(BIN)/pytest
+
+test-slow: setup
+	$(BIN)/pytest -m slow
+
+clean-venv:
+	rm -rf $(VENV)

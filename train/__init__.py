@@ -1,0 +1,1 @@
+"""Training stage: architectures by name, RED blocks, and the distillation trainer."""

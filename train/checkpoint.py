@@ -1,0 +1,81 @@
+"""Checkpoints that carry everything export needs: weights, architecture, RED sites, classes, normalisation."""
+
+from __future__ import annotations
+
+import pickle
+import zipfile
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+from torch import nn
+
+from redistill.errors import UserError
+from redistill.io import atomic_torch_save
+from train.models import build_model
+from train.red import SitePlan, insert_red_blocks
+
+FORMAT = "redistill-checkpoint"
+VERSION = 1
+
+
+def make_payload(
+    model: nn.Module, *, arch: str, role: str, method: str, num_classes: int, image_size: int,
+    classes: List[str], mean, std, width_mult: float, plans: List[SitePlan], red_distance: str,
+    config: Dict[str, Any], epoch: int, history: List[dict], best_val: float,
+    optimizer: Optional[dict] = None,
+) -> Dict[str, Any]:
+    """A checkpoint dict made only of tensors and plain Python values (loadable with weights_only=True)."""
+    module = model.module if hasattr(model, "module") else model
+    return {
+        "format": FORMAT, "version": VERSION,
+        "arch": arch, "role": role, "method": method,
+        "num_classes": num_classes, "image_size": image_size, "width_mult": width_mult,
+        "classes": list(classes), "mean": [float(x) for x in mean], "std": [float(x) for x in std],
+        "red": {"distance": red_distance, "sites": [dict(asdict(p), hw=list(p.hw)) for p in plans]},
+        "model": module.state_dict(),
+        "optimizer": optimizer, "epoch": epoch, "history": history, "best_val": best_val,
+        "config": config, "torch_version": torch.__version__,
+    }
+
+
+def save_checkpoint(payload: Dict[str, Any], path) -> Path:
+    return atomic_torch_save(payload, path)
+
+
+def load_checkpoint(path) -> Dict[str, Any]:
+    """Load with ``weights_only=True``; a missing, corrupt or foreign file is a one-line UserError."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"checkpoint {p} not found: run `redistill distill` first or give the path to a .pt it wrote")
+    try:
+        ck = torch.load(p, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"checkpoint {p} is corrupt or not a PyTorch file ({msg[:160]}); re-run training or use last.pt/best.pt") from None
+    if not isinstance(ck, dict) or ck.get("format") != FORMAT:
+        raise UserError(
+            f"{p} is not a ReDistill checkpoint (no format={FORMAT!r}; a bare state_dict or another tool's file?): "
+            "use a best.pt or last.pt written by `redistill distill`"
+        )
+    if ck.get("version", 0) > VERSION:
+        raise UserError(f"{p} has checkpoint version {ck['version']}, newer than this redistill ({VERSION}); upgrade redistill-edge")
+    return ck
+
+
+def site_plans(ck: Dict[str, Any]) -> List[SitePlan]:
+    return [SitePlan(**dict(s, hw=tuple(s["hw"]))) for s in ck["red"]["sites"]]
+
+
+def model_from_checkpoint(ck: Dict[str, Any]) -> nn.Module:
+    """Rebuild the network (with its RED blocks) from a checkpoint's metadata and load its weights."""
+    kwargs = {"width_mult": ck["width_mult"]} if ck["arch"].startswith("mobilenet") else {}
+    model = build_model(ck["arch"], ck["num_classes"], ck["image_size"], **kwargs)
+    insert_red_blocks(model, site_plans(ck))
+    try:
+        model.load_state_dict(ck["model"])
+    except RuntimeError as e:
+        raise UserError(f"checkpoint weights do not fit {ck['arch']}: {str(e).splitlines()[0]}") from None
+    model.eval()
+    return model

@@ -1,0 +1,118 @@
+"""``redistill distill`` and ``redistill evaluate``."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+
+
+
+def _describe_keys() -> str:
+    """Every config key with its default, generated from the typed config so the help never drifts."""
+    from train import config as C
+
+    lines = []
+
+    def walk(cls, prefix):
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            tp = hints[f.name]
+            if dataclasses.is_dataclass(tp):
+                walk(tp, prefix + f.name + ".")
+                continue
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            lines.append(f"  {prefix + f.name:<24} {default!r}")
+
+    walk(C.RunConfig, "")
+    return "config keys (key=value overrides, defaults shown; see train/config.py for meanings):\n" + "\n".join(lines)
+
+
+def add_commands(sub) -> None:
+    p = sub.add_parser(
+        "distill",
+        help="train a teacher, then distill a student (KD, RED, RED+KD)",
+        description="Train the teacher (unless teacher.checkpoint is given), then the student with the configured "
+        "method. CONFIG is a YAML file or a preset name (quick, mobilenetv2_x4, mobilenetv2_x8, "
+        "mobilenetv3_small_x4, resnext18_x4); key=value pairs override it, e.g. epochs=3 data.root=DIR.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=_describe_keys() + "\n\nmulti-GPU / multi-process: torchrun --nproc_per_node=N -m redistill.cli distill CONFIG",
+    )
+    p.add_argument("config", nargs="?", help="YAML config file or preset name")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")
+    p.set_defaults(func=_distill)
+
+    e = sub.add_parser("evaluate", help="top-1 accuracy of a checkpoint on a data set",
+                       description="Evaluate a checkpoint written by `redistill distill` on the test split.")
+    e.add_argument("checkpoint")
+    e.add_argument("--data-root", default=None, help="image folder (default: the one the checkpoint was trained on)")
+    e.add_argument("--data-name", default=None, help="imagefolder | cifar10 | stl10")
+    e.add_argument("--subset", type=int, default=0, help="evaluate on this many test images, class-balanced (0 = all)")
+    e.add_argument("--device", default="auto")
+    e.add_argument("--json", default=None, help="also write the result to this JSON file")
+    e.set_defaults(func=_evaluate)
+
+
+def _distill(args) -> int:
+    from train.config import load_config
+    from train.trainer import run_distill
+
+    overrides = list(args.overrides)
+    config = args.config
+    if config and "=" in config:  # only overrides were given
+        overrides.insert(0, config)
+        config = None
+    cfg = load_config(config, overrides)
+    summary = run_distill(cfg, resume=args.resume)
+    _print_summary(summary)
+    return 0
+
+
+def _print_summary(summary) -> None:
+    import os
+
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    print("\n=== redistill distill: done ===")
+    for role in ("teacher", "student"):
+        s = summary.get(role)
+        if not s:
+            continue
+        if s.get("reused"):
+            print(f"{role:8s} {s['arch']}: reused {s['checkpoint']}")
+            continue
+        b = s["best"]
+        print(f"{role:8s} {s['arch']} ({s['method']}): test top-1 {b['test_top1']:.2f}% "
+              f"(best epoch {b['epoch']}, by {s['picked_by']}; last epoch {s['last']['test_top1']:.2f}%)  -> {b['checkpoint']}")
+    mem = summary.get("memory")
+    if mem:
+        print(mem)
+    print(f"run folder: {summary['run_dir']}")
+
+
+def _evaluate(args) -> int:
+    import json
+
+    from redistill.io import atomic_write_json
+    from train.checkpoint import load_checkpoint, model_from_checkpoint
+    from train.config import DataConfig
+    from train.data import load_data
+    from train.trainer import evaluate, resolve_device
+
+    ck = load_checkpoint(args.checkpoint)
+    saved = ck.get("config", {}).get("data", {})
+    dcfg = DataConfig(name=args.data_name or saved.get("name", "imagefolder"), root=args.data_root or saved.get("root", "data/cifar10"),
+                      image_size=ck["image_size"], test_subset=args.subset, eval_batch_size=saved.get("eval_batch_size", 256))
+    data = load_data(dcfg, mean=ck["mean"], std=ck["std"], need_train=False)
+    if data.classes != ck["classes"]:
+        from redistill.errors import UserError
+
+        raise UserError(f"the data's classes {data.classes} differ from the checkpoint's {ck['classes']}; point --data-root at the right set")
+    device = resolve_device(args.device)
+    r = evaluate(model_from_checkpoint(ck).to(device), data.test, dcfg.eval_batch_size, device)
+    out = {"checkpoint": args.checkpoint, "arch": ck["arch"], "method": ck["method"], "data": data.source, **r}
+    print(json.dumps(out, indent=2))
+    if args.json:
+        atomic_write_json(args.json, out)
+    return 0

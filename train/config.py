@@ -1,0 +1,266 @@
+"""Typed run configuration: dataclasses with defaults, loaded from YAML plus ``key=value`` overrides.
+
+Every key is validated on load: an unknown key fails with a did-you-mean, a
+value of the wrong type fails naming the key and the expected type.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import yaml
+
+from redistill.errors import UserError, did_you_mean
+
+METHODS = ("teacher", "student", "kd", "red", "red_kd")
+
+
+@dataclass
+class DataConfig:
+    """Where the images are and how they are fed."""
+
+    name: str = "imagefolder"  # imagefolder | cifar10 | stl10 (torchvision's, read from disk only)
+    root: str = "data/cifar10"  # imagefolder: has train/<class>/* and test/<class>/*
+    image_size: int = 32  # images are resized to this square size (32-224 px)
+    train_subset: int = 0  # use only this many training images, balanced over classes (0 = all)
+    test_subset: int = 0  # evaluate on this many test images, balanced (0 = all)
+    val_fraction: float = 0.05  # held out from train to pick the best epoch; the test set never picks
+    augment: str = "crop_flip"  # crop_flip (pad+crop, flip) | rrc_flip (RandomResizedCrop, flip) | none
+    batch_size: int = 128
+    eval_batch_size: int = 256
+    workers: int = 0  # DataLoader worker processes
+    cutmix: float = 0.0  # CutMix alpha (0 = off)
+    mixup: float = 0.0  # MixUp alpha (0 = off)
+
+
+@dataclass
+class OptimConfig:
+    """Optimizer and learning-rate schedule."""
+
+    name: str = "sgd"  # sgd | adam
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    nesterov: bool = False
+    schedule: str = "cosine"  # cosine | step
+    milestones: List[float] = field(default_factory=lambda: [0.6, 0.8, 0.9])  # step: fractions of training
+    gamma: float = 0.2  # step: lr multiplier at each milestone (the paper: lr / 5)
+    warmup_epochs: float = 0.0  # linear warm-up, in epochs
+
+
+@dataclass
+class ModelConfig:
+    """One network of the pair."""
+
+    arch: str = ""  # ARCH-A-R name, e.g. mobilenetv2-4-1221111
+    width_mult: float = 1.0  # mobilenet families only
+    checkpoint: Optional[str] = None  # teacher: reuse this trained checkpoint instead of training one
+    epochs: Optional[int] = None  # overrides the run's epochs for this network
+
+
+@dataclass
+class REDSiteConfig:
+    """One RED block: student layer and side, and the teacher layer it is matched to."""
+
+    student: str = ""
+    where: str = "out"  # in | out
+    teacher: str = ""
+    teacher_where: Optional[str] = None  # defaults to `where`
+    alpha: Optional[float] = None  # defaults to red.alpha
+
+
+@dataclass
+class REDConfig:
+    distance: str = "cosine"  # cosine | mse
+    alpha: float = 50.0
+    sites: List[REDSiteConfig] = field(default_factory=list)
+
+
+@dataclass
+class LossConfig:
+    w_ce: float = 0.5  # total = w_ce * CE + w_dist * mean(distillation losses)
+    w_dist: float = 0.5
+    kd_temperature: float = 4.0
+    label_smoothing: float = 0.0
+
+
+@dataclass
+class RunConfig:
+    """A distillation run: train the teacher (unless given), then the student by ``method``."""
+
+    name: str = "run"
+    method: str = "red"  # teacher | student | kd | red | red_kd
+    epochs: int = 30
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    out_dir: str = "runs"
+    num_classes: int = 0  # 0 = from the data set
+    teacher: ModelConfig = field(default_factory=ModelConfig)
+    student: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    red: REDConfig = field(default_factory=REDConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    log_every: int = 20  # progress-bar refresh, in steps
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.out_dir) / self.name
+
+    def to_dict(self) -> Dict[str, Any]:
+        return asdict(self)
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
+
+
+def _coerce(value: Any, tp, key: str):
+    """Convert ``value`` to the annotated type ``tp``, or raise a UserError naming ``key``."""
+    origin = typing.get_origin(tp)
+    if origin is typing.Union:  # Optional[X]
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("null", "none", "")):
+            return None
+        return _coerce(value, args[0], key)
+    if origin in (list, List):
+        (inner,) = typing.get_args(tp)
+        if isinstance(value, str):
+            value = yaml.safe_load(value) if value.strip().startswith("[") else value.split(",")
+        if not isinstance(value, (list, tuple)):
+            raise UserError(f"config key {key!r} needs a list, got {value!r}")
+        return [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise UserError(f"config key {key!r} needs a mapping, got {value!r}")
+        return _build(tp, value, key + ".")
+    try:
+        if tp is bool:
+            if isinstance(value, str):
+                low = value.lower()
+                if low in ("true", "yes", "1", "on"):
+                    return True
+                if low in ("false", "no", "0", "off"):
+                    return False
+                raise ValueError
+            return bool(value)
+        if tp is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError
+        if tp in (int, float) and isinstance(value, bool):
+            raise ValueError
+        return tp(value)
+    except (TypeError, ValueError):
+        raise UserError(f"config key {key!r} needs {_type_name(tp)}, got {value!r}") from None
+
+
+def _build(cls, data: Dict[str, Any], prefix: str = ""):
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for k, v in data.items():
+        if k not in names:
+            raise UserError(f"unknown config key {prefix + k!r}." + did_you_mean(prefix + k, [prefix + n for n in names]))
+        kwargs[k] = _coerce(v, hints[k], prefix + k)
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: Dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise UserError(f"config key {dotted!r}: {p!r} is not a section")
+    node[parts[-1]] = value
+
+
+def parse_overrides(items: Sequence[str]) -> Dict[str, Any]:
+    """Turn ``["epochs=3", "data.root=/x"]`` into a nested dict (values parsed as YAML scalars)."""
+    tree: Dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise UserError(f"override {item!r} must look like key=value (e.g. epochs=3 or data.root=DIR)")
+        k, v = item.split("=", 1)
+        try:
+            parsed = yaml.safe_load(v) if v != "" else ""
+        except yaml.YAMLError:
+            parsed = v
+        _set_dotted(tree, k.strip(), parsed)
+    return tree
+
+
+def _merge(base: Dict[str, Any], over: Dict[str, Any]) -> Dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> RunConfig:
+    """Load a YAML config (or the defaults), apply ``key=value`` overrides, and validate everything."""
+    data: Dict[str, Any] = {}
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            presets = sorted(x.stem for x in PRESET_DIR.glob("*.yaml"))
+            cand = PRESET_DIR / f"{path}.yaml"
+            if cand.is_file():
+                p = cand
+            else:
+                raise UserError(f"config {path!r} not found: give a YAML file or a preset name." + did_you_mean(str(path), presets))
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise UserError(f"config {p} is not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(data, dict):
+            raise UserError(f"config {p} must be a mapping of keys to values")
+    data = _merge(data, parse_overrides(overrides))
+    return validate(_build(RunConfig, data))
+
+
+def validate(cfg: RunConfig) -> RunConfig:
+    """Cross-field checks that types alone cannot express."""
+    from train.models import parse_arch
+    from train.red import DISTANCES
+
+    def choice(key, value, options):
+        if value not in options:
+            raise UserError(f"config key {key!r} is {value!r}." + did_you_mean(str(value), options))
+
+    choice("method", cfg.method, METHODS)
+    choice("optim.name", cfg.optim.name, ("sgd", "adam"))
+    choice("optim.schedule", cfg.optim.schedule, ("cosine", "step"))
+    choice("data.augment", cfg.data.augment, ("crop_flip", "rrc_flip", "none"))
+    choice("data.name", cfg.data.name, ("imagefolder", "cifar10", "stl10"))
+    DISTANCES.get(cfg.red.distance)
+    if not 32 <= cfg.data.image_size <= 224:
+        raise UserError(f"data.image_size={cfg.data.image_size} is out of range: use 32 to 224")
+    if cfg.epochs < 1:
+        raise UserError("epochs must be at least 1")
+    if not 0 <= cfg.data.val_fraction < 0.5:
+        raise UserError("data.val_fraction must be in [0, 0.5)")
+    if cfg.data.batch_size < 1 or cfg.data.eval_batch_size < 1:
+        raise UserError("data.batch_size and data.eval_batch_size must be at least 1")
+    if cfg.method != "student" and not (cfg.teacher.arch or cfg.teacher.checkpoint):
+        raise UserError(f"method={cfg.method} needs teacher.arch (or teacher.checkpoint)")
+    if cfg.method != "teacher" and not cfg.student.arch:
+        raise UserError(f"method={cfg.method} needs student.arch")
+    for key, m in (("teacher.arch", cfg.teacher), ("student.arch", cfg.student)):
+        if m.arch:
+            parse_arch(m.arch)
+    if cfg.method in ("red", "red_kd"):
+        if not cfg.red.sites:
+            raise UserError(f"method={cfg.method} needs at least one red.sites entry (student layer + teacher layer)")
+        for i, s in enumerate(cfg.red.sites):
+            if not s.student or not s.teacher:
+                raise UserError(f"red.sites[{i}] needs both 'student' and 'teacher' layer names")
+    return cfg
+
+
+PRESET_DIR = Path(__file__).resolve().parent / "configs"

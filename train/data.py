@@ -1,0 +1,210 @@
+"""Data sets: an image-folder tree (the CIFAR-10 archive), or torchvision's CIFAR10/STL10 already on disk.
+
+Small images (CIFAR, STL) are decoded once into one uint8 tensor, so that an
+epoch on a 2-core machine spends its time training, not decoding JPEGs.
+Nothing here downloads anything.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, List, Optional, Sequence, Tuple
+
+import torch
+from torch.utils.data import Dataset
+
+from redistill.errors import UserError
+from redistill.registry import Registry
+
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp")
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+DATASETS: Registry = Registry("data set")
+
+
+@dataclass
+class ImageSet:
+    """Decoded images (N x 3 x H x W uint8, or a list of per-image tensors) with labels and class names."""
+
+    images: object
+    labels: torch.Tensor
+    classes: List[str]
+    source: str
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, idx: Sequence[int]) -> "ImageSet":
+        idx_t = torch.as_tensor(list(idx), dtype=torch.long)
+        imgs = self.images[idx_t] if torch.is_tensor(self.images) else [self.images[i] for i in idx_t.tolist()]
+        return ImageSet(imgs, self.labels[idx_t], self.classes, self.source)
+
+
+def _hint(root: Path) -> str:
+    return (
+        f"unpack the CIFAR-10 archive there (mkdir -p {root} && tar -xzf ../shared/data/cifar10-jpeg.tar.gz -C {root}) "
+        "or point data.root=DIR at a folder holding train/<class>/ and test/<class>/"
+    )
+
+
+@DATASETS.register("imagefolder")
+def load_imagefolder(root: str, split: str) -> ImageSet:
+    """Read ``root/split/<class>/*.jpg`` (one folder per class) and decode every image."""
+    from torchvision.io import ImageReadMode, decode_image
+
+    base = Path(root).expanduser()
+    folder = base / split
+    if not folder.is_dir():
+        raise UserError(f"no {split!r} image folder at {folder.resolve()}: {_hint(base)}")
+    classes = sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if len(classes) < 2:
+        raise UserError(f"{folder.resolve()} must hold one sub-folder per class (found {len(classes)}): {_hint(base)}")
+    paths, labels = [], []
+    for i, c in enumerate(classes):
+        files = sorted(p for p in (folder / c).iterdir() if p.suffix.lower() in IMG_EXTENSIONS)
+        if not files:
+            raise UserError(f"class folder {(folder / c).resolve()} holds no images ({', '.join(IMG_EXTENSIONS)})")
+        paths += files
+        labels += [i] * len(files)
+    images = []
+    for p in paths:
+        try:
+            images.append(decode_image(str(p), mode=ImageReadMode.RGB))
+        except (RuntimeError, ValueError) as e:
+            raise UserError(f"cannot decode image {p}: {e}; remove or replace the file") from None
+    if len({tuple(t.shape) for t in images}) == 1:
+        images = torch.stack(images)
+    return ImageSet(images, torch.tensor(labels), classes, f"imagefolder:{folder.resolve()}")
+
+
+def _torchvision_set(cls_name: str, root: str, split: str) -> ImageSet:
+    import numpy as np
+    import torchvision.datasets as tvd
+
+    try:
+        if cls_name == "CIFAR10":
+            ds = tvd.CIFAR10(root, train=(split == "train"), download=False)
+            images = torch.from_numpy(np.ascontiguousarray(ds.data.transpose(0, 3, 1, 2)))
+            labels = torch.tensor(ds.targets)
+        else:
+            ds = tvd.STL10(root, split=split, download=False)
+            images, labels = torch.from_numpy(ds.data), torch.from_numpy(ds.labels.astype("int64"))
+    except RuntimeError as e:
+        raise UserError(
+            f"torchvision {cls_name} not found under {Path(root).resolve()} ({e}); nothing is downloaded here: "
+            "copy the data set there, or use data.name=imagefolder with the CIFAR-10 archive"
+        ) from None
+    return ImageSet(images, labels, list(ds.classes), f"torchvision.{cls_name}:{Path(root).resolve()}")
+
+
+@DATASETS.register("cifar10")
+def load_cifar10(root: str, split: str) -> ImageSet:
+    return _torchvision_set("CIFAR10", root, split)
+
+
+@DATASETS.register("stl10")
+def load_stl10(root: str, split: str) -> ImageSet:
+    return _torchvision_set("STL10", root, split)
+
+
+def balanced_indices(labels: torch.Tensor, n: int) -> List[int]:
+    """The first ``n`` indices taken round-robin over classes, so a subset keeps the class balance."""
+    per_class = [torch.nonzero(labels == c).flatten().tolist() for c in range(int(labels.max()) + 1)]
+    out: List[int] = []
+    k = 0
+    while len(out) < n and any(k < len(p) for p in per_class):
+        out += [p[k] for p in per_class if k < len(p)]
+        k += 1
+    return sorted(out[:n])
+
+
+def split_train_val(labels: torch.Tensor, fraction: float) -> Tuple[List[int], List[int]]:
+    """A fixed, stratified hold-out (seed 0, independent of the run's seed) for picking the best epoch."""
+    if fraction <= 0:
+        return list(range(len(labels))), []
+    g = torch.Generator().manual_seed(0)
+    train, val = [], []
+    for c in range(int(labels.max()) + 1):
+        idx = torch.nonzero(labels == c).flatten()
+        idx = idx[torch.randperm(len(idx), generator=g)].tolist()
+        k = max(1, int(round(len(idx) * fraction)))
+        val += idx[:k]
+        train += idx[k:]
+    return sorted(train), sorted(val)
+
+
+def channel_stats(images) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
+    """Per-channel mean and std in [0, 1] over (up to 10,000 of) the training images."""
+    if not torch.is_tensor(images):
+        return IMAGENET_MEAN, IMAGENET_STD
+    step = max(1, len(images) // 10000)
+    x = images[::step].float().div_(255)
+    return tuple(x.mean(dim=(0, 2, 3)).tolist()), tuple(x.std(dim=(0, 2, 3)).tolist())
+
+
+def build_transform(image_size: int, mean, std, train: bool, augment: str) -> Callable:
+    from torchvision.transforms import v2
+
+    ops: list = []
+    if train and augment == "rrc_flip":
+        ops += [v2.RandomResizedCrop(image_size, scale=(0.35, 1.0), antialias=True), v2.RandomHorizontalFlip()]
+    else:
+        ops.append(v2.Resize((image_size, image_size), antialias=True))
+        if train and augment == "crop_flip":
+            ops += [v2.RandomCrop(image_size, padding=image_size // 8, padding_mode="reflect"), v2.RandomHorizontalFlip()]
+    ops += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
+    return v2.Compose(ops)
+
+
+class TransformedImages(Dataset):
+    def __init__(self, images: ImageSet, transform: Callable):
+        self.set, self.transform = images, transform
+
+    def __len__(self) -> int:
+        return len(self.set)
+
+    def __getitem__(self, i: int):
+        return self.transform(self.set.images[i]), int(self.set.labels[i])
+
+
+@dataclass
+class DataBundle:
+    train: Dataset
+    val: Optional[Dataset]
+    test: Dataset
+    classes: List[str]
+    mean: Tuple[float, ...]
+    std: Tuple[float, ...]
+    source: str
+
+
+def load_data(cfg, mean=None, std=None, need_train: bool = True) -> DataBundle:
+    """Build train/val/test data sets from a ``DataConfig``; ``mean``/``std`` default to the train set's own."""
+    loader = DATASETS.get(cfg.name)
+    test = loader(cfg.root, "test")
+    if cfg.test_subset:
+        test = test.subset(balanced_indices(test.labels, cfg.test_subset))
+    train_set = val_set = None
+    if need_train:
+        full = loader(cfg.root, "train")
+        if full.classes != test.classes:
+            raise UserError(f"train and test class folders differ under {cfg.root}: {full.classes} vs {test.classes}")
+        if cfg.train_subset:
+            full = full.subset(balanced_indices(full.labels, cfg.train_subset))
+        tr_idx, va_idx = split_train_val(full.labels, cfg.val_fraction)
+        train_set, val_set = full.subset(tr_idx), (full.subset(va_idx) if va_idx else None)
+        if mean is None:
+            mean, std = channel_stats(train_set.images)
+    elif mean is None:
+        mean, std = IMAGENET_MEAN, IMAGENET_STD
+    ev = build_transform(cfg.image_size, mean, std, False, cfg.augment)
+    return DataBundle(
+        train=TransformedImages(train_set, build_transform(cfg.image_size, mean, std, True, cfg.augment)) if train_set else None,
+        val=TransformedImages(val_set, ev) if val_set is not None else None,
+        test=TransformedImages(test, ev),
+        classes=test.classes,
+        mean=tuple(mean),
+        std=tuple(std),
+        source=test.source,
+    )

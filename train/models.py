@@ -1,0 +1,196 @@
+"""Architectures by name, with the paper's ``ARCH-A-R`` naming.
+
+``A`` is the stride of the first layer (the stem) and each digit of ``R`` the
+stride of one later stage, e.g. ``mobilenetv2-4-1221111`` is MobileNetV2 whose
+stem downsamples by 4. Every family is built from torchvision's own model and
+blocks; only the strides change.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Callable, Dict, Sequence, Tuple
+
+from torch import nn
+
+from redistill.errors import UserError, did_you_mean
+from redistill.registry import Registry
+
+
+@dataclass(frozen=True)
+class Family:
+    """How to build one architecture family from a stem stride and per-stage strides."""
+
+    name: str
+    stages: Tuple[str, ...]  # what each digit of R controls, for error messages
+    default: str  # the torchvision (ImageNet) schedule, used for a bare family name
+    build: Callable[..., nn.Module]
+
+
+FAMILIES: Registry[Family] = Registry("architecture")
+
+
+def register_family(name: str, stages: Sequence[str], default: str):
+    """Decorator: register ``build(stem, strides, num_classes, **kw)`` as family ``name``."""
+
+    def deco(build):
+        FAMILIES.register(name)(Family(name, tuple(stages), default, build))
+        return build
+
+    return deco
+
+
+@dataclass(frozen=True)
+class ArchName:
+    family: str
+    stem: int
+    strides: Tuple[int, ...]
+
+    def __str__(self) -> str:
+        return f"{self.family}-{self.stem}-{''.join(map(str, self.strides))}"
+
+    @property
+    def total_stride(self) -> int:
+        total = self.stem
+        for s in self.strides:
+            total *= s
+        return total
+
+
+_NAME = re.compile(r"^(?P<family>[a-z0-9_]+?)(?:-(?P<stem>\d+)-(?P<strides>\d+))?$")
+
+
+def parse_arch(name: str) -> ArchName:
+    """Parse ``family[-A-R]``; a bare family name means its standard torchvision schedule."""
+    m = _NAME.match(name.strip())
+    family = m.group("family") if m else name.split("-")[0]
+    if family not in FAMILIES:
+        examples = [FAMILIES.get(f).default for f in FAMILIES.names()]
+        raise UserError(f"unknown architecture {name!r}." + did_you_mean(name, FAMILIES.names() + examples))
+    fam = FAMILIES.get(family)
+    if not m:
+        raise UserError(
+            f"malformed architecture name {name!r}: expected {family}-A-R with A the stem stride and "
+            f"one digit per stage ({', '.join(fam.stages)}), e.g. {fam.default}"
+        )
+    if m.group("stem") is None:
+        return parse_arch(fam.default)
+    stem, strides = int(m.group("stem")), tuple(int(c) for c in m.group("strides"))
+    if len(strides) != len(fam.stages):
+        raise UserError(
+            f"{name!r}: {family} takes {len(fam.stages)} stage strides after the stem "
+            f"({', '.join(fam.stages)}), got {len(strides)}; e.g. {fam.default}"
+        )
+    if stem < 1 or 0 in strides:
+        raise UserError(f"{name!r}: strides must be at least 1")
+    return ArchName(family, stem, strides)
+
+
+def build_model(name: str, num_classes: int = 10, image_size: int = 32, **kwargs) -> nn.Module:
+    """Build architecture ``name`` for ``num_classes`` and a square input of ``image_size`` px (32-224)."""
+    arch = parse_arch(name)
+    if not 32 <= image_size <= 224:
+        raise UserError(f"image_size {image_size} is out of range: use 32 to 224 px")
+    if arch.total_stride > image_size:
+        raise UserError(
+            f"{arch}: total stride {arch.total_stride} exceeds image_size {image_size}; "
+            "lower a stride or raise image_size"
+        )
+    if num_classes < 2:
+        raise UserError(f"num_classes must be at least 2, got {num_classes}")
+    model = FAMILIES.get(arch.family).build(arch.stem, arch.strides, num_classes, **kwargs)
+    model.arch_name = str(arch)
+    return model
+
+
+def _set_stride(conv: nn.Conv2d, stride: int) -> None:
+    conv.stride = (stride, stride)
+
+
+# --- MobileNetV2: one digit per inverted-residual stage (7 stages) -------------------------------
+
+
+@register_family("mobilenetv2", [f"stage{i}" for i in range(1, 8)], "mobilenetv2-2-1222121")
+def _mobilenetv2(stem, strides, num_classes, width_mult: float = 1.0, dropout: float = 0.2):
+    from torchvision.models import MobileNetV2
+
+    # (expansion t, channels c, repeats n) of torchvision's MobileNetV2, strides replaced
+    tcn = [(1, 16, 1), (6, 24, 2), (6, 32, 3), (6, 64, 4), (6, 96, 3), (6, 160, 3), (6, 320, 1)]
+    setting = [[t, c, n, s] for (t, c, n), s in zip(tcn, strides)]
+    model = MobileNetV2(num_classes=num_classes, width_mult=width_mult, inverted_residual_setting=setting, dropout=dropout)
+    _set_stride(model.features[0][0], stem)
+    return model
+
+
+# --- MobileNetV3-small: one digit per inverted-residual block (11 blocks) ------------------------
+
+
+@register_family("mobilenetv3_small", [f"block{i}" for i in range(1, 12)], "mobilenetv3_small-2-22121111211")
+def _mobilenetv3_small(stem, strides, num_classes, width_mult: float = 1.0, dropout: float = 0.2):
+    from torchvision.models.mobilenetv3 import MobileNetV3, _mobilenet_v3_conf
+
+    setting, last_channel = _mobilenet_v3_conf("mobilenet_v3_small", width_mult=width_mult)
+    for cnf, s in zip(setting, strides):
+        cnf.stride = s
+    model = MobileNetV3(setting, last_channel, num_classes=num_classes, dropout=dropout)
+    _set_stride(model.features[0][0], stem)
+    return model
+
+
+# --- ResNet / ResNeXt: digits are maxpool, layer1, layer2, layer3, layer4 -----------------------
+
+
+def _resnet(block, layers, stem, strides, num_classes, **kw):
+    from torchvision.models.resnet import ResNet
+
+    class StridedResNet(ResNet):
+        """torchvision's ResNet with the four layer strides taken from the name."""
+
+        def __init__(self):
+            self._layer_strides = list(strides[1:])
+            super().__init__(block, layers, num_classes=num_classes, **kw)
+
+        def _make_layer(self, block, planes, blocks, stride=1, dilate=False):
+            return super()._make_layer(block, planes, blocks, stride=self._layer_strides.pop(0), dilate=dilate)
+
+    model = StridedResNet()
+    _set_stride(model.conv1, stem)
+    model.maxpool = nn.MaxPool2d(kernel_size=3, stride=strides[0], padding=1)
+    return model
+
+
+_RESNET_STAGES = ["maxpool", "layer1", "layer2", "layer3", "layer4"]
+
+
+@register_family("resnet18", _RESNET_STAGES, "resnet18-2-21222")
+def _resnet18(stem, strides, num_classes):
+    from torchvision.models.resnet import BasicBlock
+
+    return _resnet(BasicBlock, [2, 2, 2, 2], stem, strides, num_classes)
+
+
+@register_family("resnet50", _RESNET_STAGES, "resnet50-2-21222")
+def _resnet50(stem, strides, num_classes):
+    from torchvision.models.resnet import Bottleneck
+
+    return _resnet(Bottleneck, [3, 4, 6, 3], stem, strides, num_classes)
+
+
+@register_family("resnext18", _RESNET_STAGES, "resnext18-2-21222")
+def _resnext18(stem, strides, num_classes):
+    """ResNeXt with torchvision's grouped Bottleneck (32x4d, as resnext50_32x4d) and two blocks per layer."""
+    from torchvision.models.resnet import Bottleneck
+
+    return _resnet(Bottleneck, [2, 2, 2, 2], stem, strides, num_classes, groups=32, width_per_group=4)
+
+
+def family_kwargs() -> Dict[str, Tuple[str, ...]]:
+    """Optional keyword arguments each family's builder accepts (for config validation)."""
+    import inspect
+
+    out = {}
+    for name in FAMILIES.names():
+        params = inspect.signature(FAMILIES.get(name).build).parameters
+        out[name] = tuple(p for p in params if p not in ("stem", "strides", "num_classes"))
+    return out

@@ -1,0 +1,195 @@
+"""RED blocks (Residual Encoded Distillation) as real submodules of the student.
+
+    y = x * sigmoid(BN(conv1x1(x))) + relu6(BN(conv3x3(x)))
+
+A RED block stays in the deployed student, so it is an ``nn.Module`` inside the
+model (an exporter sees it), not a hook. ``REDSite`` wraps one student layer
+with a block on its input, its output, or both.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.ops.misc import Conv2dNormActivation
+
+from redistill.errors import UserError, did_you_mean
+from redistill.registry import Registry
+
+
+class REDBlock(nn.Module):
+    """``y = x * sigmoid(BN(conv1x1 x)) + relu6(BN(conv3x3 x))``, C channels in and out."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.gate = Conv2dNormActivation(channels, channels, kernel_size=1, activation_layer=None)
+        self.encode = Conv2dNormActivation(channels, channels, kernel_size=3, activation_layer=nn.ReLU6)
+        self.record = False  # when True, the trainer reads self.last for the RED loss
+        self.last: Optional[torch.Tensor] = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x * torch.sigmoid(self.gate(x)) + self.encode(x)
+        if self.record:
+            self.last = y
+        return y
+
+
+class REDSite(nn.Module):
+    """A student layer with RED blocks on its input and/or output."""
+
+    def __init__(self, layer: nn.Module, red_in: Optional[REDBlock], red_out: Optional[REDBlock]):
+        super().__init__()
+        self.red_in = red_in
+        self.layer = layer
+        self.red_out = red_out
+
+    def forward(self, x):
+        if self.red_in is not None:
+            x = self.red_in(x)
+        x = self.layer(x)
+        if self.red_out is not None:
+            x = self.red_out(x)
+        return x
+
+
+# --- distances --------------------------------------------------------------------------------
+
+DISTANCES: Registry = Registry("RED distance")
+
+
+def channel_mean(t: torch.Tensor) -> torch.Tensor:
+    """Average over channels and flatten: B x C x H x W -> B x (H*W)."""
+    return t.mean(dim=1).flatten(1)
+
+
+@DISTANCES.register("cosine")
+def cosine_distance(y: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """``1 - cos(mean_c y, mean_c t)``, averaged over the batch."""
+    return (1 - F.cosine_similarity(channel_mean(y), channel_mean(t), dim=1)).mean()
+
+
+@DISTANCES.register("mse")
+def mse_distance(y: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Mean squared error between the channel-mean maps."""
+    return F.mse_loss(channel_mean(y), channel_mean(t))
+
+
+# --- placing RED blocks -----------------------------------------------------------------------
+
+WHERE = ("in", "out")
+
+
+@dataclass
+class SitePlan:
+    """One RED block: where it sits in the student and which teacher tensor it matches."""
+
+    student: str
+    where: str
+    teacher: str
+    teacher_where: str
+    alpha: float
+    channels: int = 0
+    hw: Tuple[int, int] = (0, 0)
+
+    @property
+    def key(self) -> str:
+        return f"{self.student}:{self.where}"
+
+
+def probe_shapes(model: nn.Module, layers: Sequence[str], image_size: int) -> Dict[str, Tuple[tuple, tuple]]:
+    """Run one dummy image through ``model`` and return {layer: (input shape, output shape)}."""
+    modules = dict(model.named_modules())
+    for name in layers:
+        if name not in modules or name == "":
+            raise UserError(
+                f"layer {name!r} is not in {getattr(model, 'arch_name', type(model).__name__)}."
+                + did_you_mean(name, [n for n in modules if n])
+            )
+    shapes: Dict[str, Tuple[tuple, tuple]] = {}
+    handles = []
+    for name in set(layers):
+        def hook(mod, inp, out, name=name):
+            shapes[name] = (tuple(inp[0].shape), tuple(out.shape))
+
+        handles.append(modules[name].register_forward_hook(hook))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, 3, image_size, image_size))
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return shapes
+
+
+def plan_sites(
+    student: nn.Module,
+    teacher: Optional[nn.Module],
+    sites: Sequence[dict],
+    image_size: int,
+    default_alpha: float,
+) -> List[SitePlan]:
+    """Resolve the configured sites to channel counts, checking every student/teacher H x W pair."""
+    plans = []
+    for s in sites:
+        where = s.get("where", "out")
+        twhere = s.get("teacher_where") or where
+        for w in (where, twhere):
+            if w not in WHERE:
+                raise UserError(f"RED site {s.get('student')!r}: where={w!r} must be 'in' or 'out'")
+        alpha = s.get("alpha")
+        plans.append(SitePlan(s["student"], where, s.get("teacher", ""), twhere,
+                              default_alpha if alpha is None else float(alpha)))
+    if not plans:
+        return plans
+    keys = [p.key for p in plans]
+    dup = {k for k in keys if keys.count(k) > 1}
+    if dup:
+        raise UserError(f"RED site {sorted(dup)[0]} is configured twice; keep one")
+    s_shapes = probe_shapes(student, [p.student for p in plans], image_size)
+    t_shapes = probe_shapes(teacher, [p.teacher for p in plans], image_size) if teacher is not None else {}
+    for p in plans:
+        shape = s_shapes[p.student][0 if p.where == "in" else 1]
+        if len(shape) != 4:
+            raise UserError(f"RED site {p.key}: needs a 4-D feature map, the layer gives shape {list(shape)}")
+        p.channels, p.hw = shape[1], tuple(shape[2:])
+        if teacher is not None:
+            tshape = t_shapes[p.teacher][0 if p.teacher_where == "in" else 1]
+            if len(tshape) != 4 or tuple(tshape[2:]) != p.hw:
+                raise UserError(
+                    f"RED site mismatch at {image_size} px: student {p.student} ({p.where}) is "
+                    f"{p.hw[0]}x{p.hw[1]} (shape {list(shape)}) but teacher {p.teacher} ({p.teacher_where}) "
+                    f"is shape {list(tshape)}; pick a teacher layer of equal H x W"
+                )
+    return plans
+
+
+def insert_red_blocks(student: nn.Module, plans: Sequence[SitePlan]) -> Dict[str, REDBlock]:
+    """Replace each planned student layer with a ``REDSite``; returns {site key: block}."""
+    blocks: Dict[str, REDBlock] = {}
+    by_layer: Dict[str, List[SitePlan]] = {}
+    for p in plans:
+        by_layer.setdefault(p.student, []).append(p)
+    for layer_name, ps in by_layer.items():
+        parent_name, _, child = layer_name.rpartition(".")
+        parent = student.get_submodule(parent_name) if parent_name else student
+        layer = getattr(parent, child) if not child.isdigit() else parent[int(child)]
+        made = {p.where: REDBlock(p.channels) for p in ps}
+        site = REDSite(layer, made.get("in"), made.get("out"))
+        if child.isdigit():
+            parent[int(child)] = site
+        else:
+            setattr(parent, child, site)
+        for p in ps:
+            blocks[p.key] = made[p.where]
+    return blocks
+
+
+def red_blocks(model: nn.Module) -> List[REDBlock]:
+    return [m for m in model.modules() if isinstance(m, REDBlock)]

@@ -1,0 +1,405 @@
+"""One trainer for every method: teacher, student alone, KD, RED and RED+KD.
+
+Resumable at epoch granularity: each epoch seeds its own shuffling and
+augmentation from (seed, epoch), and the last checkpoint holds the optimizer
+state, so a killed run continued with ``--resume`` ends with the same weights
+as an uninterrupted one. Works on CPU or CUDA, and under ``torchrun`` with
+DistributedDataParallel (gloo on CPU, nccl on CUDA).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from redistill.errors import UserError
+from redistill.io import atomic_write_text
+from train.checkpoint import load_checkpoint, make_payload, model_from_checkpoint, save_checkpoint
+from train.config import RunConfig
+from train.data import DataBundle, load_data
+from train.losses import METHODS, LossInputs, total_loss
+from train.models import build_model
+from train.red import SitePlan, insert_red_blocks, plan_sites, red_blocks
+
+
+# --- environment ------------------------------------------------------------------------------
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device={name} but CUDA is not available here: use device=cpu or device=auto")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise UserError(f"device={name!r} is not a device: use auto, cpu, cuda or cuda:N") from None
+
+
+class Dist:
+    """Distributed context from torchrun's environment (a single process when absent)."""
+
+    def __init__(self, device: torch.device):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.device = device
+        if self.world > 1 and not dist.is_initialized():
+            backend = "nccl" if device.type == "cuda" else "gloo"
+            if device.type == "cuda":
+                self.device = torch.device("cuda", self.local_rank)
+                torch.cuda.set_device(self.device)
+            dist.init_process_group(backend)
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+
+# --- building ---------------------------------------------------------------------------------
+
+
+def _model_kwargs(arch: str, width_mult: float) -> dict:
+    return {"width_mult": width_mult} if arch.startswith("mobilenet") else {}
+
+
+def build_student(cfg: RunConfig, num_classes: int, teacher: Optional[nn.Module]):
+    """The student network with RED blocks inserted when the method uses RED; returns (model, plans)."""
+    model = build_model(cfg.student.arch, num_classes, cfg.data.image_size, **_model_kwargs(cfg.student.arch, cfg.student.width_mult))
+    plans: List[SitePlan] = []
+    if "red" in METHODS.get(cfg.method):
+        sites = [asdict(s) for s in cfg.red.sites]
+        plans = plan_sites(model, teacher, sites, cfg.data.image_size, cfg.red.alpha)
+        insert_red_blocks(model, plans)
+    return model, plans
+
+
+class TeacherTap:
+    """Frozen teacher that returns logits plus only the tensors RED sites are matched to."""
+
+    def __init__(self, teacher: nn.Module, plans: List[SitePlan]):
+        self.teacher = teacher.eval().requires_grad_(False)
+        self.feats: Dict[str, torch.Tensor] = {}
+        modules = dict(teacher.named_modules())
+        for p in plans:
+            def hook(mod, inp, out, p=p):
+                self.feats[p.key] = inp[0] if p.teacher_where == "in" else out
+
+            modules[p.teacher].register_forward_hook(hook)
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor):
+        self.feats = {}
+        return self.teacher(x), self.feats
+
+
+# --- optimisation -----------------------------------------------------------------------------
+
+
+def make_optimizer(cfg: RunConfig, model: nn.Module) -> torch.optim.Optimizer:
+    o = cfg.optim
+    decay, no_decay = [], []
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 else decay).append(p)
+    groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if o.name == "sgd":
+        return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov)
+    return torch.optim.Adam(groups, lr=o.lr)
+
+
+def lr_at(cfg: RunConfig, progress: float, epochs: int) -> float:
+    """Learning rate at ``progress`` epochs into training (stateless, so resume needs no scheduler state)."""
+    o = cfg.optim
+    if o.warmup_epochs > 0 and progress < o.warmup_epochs:
+        return o.lr * (progress + 1e-3) / o.warmup_epochs
+    frac = progress / epochs
+    if o.schedule == "cosine":
+        return 0.5 * o.lr * (1 + math.cos(math.pi * min(frac, 1.0)))
+    return o.lr * o.gamma ** sum(frac >= m for m in o.milestones)
+
+
+def batch_mixer(cfg: RunConfig, num_classes: int):
+    from torchvision.transforms import v2
+
+    ops = []
+    if cfg.data.cutmix > 0:
+        ops.append(v2.CutMix(alpha=cfg.data.cutmix, num_classes=num_classes))
+    if cfg.data.mixup > 0:
+        ops.append(v2.MixUp(alpha=cfg.data.mixup, num_classes=num_classes))
+    if not ops:
+        return None
+    return ops[0] if len(ops) == 1 else v2.RandomChoice(ops)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, dataset: Dataset, batch_size: int, device: torch.device) -> Dict[str, float]:
+    """Top-1 accuracy (%) and mean cross-entropy of ``model`` on ``dataset``."""
+    model.eval()
+    correct, loss, n = 0, 0.0, 0
+    for x, y in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+        x, y = x.to(device), y.to(device)
+        logits = model(x)
+        loss += float(F.cross_entropy(logits, y, reduction="sum"))
+        correct += int((logits.argmax(1) == y).sum())
+        n += len(y)
+    return {"top1": 100.0 * correct / max(n, 1), "loss": loss / max(n, 1), "n": n}
+
+
+def _progress(iterable, total, desc, enabled):
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover - tqdm is a dependency
+        return iterable
+    return tqdm(iterable, total=total, desc=desc, disable=None if enabled else True, leave=False, dynamic_ncols=True)
+
+
+# --- one network ------------------------------------------------------------------------------
+
+
+def fit(
+    cfg: RunConfig, *, role: str, method: str, arch: str, width_mult: float, model: nn.Module,
+    data: DataBundle, stage_dir: Path, epochs: int, resume: bool, ctx: Dist,
+    teacher: Optional[TeacherTap] = None, plans: Optional[List[SitePlan]] = None,
+) -> Dict[str, Any]:
+    """Train ``model`` for ``epochs`` (resuming from ``stage_dir/last.pt``) and return its summary."""
+    plans = plans or []
+    device = ctx.device
+    last_path, best_path = stage_dir / "last.pt", stage_dir / "best.pt"
+    num_classes = len(data.classes)
+    model.to(device)
+    optimizer = make_optimizer(cfg, model)
+    start, history, best_val = 0, [], -1.0
+    if last_path.exists():
+        if not resume:
+            raise UserError(f"{stage_dir} already holds a run: pass --resume to continue it, or name=NEW for a new run")
+        ck = load_checkpoint(last_path)
+        (model.module if hasattr(model, "module") else model).load_state_dict(ck["model"])
+        model.to(device)
+        optimizer.load_state_dict(ck["optimizer"])
+        start, history, best_val = ck["epoch"], ck["history"], ck["best_val"]
+        if ctx.main:
+            print(f"[{role}] resuming from {last_path} at epoch {start}/{epochs}", flush=True)
+
+    meta = dict(arch=arch, role=role, method=method, num_classes=num_classes, image_size=cfg.data.image_size,
+                classes=data.classes, mean=data.mean, std=data.std, width_mult=width_mult, plans=plans,
+                red_distance=cfg.red.distance, config=cfg.to_dict())
+    net = model
+    if ctx.world > 1:
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    blocks = {p.key: b for p, b in zip(plans, _blocks_in_plan_order(model, plans))}
+    mixer = batch_mixer(cfg, num_classes)
+    sampler = None
+    if ctx.world > 1:
+        sampler = torch.utils.data.distributed.DistributedSampler(data.train, ctx.world, ctx.rank, shuffle=True, seed=cfg.seed)
+    steps_per_epoch = math.ceil(len(data.train) / (cfg.data.batch_size * ctx.world))
+
+    for epoch in range(start, epochs):
+        torch.manual_seed(cfg.seed * 100_003 + epoch * 1_009 + ctx.rank)
+        gen = torch.Generator().manual_seed(cfg.seed * 7_919 + epoch)
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+        loader = DataLoader(data.train, batch_size=cfg.data.batch_size, shuffle=sampler is None, sampler=sampler,
+                            generator=gen, num_workers=cfg.data.workers, drop_last=False,
+                            persistent_workers=False, pin_memory=device.type == "cuda")
+        net.train()
+        for b in blocks.values():
+            b.record = True
+        sums: Dict[str, float] = {}
+        seen, correct, t0 = 0, 0, time.perf_counter()
+        bar = _progress(loader, steps_per_epoch, f"{role} {epoch + 1}/{epochs}", ctx.main)
+        for step, (x, y) in enumerate(bar):
+            lr = lr_at(cfg, epoch + step / steps_per_epoch, epochs)
+            for g in optimizer.param_groups:
+                g["lr"] = lr
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            hard = y
+            if mixer is not None:
+                x, y = mixer(x, y)
+            t_logits, t_feats = teacher(x) if teacher is not None else (None, {})
+            logits = net(x)
+            ce = F.cross_entropy(logits, y, label_smoothing=cfg.loss.label_smoothing)
+            inputs = LossInputs(logits, t_logits, {k: b.last for k, b in blocks.items()}, t_feats, plans,
+                                cfg.red.distance, cfg.loss.kd_temperature)
+            loss, parts = total_loss(method, ce, inputs, cfg.loss.w_ce, cfg.loss.w_dist)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            for b in blocks.values():
+                b.last = None
+            n = len(hard)
+            seen += n
+            correct += int((logits.argmax(1) == hard).sum())
+            parts["loss"] = float(loss.detach())
+            for k, v in parts.items():
+                sums[k] = sums.get(k, 0.0) + v * n
+            if ctx.main and hasattr(bar, "set_postfix") and step % max(cfg.log_every, 1) == 0:
+                bar.set_postfix(loss=f"{sums['loss'] / seen:.3f}", acc=f"{100 * correct / seen:.1f}", lr=f"{lr:.4f}")
+        for b in blocks.values():
+            b.record = False
+        train_time = time.perf_counter() - t0
+        ctx.barrier()
+        record = {"epoch": epoch + 1, "lr": lr, "train_time_s": round(train_time, 3),
+                  "train_images_per_s": round(seen * ctx.world / train_time, 1),
+                  "train_top1": round(100.0 * correct / max(seen, 1), 3)}
+        record.update({f"train_{k}": round(v / max(seen, 1), 5) for k, v in sums.items()})
+        if ctx.main:
+            if data.val is not None:
+                v = evaluate(model, data.val, cfg.data.eval_batch_size, device)
+                record.update(val_top1=round(v["top1"], 3), val_loss=round(v["loss"], 5))
+            history.append(record)
+            score = record.get("val_top1", float(epoch))  # no val split: the latest epoch is the best
+            payload = make_payload(model, optimizer=optimizer.state_dict(), epoch=epoch + 1, history=history,
+                                   best_val=max(best_val, score), **meta)
+            save_checkpoint(payload, last_path)
+            if score > best_val:
+                best_val = score
+                payload["optimizer"] = None
+                save_checkpoint(payload, best_path)
+            _write_metrics(stage_dir / "metrics.jsonl", history)
+            print(f"[{role}] epoch {epoch + 1}/{epochs} loss {record['train_loss']:.4f} train {record['train_top1']:.2f}% "
+                  + (f"val {record['val_top1']:.2f}% " if "val_top1" in record else "")
+                  + f"lr {lr:.4g} {record['train_images_per_s']:.0f} img/s {train_time:.1f}s", flush=True)
+        ctx.barrier()
+
+    summary: Dict[str, Any] = {}
+    if ctx.main:
+        summary = finish_stage(stage_dir, data, cfg, device, role)
+    ctx.barrier()
+    return summary
+
+
+def _blocks_in_plan_order(model: nn.Module, plans: List[SitePlan]):
+    from train.red import REDSite
+
+    sites = {n: m for n, m in model.named_modules() if isinstance(m, REDSite)}
+    return [getattr(sites[p.student], "red_in" if p.where == "in" else "red_out") for p in plans]
+
+
+def _write_metrics(path: Path, history: List[dict]) -> None:
+    atomic_write_text(path, "".join(json.dumps(h) + "\n" for h in history))
+
+
+def finish_stage(stage_dir: Path, data: DataBundle, cfg: RunConfig, device: torch.device, role: str) -> Dict[str, Any]:
+    """Test accuracy of the best (by validation) and the last epoch; written to ``summary.json``."""
+    out: Dict[str, Any] = {"role": role}
+    for tag in ("best", "last"):
+        ck = load_checkpoint(stage_dir / f"{tag}.pt")
+        model = model_from_checkpoint(ck).to(device)
+        r = evaluate(model, data.test, cfg.data.eval_batch_size, device)
+        out[tag] = {"checkpoint": str(stage_dir / f"{tag}.pt"), "epoch": ck["epoch"], "test_top1": round(r["top1"], 3),
+                    "test_loss": round(r["loss"], 5), "test_images": r["n"]}
+        out.setdefault("arch", ck["arch"])
+        out.setdefault("method", ck["method"])
+        out["images_per_s"] = ck["history"][-1]["train_images_per_s"] if ck["history"] else None
+    out["picked_by"] = "validation split" if data.val is not None else "last epoch (no validation split)"
+    from redistill.io import atomic_write_json
+
+    atomic_write_json(stage_dir / "summary.json", out)
+    print(f"[{role}] test top-1: best {out['best']['test_top1']:.2f}% (epoch {out['best']['epoch']}), "
+          f"last {out['last']['test_top1']:.2f}% on {out['best']['test_images']} test images", flush=True)
+    return out
+
+
+# --- the whole run ----------------------------------------------------------------------------
+
+_RESUME_MAY_CHANGE = {"epochs", "device", "log_every", "data.workers", "data.eval_batch_size", "teacher.epochs", "student.epochs"}
+
+
+def _flatten(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def _check_saved_config(cfg: RunConfig, run_dir: Path, resume: bool) -> None:
+    import yaml
+
+    path = run_dir / "config.yaml"
+    if not path.exists():
+        return
+    if not resume:
+        raise UserError(f"{run_dir} already holds a run: pass --resume to continue it, or name=NEW for a new run")
+    saved = _flatten(yaml.safe_load(path.read_text()) or {})
+    now = _flatten(cfg.to_dict())
+    for k in sorted(set(saved) | set(now)):
+        if k not in _RESUME_MAY_CHANGE and saved.get(k) != now.get(k):
+            raise UserError(f"--resume with a different {k} ({saved.get(k)!r} saved, {now.get(k)!r} now): "
+                            f"resume with the saved config {path} or start a new run with name=NEW")
+
+
+def run_distill(cfg: RunConfig, resume: bool = False) -> Dict[str, Any]:
+    """Train the teacher (unless given or not needed), then the student by ``cfg.method``; returns the summary."""
+    import yaml
+
+    torch.manual_seed(cfg.seed)
+    ctx = Dist(resolve_device(cfg.device))
+    run_dir = cfg.run_dir
+    if ctx.main:
+        _check_saved_config(cfg, run_dir, resume)
+    ctx.barrier()
+    data = load_data(cfg.data)
+    num_classes = cfg.num_classes or len(data.classes)
+    if num_classes != len(data.classes):
+        raise UserError(f"num_classes={cfg.num_classes} but the data set has {len(data.classes)} classes; drop num_classes")
+    if ctx.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        print(f"data: {data.source}: {len(data.train)} train, {len(data.val) if data.val else 0} val, "
+              f"{len(data.test)} test images, {num_classes} classes, {cfg.data.image_size} px; device {ctx.device}, "
+              f"{ctx.world} process(es)", flush=True)
+    summary: Dict[str, Any] = {"name": cfg.name, "method": cfg.method, "run_dir": str(run_dir)}
+
+    teacher_model = None
+    if cfg.method != "student":
+        if cfg.teacher.checkpoint:
+            ck = load_checkpoint(cfg.teacher.checkpoint)
+            if ck["classes"] != data.classes or ck["image_size"] != cfg.data.image_size:
+                raise UserError(f"teacher {cfg.teacher.checkpoint} was trained on {ck['num_classes']} classes at "
+                                f"{ck['image_size']} px; this run has {num_classes} classes at {cfg.data.image_size} px")
+            teacher_model = model_from_checkpoint(ck)
+            summary["teacher"] = {"checkpoint": cfg.teacher.checkpoint, "arch": ck["arch"], "reused": True}
+        else:
+            tm = build_model(cfg.teacher.arch, num_classes, cfg.data.image_size, **_model_kwargs(cfg.teacher.arch, cfg.teacher.width_mult))
+            tdir = run_dir / "teacher"
+            tsum = fit(cfg, role="teacher", method="teacher", arch=cfg.teacher.arch, width_mult=cfg.teacher.width_mult,
+                       model=tm, data=data, stage_dir=tdir, epochs=cfg.teacher.epochs or cfg.epochs,
+                       resume=resume, ctx=ctx)
+            summary["teacher"] = tsum
+            teacher_model = model_from_checkpoint(load_checkpoint(tdir / "best.pt"))
+        teacher_model.to(ctx.device)
+
+    if cfg.method != "teacher":
+        student, plans = build_student(cfg, num_classes, teacher_model)
+        tap = TeacherTap(teacher_model, plans) if METHODS.get(cfg.method) else None
+        ssum = fit(cfg, role="student", method=cfg.method, arch=cfg.student.arch, width_mult=cfg.student.width_mult,
+                   model=student, data=data, stage_dir=run_dir / "student", epochs=cfg.student.epochs or cfg.epochs,
+                   resume=resume, ctx=ctx, teacher=tap, plans=plans)
+        summary["student"] = ssum
+    if ctx.main:
+        from redistill.io import atomic_write_json
+
+        atomic_write_json(run_dir / "summary.json", summary)
+    if ctx.world > 1 and dist.is_initialized():
+        dist.destroy_process_group()
+    return summary

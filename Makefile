@@ -45,3 +45,16 @@ test-slow: setup
 
 clean-venv:
 	rm -rf $(VENV)
+
+# --- later stages (their CLIs live in bench/, export/, deploy/) ---
+MEMORY_ARGS ?= --arch mobilenetv3_small-4-22111111111 --image-size 32
+memory: setup
+	$(BIN)/redistill memory $(MEMORY_ARGS)
+
+export: setup data
+	$(BIN)/redistill export $(CHECKPOINT) --out $(BUNDLES)/$(PRESET)-fp32 $(ARGS)
+	$(BIN)/redistill export $(CHECKPOINT) --int8 --target orin --out $(BUNDLES)/$(PRESET)-int8 $(ARGS)
+
+deploy: setup
+	@test -n "$(JETSON)" || { echo "set JETSON=user@host[:port] (or an ssh config alias; comma-separated for several)"; exit 2; }
+	JETSON_PYTHON=$(JETSON_PYTHON) $(BIN)/redistill deploy $(BUNDLES)/$(PRESET)-fp32 --host $(JETSON) $(ARGS)

@@ -36,7 +36,7 @@ def make_payload(
         "red": {"distance": red_distance, "sites": [dict(asdict(p), hw=list(p.hw)) for p in plans]},
         "model": module.state_dict(),
         "optimizer": optimizer, "epoch": epoch, "history": history, "best_val": best_val,
-        "config": config, "torch_version": torch.__version__,
+        "config": config, "torch_version": str(torch.__version__),
     }
 
 
@@ -52,7 +52,9 @@ def load_checkpoint(path) -> Dict[str, Any]:
     try:
         ck = torch.load(p, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        why = [ln for ln in lines if "Unsupported global" in ln or "error" in ln.lower()]
+        msg = (why or lines or [type(e).__name__])[-1]
         raise UserError(f"checkpoint {p} is corrupt or not a PyTorch file ({msg[:160]}); re-run training or use last.pt/best.pt") from None
     if not isinstance(ck, dict) or ck.get("format") != FORMAT:
         raise UserError(

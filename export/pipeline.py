@@ -1,0 +1,246 @@
+"""``redistill export``: checkpoint -> folded, checked, verified ONNX bundle (FP32 or INT8)."""
+
+from __future__ import annotations
+
+import io
+import platform
+import sys
+import tempfile
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple
+
+import numpy as np
+
+from redistill.errors import UserError
+
+#: what a device should allow between its runtime and the bundle's reference outputs (see docs/export.md)
+DEVICE_ATOL_FP32 = 1e-3
+DEVICE_ATOL_INT8_FLOOR = 0.05
+INT8_GOAL_MAX_DROP = 1.0  # top-1 points
+
+
+@dataclass
+class ExportOptions:
+    checkpoint: str
+    out: Optional[str] = None
+    target: str = "tx2"
+    opset: int = 13
+    int8: bool = False
+    dynamic_batch: bool = False
+    data_root: Optional[str] = None
+    data_name: Optional[str] = None
+    calib_images: int = 256
+    calib_method: str = "minmax"
+    verify_images: int = 64
+    reference_images: int = 8
+    eval_subset: int = 0  # 0 = the whole test split
+    tarball: bool = False
+    name: Optional[str] = None
+    quiet: bool = False
+
+
+def check_options(o: ExportOptions):
+    """Every refusal that needs no checkpoint, before anything heavy runs; returns the Target."""
+    from export.onnx_export import MIN_OPSET
+    from export.quantize import CALIBRATION
+    from export.targets import get_target
+
+    t = get_target(o.target)
+    if o.opset > t.max_opset:
+        raise UserError(f"--opset {o.opset} is refused for --target {t.name}: {t.runtime} parses ONNX operators only up to "
+                        f"opset {t.max_opset} ({t.ops_source}); use --opset {t.max_opset} or lower")
+    if o.opset < MIN_OPSET:
+        raise UserError(f"--opset {o.opset} is too old: choose {MIN_OPSET}-{t.max_opset} (13 is the default)")
+    if o.int8 and not t.int8:
+        raise UserError(f"--int8 is refused for --target {t.name}: {t.int8_refusal}")
+    if o.int8:
+        CALIBRATION.get(o.calib_method)
+        if o.calib_images < 1:
+            raise UserError("--calib-images must be at least 1 (256 is the default)")
+    for flag, v in (("--verify-images", o.verify_images), ("--reference-images", o.reference_images)):
+        if v < 1:
+            raise UserError(f"{flag} must be at least 1")
+    if o.eval_subset < 0:
+        raise UserError("--eval-subset must be 0 (whole test set) or a positive count")
+    return t
+
+
+def _npy(a: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(a), allow_pickle=False)
+    return buf.getvalue()
+
+
+def _say(o: ExportOptions, msg: str) -> None:
+    if not o.quiet:
+        print(f"[export] {msg}", flush=True)
+
+
+def _versions() -> Dict[str, str]:
+    import onnx
+    import onnxruntime
+    import torch
+    import torchvision
+
+    from redistill import __version__
+
+    return {"redistill_edge": __version__, "python": platform.python_version(), "torch": torch.__version__,
+            "torchvision": torchvision.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
+            "numpy": np.__version__, "exporter": "torch.onnx.export (TorchScript-based, dynamo=False)"}
+
+
+def _memory(onnx_bytes: bytes) -> Tuple[Optional[dict], Optional[str]]:
+    """``bench.memory.manifest_entry`` for the bundled graph, or (None, why) when it is not available."""
+    try:
+        from bench.memory import manifest_entry
+    except ImportError as e:
+        return None, f"bench.memory.manifest_entry is not available yet ({e}); re-export once it is"
+    with tempfile.TemporaryDirectory(prefix="redistill-mem-") as tmp:
+        p = Path(tmp) / "model.onnx"
+        p.write_bytes(onnx_bytes)
+        try:
+            return manifest_entry(p), None
+        except Exception as e:  # a report figure must not sink a verified export
+            return None, f"bench.memory.manifest_entry failed: {type(e).__name__}: {e}"
+
+
+def load_sets(ck: Dict[str, Any], o: ExportOptions, need_calib: bool):
+    """Test set (eval transform) and, for INT8, calibration images from the training split with the same transform."""
+    from train.config import DataConfig
+    from train.data import DATASETS, TransformedImages, balanced_indices, build_transform, load_data
+
+    saved = (ck.get("config") or {}).get("data", {})
+    dcfg = DataConfig(name=o.data_name or saved.get("name", "imagefolder"), root=o.data_root or saved.get("root", "data/cifar10"),
+                      image_size=ck["image_size"], test_subset=o.eval_subset, augment=saved.get("augment", "none"))
+    data = load_data(dcfg, mean=ck["mean"], std=ck["std"], need_train=False)
+    if list(data.classes) != list(ck["classes"]):
+        raise UserError(f"the data's classes {data.classes} differ from the checkpoint's {ck['classes']}; "
+                        "point --data-root at the set it was trained on")
+    calib = None
+    if need_calib:
+        train = DATASETS.get(dcfg.name)(dcfg.root, "train")
+        train = train.subset(balanced_indices(train.labels, min(o.calib_images, len(train))))
+        calib = TransformedImages(train, build_transform(dcfg.image_size, ck["mean"], ck["std"], False, dcfg.augment))
+    return data, calib
+
+
+def run_export(o: ExportOptions) -> Tuple[Path, Dict[str, Any]]:
+    """Fold, export, pre-flight, verify, (quantize), measure, and write the bundle atomically; returns (dir, manifest)."""
+    target = check_options(o)
+    import onnx  # noqa: F401  (heavy imports only once the options are known to be good)
+    import torch
+
+    from export.bundle import write_bundle
+    from export.fold import fold_batchnorm
+    from export.onnx_export import INPUT_NAME, OUTPUT_NAME, check_model, export_onnx, lower_ir_version
+    from export.preflight import preflight
+    from export.verify import accuracy, compare, run, session, take, torch_logits, verify_fp32
+    from redistill.io import sha256_file
+    from train.checkpoint import load_checkpoint, model_from_checkpoint
+
+    ck = load_checkpoint(o.checkpoint)
+    precision = "int8" if o.int8 else "fp32"
+    out = Path(o.out) if o.out else Path("bundles") / f"{(ck.get('config') or {}).get('name', ck['arch'])}-{precision}"
+    torch.manual_seed(0)
+    model = model_from_checkpoint(ck)
+    size = ck["image_size"]
+    _say(o, f"{o.checkpoint}: {ck['arch']} ({ck['role']}, {ck['method']}), {size} px -> {out} [{precision}, {target.name}]")
+
+    folded = fold_batchnorm(model, size)
+    proto = export_onnx(folded, size, o.opset, o.dynamic_batch)
+    exporter_ir, _ = lower_ir_version(proto, target.max_ir_version)
+    check_model(proto)
+    bn = [n.name for n in proto.graph.node if n.op_type == "BatchNormalization"]
+    if bn:
+        raise UserError(f"BatchNormalization node {bn[0]} survived folding; report the architecture")
+    checks = {"fp32": preflight(proto, target)}
+    _say(o, f"exported opset {checks['fp32']['opset']}, IR {proto.ir_version}, {len(proto.graph.node)} nodes; "
+            f"pre-flight for {target.runtime} passed")
+
+    data, calib = load_sets(ck, o, o.int8)
+    images, _ = take(data.test, o.verify_images)
+    verification: Dict[str, Any] = {"fp32": verify_fp32(model, proto, images)}
+    v = verification["fp32"]
+    _say(o, f"verified on {v['images']} test images: max |diff| {v['max_abs_diff']:.2e} <= {v['atol']}, top-1 identical")
+    fp32_acc = accuracy(session(proto), data.test)
+    acc: Dict[str, Any] = {"data": data.source, "split": "test", "images": fp32_acc["images"],
+                           "subset": bool(o.eval_subset), "fp32_top1": fp32_acc["top1"],
+                           "runtime": "onnxruntime CPU", "checkpoint_best_val": ck.get("best_val")}
+    _say(o, f"FP32 ONNX top-1 {fp32_acc['top1']:.2f}% on {fp32_acc['images']} test images")
+
+    final, ref_inputs = proto, images[: o.reference_images]
+    ref_outputs = torch_logits(model, ref_inputs)
+    ref = {"source": "pytorch student (fp32)", "atol": DEVICE_ATOL_FP32, "top1_agreement_min": 1.0}
+    quant = None
+    if o.int8:
+        from export.quantize import qdq_summary, quantize_int8
+        import onnxruntime
+
+        cal_x, _ = take(calib, o.calib_images)
+        _say(o, f"INT8: calibrating on {len(cal_x)} training images ({o.calib_method})")
+        final = quantize_int8(proto, cal_x, o.calib_method)
+        lower_ir_version(final, target.max_ir_version)
+        check_model(final)
+        checks["int8"] = preflight(final, target)
+        q_sess = session(final)
+        r = compare(torch_logits(model, images), run(q_sess, images), None)
+        r.update(against="pytorch student (fp32)", passed=True, note="reported, not a limit: INT8 is judged by accuracy")
+        verification["int8"] = r
+        int8_acc = accuracy(q_sess, data.test)
+        drop = fp32_acc["top1"] - int8_acc["top1"]
+        acc.update(int8_top1=int8_acc["top1"], drop=drop, goal_max_drop=INT8_GOAL_MAX_DROP, goal_met=drop <= INT8_GOAL_MAX_DROP)
+        _say(o, f"INT8 top-1 {int8_acc['top1']:.2f}% vs FP32 {fp32_acc['top1']:.2f}% (drop {drop:+.2f} points)")
+        if drop > INT8_GOAL_MAX_DROP:
+            _say(o, f"WARNING: the INT8 drop {drop:.2f} misses the goal of at most {INT8_GOAL_MAX_DROP} point; "
+                    "try --calib-method entropy or percentile, or more --calib-images")
+        ref_outputs = run(q_sess, ref_inputs)
+        ref = {"source": "onnxruntime CPU on this int8 model", "atol": max(DEVICE_ATOL_INT8_FLOOR, r["max_abs_diff"]),
+               "top1_agreement_min": 0.875}
+        quant = {"tool": f"onnxruntime.quantization {onnxruntime.__version__} quantize_static", "format": "QDQ",
+                 "weights": "int8, per-channel, symmetric", "activations": "int8, symmetric (zero point 0)",
+                 "calibration": {"method": o.calib_method, "images": int(len(cal_x)), "split": "train",
+                                 "selection": "class-balanced, first images per class, eval transform"},
+                 **qdq_summary(final)}
+
+    model_bytes = final.SerializeToString()
+    memory, memory_note = _memory(model_bytes)
+    n, h = ck["num_classes"], size
+    batch = "batch" if o.dynamic_batch else 1
+    ck_path = Path(o.checkpoint)
+    manifest: Dict[str, Any] = {
+        "name": o.name or out.name,
+        "created": datetime.now(timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z"),
+        "command": " ".join(["redistill"] + sys.argv[1:]) if Path(sys.argv[0]).name == "redistill" else None,
+        "model": {"arch": ck["arch"], "method": ck["method"], "role": ck["role"], "num_classes": n,
+                  "classes": list(ck["classes"]), "image_size": h, "width_mult": ck.get("width_mult"),
+                  "red_blocks": len(ck["red"]["sites"]),
+                  "checkpoint": {"file": ck_path.name, "sha256": sha256_file(ck_path), "epoch": ck.get("epoch")}},
+        "input": {"name": INPUT_NAME, "shape": [batch, 3, h, h], "dtype": "float32", "layout": "NCHW",
+                  "dynamic_batch": o.dynamic_batch},
+        "output": {"name": OUTPUT_NAME, "shape": [batch, n], "dtype": "float32"},
+        "preprocess": {"mean": list(ck["mean"]), "std": list(ck["std"]), "scale": 1 / 255, "resize": [h, h],
+                       "channel_order": "RGB", "formula": "(pixel * scale - mean) / std"},
+        "precision": precision,
+        "target": target.name,
+        "onnx": {"file": "model.onnx", "opset": checks["fp32"]["opset"], "ir_version": final.ir_version,
+                 "exporter_ir_version": exporter_ir, "producer": f"{final.producer_name} {final.producer_version}".strip(),
+                 "batchnorm_folding": getattr(folded, "fold_stats", None)},
+        "preflight": checks,
+        "reference": {"inputs": "reference/inputs.npy", "outputs": "reference/outputs.npy", "count": int(len(ref_inputs)), **ref},
+        "versions": _versions(),
+        "verification": verification,
+        "accuracy": acc,
+        "quantization": quant,
+        "memory": memory,
+    }
+    if memory_note:
+        manifest["memory_note"] = memory_note
+    if target.note:
+        manifest["target_note"] = target.note
+    files = {"model.onnx": model_bytes, "reference/inputs.npy": _npy(ref_inputs.astype(np.float32)),
+             "reference/outputs.npy": _npy(ref_outputs.astype(np.float32))}
+    path = write_bundle(out, files, manifest, tarball=o.tarball)
+    _say(o, f"wrote {path}" + (f" and {path}.tar.gz" if o.tarball else ""))
+    return path, manifest

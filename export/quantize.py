@@ -1,0 +1,101 @@
+"""INT8 post-training static quantization with onnxruntime.quantization, in the form TensorRT accepts.
+
+QDQ format, per-channel symmetric int8 weights, symmetric int8 activations (every zero point 0).
+neural-compressor is not used: 3.x has no ONNX quantization, 2.6 needs onnx<1.19, and
+onnx-neural-compressor 1.0 pins numpy<2 and dropped the ReLU6 Clip nodes (see docs/export.md).
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any, Dict
+
+import numpy as np
+import onnx
+
+from export.preflight import zero_point_problems
+from redistill.errors import UserError
+from redistill.registry import Registry
+
+CALIBRATION: Registry = Registry("calibration method")
+
+
+@CALIBRATION.register("minmax")
+def _minmax():
+    from onnxruntime.quantization import CalibrationMethod
+
+    return CalibrationMethod.MinMax, {}
+
+
+@CALIBRATION.register("entropy")
+def _entropy():
+    from onnxruntime.quantization import CalibrationMethod
+
+    return CalibrationMethod.Entropy, {}
+
+
+@CALIBRATION.register("percentile")
+def _percentile():
+    from onnxruntime.quantization import CalibrationMethod
+
+    return CalibrationMethod.Percentile, {"CalibPercentile": 99.999}
+
+
+class _Reader:
+    """Feeds calibration images one batch at a time, the shape the graph's input takes."""
+
+    def __init__(self, name: str, images: np.ndarray, batch: int):
+        self.name, self.images, self.batch, self.i = name, images, batch, 0
+
+    def get_next(self):
+        if self.i >= len(self.images):
+            return None
+        x = self.images[self.i:self.i + self.batch]
+        self.i += self.batch
+        return {self.name: x}
+
+    def rewind(self):
+        self.i = 0
+
+
+def quantize_int8(fp32: onnx.ModelProto, calib_images: np.ndarray, method: str = "minmax") -> onnx.ModelProto:
+    """Quantize ``fp32`` with ``calib_images`` (N x C x H x W float32, normalised); returns the QDQ model."""
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+
+    if len(calib_images) == 0:
+        raise UserError("INT8 calibration needs at least one image: raise --calib-images")
+    calib, extra = CALIBRATION.get(method)()
+    inp = fp32.graph.input[0]
+    dim0 = inp.type.tensor_type.shape.dim[0]
+    batch = 1 if dim0.HasField("dim_value") and dim0.dim_value == 1 else 32
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # ORT's "consider pre-processing" advice: its optimiser would add ops outside the allow-list
+    with tempfile.TemporaryDirectory(prefix="redistill-int8-") as tmp:
+        src, dst = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
+        onnx.save(fp32, src)
+        try:
+            quantize_static(
+                str(src), str(dst), _Reader(inp.name, calib_images, batch),
+                quant_format=QuantFormat.QDQ, per_channel=True,
+                activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, calibrate_method=calib,
+                # bias stays float (TensorRT quantizes it itself; its DequantizeLinear takes INT8 only);
+                # ReLU6/ReLU stay explicit so no runtime depends on a quantization range to clip
+                extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False,
+                               "QDQKeepRemovableActivations": True, **extra},
+            )
+        finally:
+            root.setLevel(level)
+        q = onnx.load(str(dst))
+    bad = zero_point_problems(q)
+    if bad:
+        raise UserError(f"INT8 quantization produced a non-symmetric Q/DQ node {bad[0]}; TensorRT needs zero point 0")
+    return q
+
+
+def qdq_summary(q: onnx.ModelProto) -> Dict[str, Any]:
+    ops = [n.op_type for n in q.graph.node]
+    return {"quantize_linear": ops.count("QuantizeLinear"), "dequantize_linear": ops.count("DequantizeLinear"),
+            "zero_points": "all 0 (symmetric int8)"}

@@ -1,0 +1,184 @@
+"""``redistill memory``: theoretical peak activation memory of ONNX graphs or of designs built by name."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+from typing import List, Optional, Sequence, Tuple
+
+from redistill.errors import UserError
+
+
+def add_commands(sub) -> None:
+    p = sub.add_parser(
+        "memory",
+        help="theoretical peak activation memory (liveness and the paper's layer-wise estimate)",
+        description="Peak activation memory for one image, weights excluded: liveness over the ONNX execution "
+        "order, optionally with in-place reuse, beside the paper's layer-wise estimate. Give ONNX files, or "
+        "--arch NAME [--red-config CFG] to size a design without training, or --pair PRESET for a preset's "
+        "teacher, student and student+RED. See docs/memory.md.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+        "  redistill memory model.onnx --inplace --json mem.json\n"
+        "  redistill memory --arch mobilenetv2-4-1221111 --red-config mobilenetv2_x4 --image-size 128\n"
+        "  redistill memory --pair mobilenetv2_x4 --image-size 128 --plot mem.png",
+    )
+    p.add_argument("models", nargs="*", metavar="MODEL.onnx", help="ONNX files; several are compared to the first")
+    p.add_argument("--arch", default=None, help="build this architecture (e.g. mobilenetv2-4-1221111) instead of reading ONNX")
+    p.add_argument("--red-config", default=None, metavar="CFG",
+                   help="with --arch: add the RED blocks of this preset or YAML config (its red.sites)")
+    p.add_argument("--pair", default=None, metavar="PRESET",
+                   help="analyse the preset's teacher, student and student+RED (e.g. mobilenetv2_x4)")
+    p.add_argument("--image-size", type=int, default=128, help="input size in px for --arch/--pair (default 128)")
+    p.add_argument("--batch", type=int, default=1, help="batch size set on the graph inputs (default 1)")
+    p.add_argument("--dtype", choices=["fp32", "fp16", "int8"], default=None,
+                   help="re-cost every floating-point tensor at this size (what-if); default: the graph's own types")
+    p.add_argument("--inplace", action="store_true",
+                   help="also report the peak when element-wise activations and Adds reuse a dying input's buffer")
+    p.add_argument("--nodes", action="store_true", help="print the per-node table (node, op, live bytes, tensors alive)")
+    p.add_argument("--plot", default=None, metavar="OUT.png", help="write live memory per node, models overlaid")
+    p.add_argument("--json", default=None, metavar="OUT.json", help="write the full reports (bytes) as JSON")
+    p.set_defaults(func=_memory)
+
+
+def _memory(args) -> int:
+    from bench import memory as M
+
+    sources = sum(bool(x) for x in (args.models, args.arch, args.pair))
+    if sources != 1:
+        raise UserError("give ONNX files, or --arch NAME, or --pair PRESET (exactly one of them)")
+    if args.red_config and not args.arch:
+        raise UserError("--red-config needs --arch NAME (the student architecture to put RED blocks in)")
+    reports = []
+    if args.models:
+        for path in args.models:
+            reports.append(M.analyze_onnx(path, batch=args.batch, dtype=args.dtype, inplace=args.inplace))
+    else:
+        for label, model in _designs(args):
+            reports.append(_analyze_model(M, model, args, label))
+    print(format_summary(reports))
+    for r in reports:
+        if args.nodes:
+            print()
+            print(format_nodes(r))
+    if args.json:
+        from redistill.io import atomic_write_json
+
+        atomic_write_json(args.json, {
+            "command": command_line(args),
+            "definition": M.DEFINITION,
+            "reductions": reductions(reports),
+            "models": [r.to_dict() for r in reports],
+        })
+        print(f"wrote {args.json}")
+    if args.plot:
+        from bench.memory_plot import plot_reports
+
+        plot_reports(reports, args.plot)
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def command_line(args) -> str:
+    """The equivalent ``redistill memory ...`` invocation, rebuilt from the parsed arguments."""
+    parts = ["redistill", "memory"] + list(args.models)
+    for opt in ("arch", "red_config", "pair"):
+        if getattr(args, opt):
+            parts += ["--" + opt.replace("_", "-"), getattr(args, opt)]
+    if args.arch or args.pair:
+        parts += ["--image-size", str(args.image_size)]
+    if args.batch != 1:
+        parts += ["--batch", str(args.batch)]
+    if args.dtype:
+        parts += ["--dtype", args.dtype]
+    for flag in ("inplace", "nodes"):
+        if getattr(args, flag):
+            parts.append("--" + flag)
+    for opt in ("plot", "json"):
+        if getattr(args, opt):
+            parts += ["--" + opt, getattr(args, opt)]
+    return " ".join(shlex.quote(p) for p in parts)
+
+
+def _designs(args) -> List[Tuple[str, object]]:
+    from bench import memory as M
+
+    if args.pair:
+        designs, _ = M.pair_designs(args.pair, args.image_size)
+        return designs
+    label = f"{args.arch}+RED" if args.red_config else args.arch
+    return [(label, M.build_design(args.arch, args.image_size, args.red_config))]
+
+
+def _analyze_model(M, model, args, label):
+    return M.analyze_model(model, args.image_size, batch=args.batch, dtype=args.dtype, inplace=args.inplace, name=label)
+
+
+def reductions(reports) -> List[dict]:
+    """Each report's peaks as a factor of the first report's (first = reference, e.g. the teacher)."""
+    if not reports:
+        return []
+    ref = reports[0]
+
+    def ratio(a, b):
+        return round(a / b, 3) if a and b else None
+
+    return [{
+        "model": r.model,
+        "peak_reduction": ratio(ref.peak_bytes, r.peak_bytes),
+        "inplace_peak_reduction": ratio(ref.inplace_peak_bytes, r.inplace_peak_bytes),
+        "layerwise_peak_reduction": ratio(ref.layerwise_peak_bytes, r.layerwise_peak_bytes),
+    } for r in reports]
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]], right: Sequence[int] = ()) -> str:
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+
+    def line(cells):
+        return "  ".join(str(c).rjust(w) if i in right else str(c).ljust(w)
+                         for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+
+    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+
+def format_summary(reports) -> str:
+    """One row per model: liveness, in-place and layer-wise peaks, weights, reduction vs the first model."""
+    from bench.memory import fmt_bytes
+
+    inplace = any(r.inplace_peak_bytes is not None for r in reports)
+    header = ["model", "liveness peak"] + (["in-place peak"] if inplace else []) + ["layer-wise (paper)", "weights", "peak node"]
+    if len(reports) > 1:
+        header.append("reduction")
+    red = reductions(reports)
+    rows = []
+    for r, f in zip(reports, red):
+        row = [r.model, fmt_bytes(r.peak_bytes)]
+        if inplace:
+            row.append(fmt_bytes(r.inplace_peak_bytes))
+        row += [fmt_bytes(r.layerwise_peak_bytes), fmt_bytes(r.weights_bytes), f"{r.peak_node} ({r.peak_row.op if r.peak_row else '-'})"]
+        if len(reports) > 1:
+            row.append(f"{f['peak_reduction']:.2f}x" if f["peak_reduction"] else "-")
+        rows.append(row)
+    r0 = reports[0]
+    head = f"theoretical activation memory, batch {r0.batch}, {r0.dtype} (weights not counted)"
+    lines = [head, "", _table(header, rows, right=[1, 2, 3, 4] if inplace else [1, 2, 3])]
+    for r in reports:
+        lines.append(f"\npeak of {r.model}: {r.peak_explanation()}")
+    return "\n".join(lines)
+
+
+def format_nodes(report) -> str:
+    """The per-node table: index, node, op, live memory (and in-place), the tensors alive."""
+    from bench.memory import fmt_bytes
+
+    inplace = report.inplace_peak_bytes is not None
+    header = ["#", "node", "op", "live"] + (["in-place"] if inplace else []) + ["tensors alive"]
+    rows = []
+    for row in report.nodes:
+        mark = " <- peak" if row.name == report.peak_node else ""
+        cells = [str(row.index), row.name + mark, row.op, fmt_bytes(row.live_bytes)]
+        if inplace:
+            cells.append(fmt_bytes(row.inplace_live_bytes))
+        cells.append(", ".join(row.alive))
+        rows.append(cells)
+    return f"per-node live memory of {report.model}\n" + _table(header, rows, right=[0, 3, 4] if inplace else [0, 3])

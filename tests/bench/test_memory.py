@@ -1,0 +1,308 @@
+"""Liveness peak memory on hand-built ONNX graphs, checked against bytes counted by hand."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from bench import memory as M
+from redistill.cli import main
+from redistill.errors import UserError
+
+F32, F16, I8 = TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.INT8
+
+
+def vi(name, shape, elem=F32):
+    return helper.make_tensor_value_info(name, elem, shape)
+
+
+def weight(name, shape, dtype=np.float32):
+    return numpy_helper.from_array(np.ones(shape, dtype=dtype), name)
+
+
+def make(nodes, inputs, outputs, inits=(), opset=13, check=True):
+    graph = helper.make_graph(nodes, "g", inputs, outputs, initializer=list(inits))
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    if check:
+        onnx.checker.check_model(model)
+    return model
+
+
+def live(report):
+    return [r.live_bytes for r in report.nodes]
+
+
+# --- graphs ---------------------------------------------------------------------------------------
+
+
+def chain(batch_dim=1):
+    """X[4x8x8] -Relu-> A -Conv(8 out)-> B[8x8x8] -Relu-> Y. fp32: X, A 1024 B; B, Y 2048 B; W 128 B."""
+    return make(
+        [helper.make_node("Relu", ["X"], ["A"], name="relu0"),
+         helper.make_node("Conv", ["A", "W"], ["B"], name="conv1"),
+         helper.make_node("Relu", ["B"], ["Y"], name="relu2")],
+        [vi("X", [batch_dim, 4, 8, 8])], [vi("Y", [batch_dim, 8, 8, 8])], [weight("W", (8, 4, 1, 1))],
+    )
+
+
+def residual():
+    """R = Relu(X); Y = R + Conv(Relu(Conv(R))): every tensor 4x8x8 fp32 = 1024 B, R held across the block."""
+    return make(
+        [helper.make_node("Relu", ["X"], ["R"], name="relu0"),
+         helper.make_node("Conv", ["R", "W1"], ["A"], name="conv1"),
+         helper.make_node("Relu", ["A"], ["B"], name="relu2"),
+         helper.make_node("Conv", ["B", "W2"], ["C"], name="conv3"),
+         helper.make_node("Add", ["R", "C"], ["Y"], name="add4")],
+        [vi("X", [1, 4, 8, 8])], [vi("Y", [1, 4, 8, 8])],
+        [weight("W1", (4, 4, 1, 1)), weight("W2", (4, 4, 1, 1))],
+    )
+
+
+def test_chain_exact_bytes():
+    r = M.analyze_onnx(chain())
+    # relu0: X + A = 1024 + 1024; conv1: A + B = 1024 + 2048 (X dead); relu2: B + Y = 2048 + 2048
+    assert live(r) == [2048, 3072, 4096]
+    assert (r.peak_bytes, r.peak_node) == (4096, "relu2")
+    assert r.nodes[1].alive == ["A", "B"]
+    assert (r.layerwise_peak_bytes, r.layerwise_peak_node) == (3072, "conv1")
+    assert r.weights_bytes == 8 * 4 * 4
+    assert (r.input_bytes, r.output_bytes) == (1024, 2048)
+    assert r.inplace_peak_bytes is None
+
+
+def test_chain_inplace_is_separate_figure():
+    r = M.analyze_onnx(chain(), inplace=True)
+    assert r.peak_bytes == 4096  # the plain figure is unchanged
+    # relu0 may not overwrite the caller's input X; relu2 reuses B's buffer (its last use)
+    assert [n.inplace_live_bytes for n in r.nodes] == [2048, 3072, 2048]
+    assert (r.inplace_peak_bytes, r.inplace_peak_node) == (3072, "conv1")
+
+
+def test_residual_block_holds_the_skip_tensor():
+    r = M.analyze_onnx(residual(), inplace=True)
+    # relu0 X,R | conv1 R,A | relu2 R,A,B | conv3 R,B,C | add4 R,C,Y  (1024 B each)
+    assert live(r) == [2048, 2048, 3072, 3072, 3072]
+    assert r.nodes[3].alive == ["R", "B", "C"]
+    assert (r.peak_bytes, r.peak_node) == (3072, "relu2")
+    # the paper's estimate: conv3 costs its input B + output C + the held residual R
+    assert (r.layerwise_peak_bytes, r.layerwise_peak_node) == (3072, "conv3")
+    # relu2 reuses A's buffer, add4 reuses R's: only conv3 still holds three maps
+    assert [n.inplace_live_bytes for n in r.nodes] == [2048, 2048, 2048, 3072, 2048]
+    assert (r.inplace_peak_bytes, r.inplace_peak_node) == (3072, "conv3")
+
+
+def test_inplace_never_overwrites_a_tensor_needed_later():
+    model = make(
+        [helper.make_node("Relu", ["X"], ["A"], name="n0"),
+         helper.make_node("Sigmoid", ["A"], ["B"], name="n1"),
+         helper.make_node("Add", ["A", "B"], ["Y"], name="n2")],
+        [vi("X", [1, 4, 4, 4])], [vi("Y", [1, 4, 4, 4])],
+    )
+    r = M.analyze_onnx(model, inplace=True)
+    assert live(r) == [512, 512, 768]  # 256 B each
+    # n1 may not overwrite A (the Add still reads it); n2 is A's last use, so Y takes A's buffer
+    assert [n.inplace_live_bytes for n in r.nodes] == [512, 512, 512]
+
+
+def test_branch_that_joins():
+    model = make(
+        [helper.make_node("Relu", ["X"], ["A"], name="relu"),
+         helper.make_node("Conv", ["A", "W1"], ["B"], name="left"),
+         helper.make_node("Conv", ["A", "W2"], ["C"], name="right"),
+         helper.make_node("Concat", ["B", "C"], ["D"], name="join", axis=1)],
+        [vi("X", [1, 2, 4, 4])], [vi("D", [1, 8, 4, 4])],
+        [weight("W1", (4, 2, 1, 1)), weight("W2", (4, 2, 1, 1))],
+    )
+    r = M.analyze_onnx(model)
+    # X, A: 2x4x4x4 = 128 B; B, C: 4x4x4x4 = 256 B; D: 512 B
+    # relu X+A | left A+B | right A+B+C (B waits for the join) | join B+C+D
+    assert live(r) == [256, 384, 640, 1024]
+    assert (r.peak_bytes, r.peak_node) == (1024, "join")
+    assert (r.layerwise_peak_bytes, r.layerwise_peak_node) == (640, "right")
+    assert r.weights_bytes == 2 * 8 * 4
+
+
+def test_graph_input_needed_at_the_end():
+    model = make(
+        [helper.make_node("Relu", ["X"], ["A"], name="n0"),
+         helper.make_node("Sigmoid", ["A"], ["B"], name="n1"),
+         helper.make_node("Add", ["X", "B"], ["Y"], name="n2")],
+        [vi("X", [1, 4, 4, 4])], [vi("Y", [1, 4, 4, 4])],
+    )
+    r = M.analyze_onnx(model, inplace=True)
+    assert all("X" in n.alive for n in r.nodes)
+    assert live(r) == [512, 768, 768]  # 256 B each; X is alive at every node
+    assert (r.peak_bytes, r.peak_node) == (768, "n1")
+    # B reuses A, Y reuses B; X is the caller's buffer and never overwritten
+    assert [n.inplace_live_bytes for n in r.nodes] == [512, 512, 512]
+    assert r.layerwise_peak_bytes is None  # no conv: the paper's estimate has nothing to cost
+
+
+def test_qdq_int8_tensors_cost_one_byte_and_dequantized_weights_are_constants():
+    scale = numpy_helper.from_array(np.array(0.1, dtype=np.float32), "s")
+    zp = numpy_helper.from_array(np.array(0, dtype=np.int8), "zp")
+    wq = weight("Wq", (4, 4, 1, 1), np.int8)
+    model = make(
+        [helper.make_node("QuantizeLinear", ["X", "s", "zp"], ["Q"], name="q"),
+         helper.make_node("DequantizeLinear", ["Q", "s", "zp"], ["D"], name="dq"),
+         helper.make_node("DequantizeLinear", ["Wq", "s", "zp"], ["Wf"], name="dq_w"),
+         helper.make_node("Conv", ["D", "Wf"], ["Y"], name="conv")],
+        [vi("X", [1, 4, 4, 4])], [vi("Y", [1, 4, 4, 4])], [scale, zp, wq],
+    )
+    r = M.analyze_onnx(model)
+    assert r.tensors["Q"].bytes == 64 and r.tensors["Q"].elem_type == "int8"
+    assert "Wf" not in r.tensors  # computed from weights only: not an activation
+    assert [n.name for n in r.nodes] == ["q", "dq", "conv"]
+    # q: X 256 + Q 64 | dq: Q 64 + D 256 | conv: D 256 + Y 256
+    assert live(r) == [320, 320, 512]
+    assert r.weights_bytes == 16 + 4 + 1
+
+
+def test_fp16_graph_costs_two_bytes_and_dtype_recosts():
+    model = make([helper.make_node("Relu", ["X"], ["Y"], name="relu")], [vi("X", [1, 4, 8, 8], F16)],
+                 [vi("Y", [1, 4, 8, 8], F16)])
+    assert M.analyze_onnx(model).peak_bytes == 2 * 256 * 2
+    assert M.analyze_onnx(model, dtype="fp32").peak_bytes == 2 * 256 * 4
+    assert M.analyze_onnx(model, dtype="int8").peak_bytes == 2 * 256 * 1
+
+
+def test_dtype_recosts_floats_only():
+    model = make(
+        [helper.make_node("Relu", ["X"], ["A"], name="relu"),
+         helper.make_node("Shape", ["A"], ["S"], name="shape"),
+         helper.make_node("Relu", ["A"], ["Y"], name="out")],
+        [vi("X", [1, 4, 8, 8])], [vi("S", [4], TensorProto.INT64), vi("Y", [1, 4, 8, 8])],
+    )
+    # fp32: X, A, Y 1024 B; S int64[4] 32 B.  relu X+A | shape A+S | out A+S+Y
+    assert live(M.analyze_onnx(model)) == [2048, 1056, 2080]
+    fp16 = M.analyze_onnx(model, dtype="fp16")
+    assert live(fp16) == [1024, 544, 1056] and fp16.dtype == "fp16"
+    assert M.analyze_onnx(model, dtype="int8").peak_bytes == 256 + 32 + 256
+    assert M.analyze_onnx(chain(), dtype="fp16").weights_bytes == 8 * 4 * 2
+
+
+def test_batch_parameter_scales_activations_not_weights():
+    r = M.analyze_onnx(chain(batch_dim="N"), batch=3)
+    assert live(r) == [3 * 2048, 3 * 3072, 3 * 4096]
+    assert r.weights_bytes == 128
+    fixed = M.analyze_onnx(chain(batch_dim=1), batch=2)  # a batch-1 export re-sized
+    assert fixed.peak_bytes == 2 * 4096 and fixed.batch == 2
+
+
+def test_report_dict_is_json_ready_and_in_bytes():
+    d = json.loads(json.dumps(M.analyze_onnx(chain(), inplace=True).to_dict()))
+    assert d["peak_bytes"] == 4096 and d["inplace_peak_bytes"] == 3072 and d["layerwise_peak_bytes"] == 3072
+    assert d["nodes"][2] == {"index": 2, "name": "relu2", "op": "Relu", "live_bytes": 4096, "alive": ["B", "Y"],
+                             "is_layer": False, "inplace_live_bytes": 2048}
+    assert d["tensors"]["B"] == {"shape": [1, 8, 8, 8], "type": "float32", "bytes": 2048}
+
+
+def test_manifest_entry(tmp_path):
+    path = tmp_path / "m.onnx"
+    onnx.save(residual(), str(path))
+    e = M.manifest_entry(path)
+    assert json.loads(json.dumps(e)) == e
+    assert (e["peak_bytes"], e["inplace_peak_bytes"], e["layerwise_peak_bytes"]) == (3072, 3072, 3072)
+    assert (e["peak_node"], e["weights_bytes"], e["batch"], e["dtype"]) == ("relu2", 2 * 64, 1, "as-typed")
+    assert "liveness" in e["definition"] and "layer" in e["definition"]
+
+
+def test_analyze_model_exports_folds_batchnorm_and_restores_mode():
+    torch = pytest.importorskip("torch")
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.BatchNorm2d(4), torch.nn.ReLU())
+    model.train()
+    r = M.analyze_model(model, 32)
+    assert model.training
+    assert [n.op for n in r.nodes] == ["Conv", "Relu"]  # BatchNorm folded into the conv
+    # input 3x32x32x4 = 12288 B, conv output 4x32x32x4 = 16384 B
+    assert live(r) == [12288 + 16384, 2 * 16384]
+    assert r.layerwise_peak_bytes == 12288 + 16384
+
+
+# --- errors ---------------------------------------------------------------------------------------
+
+
+def test_unreadable_and_missing_files(tmp_path):
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"\x00\xffnot a protobuf at all" * 10)
+    with pytest.raises(UserError, match="bad.onnx"):
+        M.analyze_onnx(bad)
+    with pytest.raises(UserError, match="not found"):
+        M.analyze_onnx(tmp_path / "missing.onnx")
+
+
+def test_dynamic_dim_without_value_names_the_tensor():
+    model = make([helper.make_node("Relu", ["X"], ["Y"])], [vi("X", [1, 4, "height", 8])], [vi("Y", [1, 4, "height", 8])])
+    with pytest.raises(UserError, match=r"tensor 'X' has dynamic dimension 'height'.*fixed input size"):
+        M.analyze_onnx(model)
+
+
+def test_unknown_intermediate_shape_names_the_tensor():
+    # Reshape to a shape that is itself a graph input: the output's dims cannot be inferred
+    model = make([helper.make_node("Reshape", ["X", "shape"], ["Y"])],
+                 [vi("X", [1, 4, 8, 8]), vi("shape", [2], TensorProto.INT64)], [vi("Y", None)], check=False)
+    with pytest.raises(UserError, match="tensor 'Y'"):
+        M.analyze_onnx(model)
+
+
+def test_unsupported_element_type_names_the_tensor():
+    model = make([helper.make_node("Identity", ["S"], ["T"])], [vi("S", [1, 4], TensorProto.STRING)],
+                 [vi("T", [1, 4], TensorProto.STRING)])
+    with pytest.raises(UserError, match=r"tensor 'S' has element type STRING"):
+        M.analyze_onnx(model)
+
+
+def test_bad_arguments():
+    with pytest.raises(UserError, match="fp16"):
+        M.analyze_onnx(chain(), dtype="bf8")
+    with pytest.raises(UserError, match="batch"):
+        M.analyze_onnx(chain(), batch=0)
+
+
+# --- CLI ------------------------------------------------------------------------------------------
+
+
+def test_cli_onnx_files_json_plot_and_table(tmp_path, capsys):
+    a, b = tmp_path / "chain.onnx", tmp_path / "res.onnx"
+    onnx.save(chain(), str(a))
+    onnx.save(residual(), str(b))
+    js, png = tmp_path / "out" / "mem.json", tmp_path / "out" / "mem.png"
+    assert main(["memory", str(a), str(b), "--inplace", "--nodes", "--json", str(js), "--plot", str(png)]) == 0
+    out = capsys.readouterr().out
+    assert "4.00 KiB" in out and "relu2 <- peak" in out and "B, Y" in out
+    d = json.loads(js.read_text())
+    assert [m["peak_bytes"] for m in d["models"]] == [4096, 3072]
+    assert d["reductions"][1]["peak_reduction"] == pytest.approx(4096 / 3072, abs=1e-3)
+    assert d["command"].startswith("redistill memory ") and "--inplace" in d["command"]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    assert main(["memory", str(tmp_path / "nope.onnx")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "nope.onnx" in err and "\n" not in err and "Traceback" not in err
+    assert main(["memory"]) == 2
+    assert "--arch" in capsys.readouterr().err
+    assert main(["memory", "--red-config", "mobilenetv2_x4", str(tmp_path / "x.onnx")]) == 2
+
+
+def test_cli_arch_mode_with_and_without_red(tmp_path):
+    pytest.importorskip("torch")
+    js = tmp_path / "arch.json"
+    assert main(["memory", "--arch", "mobilenetv3_small-4-22111111111", "--image-size", "32", "--json", str(js)]) == 0
+    plain = json.loads(js.read_text())["models"][0]
+    assert plain["model"] == "mobilenetv3_small-4-22111111111"
+    assert plain["input_bytes"] == 3 * 32 * 32 * 4
+    assert plain["peak_bytes"] >= plain["layerwise_peak_bytes"] > 0
+    assert main(["memory", "--arch", "mobilenetv3_small-4-22111111111", "--red-config", "mobilenetv3_small_x4",
+                 "--image-size", "32", "--json", str(js)]) == 0
+    red = json.loads(js.read_text())["models"][0]
+    assert red["model"].endswith("+RED")
+    ops = [n["op"] for n in red["nodes"]]
+    # each RED block adds a sigmoid gate; mobilenetv3_small_x4 has five
+    assert ops.count("Sigmoid") == [n["op"] for n in plain["nodes"]].count("Sigmoid") + 5
+    assert red["weights_bytes"] > plain["weights_bytes"]

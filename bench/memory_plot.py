@@ -36,7 +36,9 @@ def plot_reports(reports: Sequence[MemoryReport], path: Union[str, Path], title:
         row = r.peak_row
         if row is not None:
             where = f" at {_short(row.name)} ({row.op})"
-        ax.step(x, y, where="mid", color=c, lw=1.4, label=f"{label}: peak {fmt_bytes(r.peak_bytes)}{where}")
+        # earlier curves drawn wider so that they still show where a later model's curve coincides
+        lw = max(3.0 - 0.9 * k, 1.0)
+        ax.step(x, y, where="mid", color=c, lw=lw, label=f"{label}: peak {fmt_bytes(r.peak_bytes)}{where}")
         if row is not None:
             ax.plot([r.nodes.index(row)], [row.live_bytes / _MIB], marker="v", ms=10, color=c, mec="black",
                     zorder=5, ls="none")

@@ -179,3 +179,22 @@ def test_agent_crash_reports_remote_traceback(fleet, bundles, tmp_path):
     last = assert_one_line_error(p, "the agent crashed", "ValueError", "remote traceback is printed above")
     assert "Traceback (most recent call last)" in p.stderr and "[loop0]" in p.stderr
     assert reports_in(tmp_path) == [], last
+
+
+def test_loopback_bench_writes_results(bundles, tmp_path):
+    from deploy.loopback import sshd_available
+    from deploy.loopback_bench import main
+
+    if sshd_available():
+        pytest.skip(sshd_available())
+    out = tmp_path / "res" / "deploy_loopback"
+    rc = main([str(bundles["fp32"]), str(bundles["int8"]), "--out", str(out), "--reports", str(tmp_path / "reports"),
+               "--iters", "10", "--warmup", "1", "--mem-iters", "2"])
+    assert rc == 0
+    doc = json.loads(out.with_suffix(".json").read_text())
+    assert [r["precision"] for r in doc["results"]] == ["fp32", "int8"]
+    for r in doc["results"]:
+        assert r["measured_activation_bytes"] > 0 and r["theoretical_peak_bytes"] > 0 and r["latency_ms"]["p50_ms"] > 0
+        assert r["output_check"]["passed"]
+    md = out.with_suffix(".md").read_text()
+    assert "not a Jetson" in md and "tiny-int8" in md and doc["command"].startswith("python -m deploy.loopback_bench")

@@ -1,0 +1,169 @@
+"""The standalone agent: bundle verification, parsers, the ONNX Runtime backend in-process, vermin, and the
+TensorRT backend's 8.2 / 10.x handling against FAKE API surfaces (tests/deploy/fake_tensorrt.py).
+
+The fakes check which calls the agent makes for each version; they do not verify TensorRT itself.
+"""
+
+import importlib.util
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+AGENT_DIR = REPO / "deploy" / "agent"
+
+
+def load_fakes():
+    spec = importlib.util.spec_from_file_location("fake_tensorrt", Path(__file__).with_name("fake_tensorrt.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def agent_args(agent, bundle, cache, *extra):
+    return agent.parse_args(["--bundle", str(bundle), "--cache-dir", str(cache), "--iters", "5", "--warmup", "1",
+                             "--mem-iters", "2", *extra])
+
+
+def install_fake_trt(monkeypatch, version, **kw):
+    fakes = load_fakes()
+    calls = []
+    pkg, driver, memory = fakes.make_fake_pycuda(calls)
+    trt = fakes.make_fake_tensorrt(version, calls, memory, **kw)
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    monkeypatch.setitem(sys.modules, "pycuda", pkg)
+    monkeypatch.setitem(sys.modules, "pycuda.driver", driver)
+    return calls
+
+
+def test_agent_is_python36_compatible():
+    vermin = shutil.which("vermin") or str(Path(sys.executable).with_name("vermin"))
+    if not Path(vermin).exists():
+        pytest.skip("vermin is not installed (it is in the dev extra: pip install -e '.[dev]')")
+    p = subprocess.run([vermin, "--target=3.6-", "--violations", "--no-tips", str(AGENT_DIR)],
+                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert p.returncode == 0, p.stdout
+
+
+def test_agent_imports_only_stdlib_and_numpy():
+    src = (AGENT_DIR / "agent.py").read_text()
+    code = ("import sys, runpy; sys.argv=['agent']; "
+            f"import importlib.util as u; s=u.spec_from_file_location('a', {str(AGENT_DIR / 'agent.py')!r}); "
+            "m=u.module_from_spec(s); s.loader.exec_module(m); "
+            "bad=[n for n in ('onnxruntime','tensorrt','torch','onnx','redistill','export','deploy') if n in sys.modules]; "
+            "print(bad)")
+    p = subprocess.run([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, check=True)
+    assert p.stdout.strip() == "[]"
+    assert "from redistill" not in src and "import export" not in src
+
+
+def test_verification_catches_altered_and_missing_files(agent, bundles, tmp_path):
+    b = tmp_path / "b"
+    shutil.copytree(bundles["fp32"], b)
+    manifest, bid = agent.load_and_verify_bundle(str(b))
+    assert bid == __import__("export.bundle", fromlist=["bundle_id"]).bundle_id(b)
+    (b / "reference" / "outputs.npy").write_bytes(b"x" + (b / "reference" / "outputs.npy").read_bytes()[1:])
+    with pytest.raises(agent.AgentError, match="outputs.npy does not match its sha256"):
+        agent.load_and_verify_bundle(str(b))
+    (b / "reference" / "outputs.npy").unlink()
+    with pytest.raises(agent.AgentError, match="missing on the device"):
+        agent.load_and_verify_bundle(str(b))
+
+
+def test_parsers(agent):
+    line = "RAM 2020/7852MB (lfb 1164x4MB) CPU [2%@345,off,off,1%@345] GR3D_FREQ 0% VDD_IN 3140/3208"
+    assert agent.parse_tegrastats_ram(line) == (2020 << 20, 7852 << 20)
+    assert agent.parse_tegrastats_ram("CPU [1%]") is None
+    assert agent.parse_l4t_release("# R32 (release), REVISION: 7.1, GCID: 29818004, BOARD: t186ref") == "R32.7.1"
+    assert agent.parse_nvpmodel("NV Fan Mode:quiet\nNV Power Mode: MAXN\n0\n") == {"name": "MAXN", "id": 0}
+    stats = agent.latency_stats([0.001, 0.002, 0.003, 0.004], batch=2)
+    assert stats["mean_ms"] == pytest.approx(2.5) and stats["min_ms"] == pytest.approx(1.0)
+    assert stats["throughput_per_s"] == pytest.approx(800.0) and stats["iterations"] == 4
+
+
+def test_onnxruntime_phases_in_process(agent, bundles, tmp_path):
+    args = agent_args(agent, bundles["fp32"], tmp_path, "--backend", "onnxruntime")
+    manifest, bid = agent.load_and_verify_bundle(str(bundles["fp32"]))
+    lat = agent.phase_latency(args, str(bundles["fp32"]), manifest, bid)
+    assert lat["output_check"]["passed"] and lat["output_check"]["max_abs_diff"] < 1e-5
+    assert lat["backend"]["cpu_mem_arena"] is False and lat["backend"]["mem_pattern"] is False
+    mem = agent.phase_memory(args, str(bundles["fp32"]), manifest, bid)["memory"]
+    assert mem["activation"]["bytes"] > 0 and mem["process_peak"]["bytes"] >= mem["process_after_load"]["bytes"]
+
+
+def test_agent_cli_refusal_is_one_line_exit_3(bundles, tmp_path):
+    p = subprocess.run([sys.executable, str(AGENT_DIR / "agent.py"), "--bundle", str(bundles["fp32"]), "--backend",
+                        "onnxruntime", "--precision", "fp16"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert p.returncode == 3 and p.stdout == ""
+    assert p.stderr.strip().splitlines()[-1].startswith("REDISTILL-AGENT-ERROR: refused: the onnxruntime backend")
+
+
+@pytest.mark.parametrize("version", ["8.2.1.8", "10.3.0"])
+def test_tensorrt_version_handling_against_fakes(agent, bundles, tmp_path, monkeypatch, version):
+    calls = install_fake_trt(monkeypatch, version)
+    v10 = version.startswith("10")
+    assert agent.choose_backend("auto").name == "tensorrt"
+    args = agent_args(agent, bundles["fp32"], tmp_path / "engines", "--backend", "tensorrt", "--batch", "2")
+    manifest, bid = agent.load_and_verify_bundle(str(bundles["fp32"]))
+    lat = agent.phase_latency(args, str(bundles["fp32"]), manifest, bid)
+    assert lat["output_check"]["passed"], lat["output_check"]
+    assert lat["backend"]["api"] == ("execute_async_v3" if v10 else "execute_v2")
+    assert lat["backend"]["engine_cache"]["hit"] is False and lat["backend"]["cuda_buffers"] == "pycuda"
+    assert "builder.build_serialized_network" in calls and "builder.build_engine" not in calls
+    assert ("builder.create_network(flags=0)" if v10 else "builder.create_network(flags=1)") in calls
+    assert any(c.startswith("config.set_memory_pool_limit") for c in calls) == v10
+    assert any(c.startswith("config.max_workspace_size=") for c in calls) == (not v10)
+    assert ("context.execute_async_v3" in calls) == v10 and ("context.execute_v2" in calls) == (not v10)
+    assert "profile.set_shape(input, (1, 3, 64, 64), (2, 3, 64, 64), (4, 3, 64, 64))" in calls
+    # engine, timing cache and sidecar are keyed by bundle, TensorRT version, GPU and precision
+    engines = list((tmp_path / "engines").glob("*.engine"))
+    assert len(engines) == 1
+    name = engines[0].name
+    assert name.startswith(bid[:16]) and "nvidia-tegra-x2" in name and name.endswith("-fp32.engine") and version in name
+    side = json.loads(engines[0].with_suffix(".json").read_text())
+    assert side["tensorrt"] == version and side["gpu"] == "NVIDIA Tegra X2" and side["precision"] == "fp32"
+    assert engines[0].with_suffix(".timing-cache").read_bytes() == b"FAKE-TIMING-CACHE"
+    # the memory run reuses the cached engine and reads the right activation-size attribute
+    calls.clear()
+    mem = agent.phase_memory(args, str(bundles["fp32"]), manifest, bid)["memory"]
+    assert "builder.build_serialized_network" not in calls
+    assert mem["activation"]["bytes"] == (23456 if v10 else 12345)
+    assert ("device_memory_size_v2" in mem["activation"]["how"]) == v10
+    # fp16 is a separate engine
+    args16 = agent_args(agent, bundles["fp32"], tmp_path / "engines", "--backend", "tensorrt", "--precision", "fp16")
+    lat16 = agent.phase_latency(args16, str(bundles["fp32"]), manifest, bid)
+    assert lat16["backend"]["precision"] == "fp16" and "config.set_flag(FP16)" in calls
+    assert len(list((tmp_path / "engines").glob("*.engine"))) == 2
+
+
+def test_int8_refused_without_fast_int8_like_tx2(agent, bundles, tmp_path, monkeypatch):
+    install_fake_trt(monkeypatch, "8.2.1.8", fast_int8=False)
+    args = agent_args(agent, bundles["int8"], tmp_path, "--backend", "tensorrt")
+    manifest, bid = agent.load_and_verify_bundle(str(bundles["int8"]))
+    with pytest.raises(agent.AgentError, match=r"platform_has_fast_int8 = False .*TX2 has no INT8.*--precision fp16"):
+        agent.phase_latency(args, str(bundles["int8"]), manifest, bid)
+    assert not list(tmp_path.glob("*.engine"))
+
+
+def test_int8_builds_on_fast_int8_platform_only_for_qdq(agent, bundles, tmp_path, monkeypatch):
+    calls = install_fake_trt(monkeypatch, "10.3.0", fast_int8=True)
+    args = agent_args(agent, bundles["int8"], tmp_path, "--backend", "tensorrt")
+    manifest, bid = agent.load_and_verify_bundle(str(bundles["int8"]))
+    lat = agent.phase_latency(args, str(bundles["int8"]), manifest, bid)
+    assert lat["backend"]["precision"] == "int8" and "config.set_flag(INT8)" in calls
+    m32, b32 = agent.load_and_verify_bundle(str(bundles["fp32"]))
+    args32 = agent_args(agent, bundles["fp32"], tmp_path, "--backend", "tensorrt", "--precision", "int8")
+    with pytest.raises(agent.AgentError, match="not Q/DQ-quantized"):
+        agent.phase_latency(args32, str(bundles["fp32"]), m32, b32)
+    args_fp16 = agent_args(agent, bundles["int8"], tmp_path, "--backend", "tensorrt", "--precision", "fp16")
+    with pytest.raises(agent.AgentError, match="Q/DQ-quantized .* only as INT8"):
+        agent.phase_latency(args_fp16, str(bundles["int8"]), manifest, bid)
+
+
+def test_auto_falls_back_to_onnxruntime_without_tensorrt(agent, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorrt", None)
+    assert agent.choose_backend("auto").name == "onnxruntime"

@@ -306,3 +306,12 @@ def test_cli_arch_mode_with_and_without_red(tmp_path):
     # each RED block adds a sigmoid gate; mobilenetv3_small_x4 has five
     assert ops.count("Sigmoid") == [n["op"] for n in plain["nodes"]].count("Sigmoid") + 5
     assert red["weights_bytes"] > plain["weights_bytes"]
+
+
+def test_every_inplace_rule_names_real_inputs():
+    assert {"Relu", "Clip", "Sigmoid", "HardSigmoid", "HardSwish", "Add"} <= set(M.INPLACE_RULES.names())
+    assert "Mul" not in M.INPLACE_RULES and "Conv" not in M.INPLACE_RULES
+    for op in M.INPLACE_RULES.names():
+        node = helper.make_node(op, ["a", "b"], ["y"])
+        idx = M.INPLACE_RULES.get(op)(node)
+        assert idx and all(0 <= k < 2 for k in idx)

@@ -8,13 +8,14 @@ blocks; only the strides change.
 
 from __future__ import annotations
 
+import difflib
 import re
 from dataclasses import dataclass
 from typing import Callable, Dict, Sequence, Tuple
 
 from torch import nn
 
-from redistill.errors import UserError, did_you_mean
+from redistill.errors import UserError
 from redistill.registry import Registry
 
 
@@ -66,8 +67,13 @@ def parse_arch(name: str) -> ArchName:
     m = _NAME.match(name.strip())
     family = m.group("family") if m else name.split("-")[0]
     if family not in FAMILIES:
-        examples = [FAMILIES.get(f).default for f in FAMILIES.names()]
-        raise UserError(f"unknown architecture {name!r}." + did_you_mean(name, FAMILIES.names() + examples))
+        fam_part, _, suffix = name.strip().partition("-")
+        close = difflib.get_close_matches(fam_part, FAMILIES.names(), n=2, cutoff=0.5)
+        if close:
+            hint = " Did you mean " + " or ".join(repr(f"{c}-{suffix}" if suffix else c) for c in close) + "?"
+        else:
+            hint = " Known: " + ", ".join(FAMILIES.get(f).default for f in FAMILIES.names()) + "."
+        raise UserError(f"unknown architecture {name!r}." + hint)
     fam = FAMILIES.get(family)
     if not m:
         raise UserError(
@@ -177,12 +183,23 @@ def _resnet50(stem, strides, num_classes):
     return _resnet(Bottleneck, [3, 4, 6, 3], stem, strides, num_classes)
 
 
-@register_family("resnext18", _RESNET_STAGES, "resnext18-2-21222")
-def _resnext18(stem, strides, num_classes):
-    """ResNeXt with torchvision's grouped Bottleneck (32x4d, as resnext50_32x4d) and two blocks per layer."""
-    from torchvision.models.resnet import Bottleneck
+def _grouped_basic_block():
+    from torchvision.models.resnet import BasicBlock, conv3x3
 
-    return _resnet(Bottleneck, [2, 2, 2, 2], stem, strides, num_classes, groups=32, width_per_group=4)
+    class GroupedBasicBlock(BasicBlock):
+        """torchvision's BasicBlock with its second 3x3 conv grouped: the ReDistill code's ResNeXt18 block."""
+
+        def __init__(self, inplanes, planes, stride=1, downsample=None, groups=1, base_width=64, dilation=1, norm_layer=None):
+            super().__init__(inplanes, planes, stride, downsample, 1, 64, dilation, norm_layer)
+            self.conv2 = conv3x3(planes, planes, groups=groups)
+
+    return GroupedBasicBlock
+
+
+@register_family("resnext18", _RESNET_STAGES, "resnext18-2-21222")
+def _resnext18(stem, strides, num_classes, groups: int = 32):
+    """ResNeXt18 as in the paper's code: ResNet18's layout (64-512 channels) with the second conv of each block grouped."""
+    return _resnet(_grouped_basic_block(), [2, 2, 2, 2], stem, strides, num_classes, groups=groups)
 
 
 def family_kwargs() -> Dict[str, Tuple[str, ...]]:

@@ -1,0 +1,78 @@
+"""Walk every registry: each entry must be usable, and each registry must have a check here."""
+
+import importlib
+
+import pytest
+import torch
+
+from redistill import registry
+from redistill.errors import UserError
+
+# importing the stages fills the registries
+for mod in ("train.models", "train.red", "train.losses", "train.data", "bench.memory", "export.pipeline", "deploy.server"):
+    try:
+        importlib.import_module(mod)
+    except ModuleNotFoundError:
+        pass
+
+
+def _check_architecture(name, fam):
+    m = registry.ALL["architecture"].get(name)
+    from train.models import build_model
+
+    assert build_model(m.default, 10, 64)(torch.zeros(1, 3, 64, 64)).shape == (1, 10)
+
+
+def _check_distance(name, fn):
+    y = torch.rand(2, 3, 4, 4)
+    assert fn(y, y).abs().item() < 1e-5 and fn(y, -y).item() > 0
+
+
+def _check_loss(name, fn):
+    from train.losses import LossInputs
+    from train.red import SitePlan
+
+    s, t = torch.randn(2, 3), torch.randn(2, 3)
+    f = torch.rand(2, 2, 4, 4)
+    b = LossInputs(s, t, {"a:out": f}, {"a:out": f.flip(-1)}, [SitePlan("a", "out", "b", "out", 1.0)])
+    assert torch.isfinite(fn(b))
+
+
+def _check_method(name, losses):
+    from train.losses import DISTILL_LOSSES
+
+    for n in losses:
+        DISTILL_LOSSES.get(n)
+
+
+def _check_dataset(name, fn):
+    assert callable(fn)
+
+
+CHECKS = {
+    "architecture": _check_architecture,
+    "RED distance": _check_distance,
+    "distillation loss": _check_loss,
+    "method": _check_method,
+    "data set": _check_dataset,
+}
+
+
+def test_every_registry_entry_is_usable():
+    assert registry.ALL, "no registries were created"
+    for kind, reg in registry.ALL.items():
+        check = CHECKS.get(kind)
+        if check is None:
+            # other stages' registries: every entry must at least resolve and be non-null
+            for name in reg.names():
+                assert reg.get(name) is not None
+            continue
+        for name in reg.names():
+            check(name, reg.get(name))
+
+
+def test_unknown_names_get_did_you_mean():
+    for kind, reg in registry.ALL.items():
+        name = reg.names()[0]
+        with pytest.raises(UserError, match="Did you mean"):
+            reg.get(name + "x")

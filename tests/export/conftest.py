@@ -66,6 +66,12 @@ def train_student(preset: str, root: Path, steps: int = 3, image_size: int = 32)
 
 
 @pytest.fixture(scope="session")
+def make_student():
+    """``train_student`` as a fixture, so test modules need no import from this conftest."""
+    return train_student
+
+
+@pytest.fixture(scope="session")
 def checkpoint(tmp_path_factory, image_root) -> Path:
     from train.checkpoint import make_payload, save_checkpoint
 

@@ -11,8 +11,6 @@ from export.preflight import preflight
 from export.targets import get_target
 from export.verify import compare, run, session, torch_logits
 
-from .conftest import train_student
-
 
 def _red_patterns(proto):
     """Count y = x * sigmoid(conv(x)) + clip(conv(x), 0, 6): Add(Mul(_, Sigmoid(Conv)), Clip(Conv, 0, 6))."""
@@ -36,8 +34,8 @@ def _red_patterns(proto):
 
 
 @pytest.mark.parametrize("preset", ["mobilenetv2_x4", "mobilenetv3_small_x4", "resnext18_x4"])
-def test_paper_pairs_export_for_trt82(image_root, preset):
-    cfg, model, plans = train_student(preset, image_root, steps=0)
+def test_paper_pairs_export_for_trt82(image_root, make_student, preset):
+    cfg, model, plans = make_student(preset, image_root, steps=0)
     proto = export_onnx(fold_batchnorm(model, 32), 32, opset=13)
     check_model(proto)
     summary = preflight(proto, get_target("tx2"))
@@ -56,8 +54,8 @@ def test_paper_pairs_export_for_trt82(image_root, preset):
     assert r["passed"], r
 
 
-def test_static_and_dynamic_batch(image_root):
-    _, model, _ = train_student("quick", image_root, steps=0)
+def test_static_and_dynamic_batch(image_root, make_student):
+    _, model, _ = make_student("quick", image_root, steps=0)
     folded = fold_batchnorm(model, 32)
     static = export_onnx(folded, 32)
     dims = static.graph.input[0].type.tensor_type.shape.dim

@@ -10,12 +10,10 @@ from export.targets import get_target
 from export.verify import compare, run, session, torch_logits
 from redistill.errors import UserError
 
-from .conftest import train_student
-
 
 @pytest.fixture(scope="module")
-def student(image_root):
-    _, model, _ = train_student("quick", image_root, steps=2)
+def student(image_root, make_student):
+    _, model, _ = make_student("quick", image_root, steps=2)
     return model, export_onnx(fold_batchnorm(model, 32), 32)
 
 

@@ -54,6 +54,7 @@ memory: setup
 export: setup data
 	$(BIN)/redistill export $(CHECKPOINT) --out $(BUNDLES)/$(PRESET)-fp32 $(ARGS)
 	$(BIN)/redistill export $(CHECKPOINT) --int8 --target orin --out $(BUNDLES)/$(PRESET)-int8 $(ARGS)
+	$(BIN)/redistill export-report $(BUNDLES)/$(PRESET)-fp32 $(BUNDLES)/$(PRESET)-int8 --out bench/results/export_$(PRESET)
 
 deploy: setup
 	@test -n "$(JETSON)" || { echo "set JETSON=user@host[:port] (or an ssh config alias; comma-separated for several)"; exit 2; }

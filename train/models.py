@@ -133,13 +133,19 @@ def _mobilenetv2(stem, strides, num_classes, width_mult: float = 1.0, dropout: f
 
 
 @register_family("mobilenetv3_small", [f"block{i}" for i in range(1, 12)], "mobilenetv3_small-2-22121111211")
-def _mobilenetv3_small(stem, strides, num_classes, width_mult: float = 1.0, dropout: float = 0.2):
+def _mobilenetv3_small(stem, strides, num_classes, width_mult: float = 1.0, dropout: float = 0.2,
+                       bn_momentum: float = 0.1):
+    """torchvision's MobileNetV3-small. Its BatchNorm momentum defaults to 0.01 (for long ImageNet runs),
+    which leaves the running statistics unusable after a few hundred steps; PyTorch's usual 0.1 is the default here."""
+    from functools import partial
+
     from torchvision.models.mobilenetv3 import MobileNetV3, _mobilenet_v3_conf
 
     setting, last_channel = _mobilenet_v3_conf("mobilenet_v3_small", width_mult=width_mult)
     for cnf, s in zip(setting, strides):
         cnf.stride = s
-    model = MobileNetV3(setting, last_channel, num_classes=num_classes, dropout=dropout)
+    norm = partial(nn.BatchNorm2d, eps=0.001, momentum=bn_momentum)
+    model = MobileNetV3(setting, last_channel, num_classes=num_classes, dropout=dropout, norm_layer=norm)
     _set_stride(model.features[0][0], stem)
     return model
 

@@ -317,6 +317,18 @@ def finish_stage(stage_dir: Path, data: DataBundle, cfg: RunConfig, device: torc
     return out
 
 
+def theoretical_reduction(teacher: nn.Module, student_ckpt: Path, image_size: int) -> Dict[str, Any]:
+    """Liveness peak activation memory (FP32, batch 1) of teacher and student, from ``bench.memory``."""
+    from bench.memory import analyze_model
+
+    student = model_from_checkpoint(load_checkpoint(student_ckpt))
+    t = analyze_model(teacher.cpu().eval(), image_size)
+    s = analyze_model(student, image_size)
+    return {"teacher_peak_bytes": t.peak_bytes, "student_peak_bytes": s.peak_bytes,
+            "reduction": round(t.peak_bytes / s.peak_bytes, 2), "image_size": image_size,
+            "definition": "liveness peak of the exported ONNX graph, FP32, batch 1 (redistill memory)"}
+
+
 # --- the whole run ----------------------------------------------------------------------------
 
 _RESUME_MAY_CHANGE = {"epochs", "device", "log_every", "data.workers", "data.eval_batch_size", "teacher.epochs", "student.epochs"}
@@ -399,6 +411,8 @@ def run_distill(cfg: RunConfig, resume: bool = False) -> Dict[str, Any]:
     if ctx.main:
         from redistill.io import atomic_write_json
 
+        if teacher_model is not None and cfg.method != "teacher":
+            summary["memory"] = theoretical_reduction(teacher_model, run_dir / "student" / "best.pt", cfg.data.image_size)
         atomic_write_json(run_dir / "summary.json", summary)
     if ctx.world > 1 and dist.is_initialized():
         dist.destroy_process_group()

@@ -120,6 +120,9 @@ def test_distill_then_evaluate_end_to_end(tiny_images, tmp_path, capsys):
     assert rc == 0
     out = capsys.readouterr().out
     assert "teacher" in out and "student" in out and "test top-1" in out
+    assert "theoretical peak activation memory" in out and "x lower" in out
+    summary = json.loads((tmp_path / "e2e" / "summary.json").read_text())
+    assert summary["memory"]["reduction"] > 3
     ck = load_checkpoint(tmp_path / "e2e" / "student" / "best.pt")
     assert ck["arch"] == "mobilenetv3_small-4-22111111111" and ck["method"] == "red_kd"
     assert ck["classes"] == ["cat", "dog", "ship", "truck"] and len(ck["mean"]) == 3 and len(ck["red"]["sites"]) == 5

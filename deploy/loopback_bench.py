@@ -31,7 +31,9 @@ def cpu_model() -> str:
 
 
 def _mib(b) -> str:
-    return "n/a" if b is None else f"{b / 2**20:.2f} MiB"
+    from bench.memory import fmt_bytes
+
+    return "n/a" if b is None else fmt_bytes(b)
 
 
 def summarize(report: dict, bundle: str) -> dict:

@@ -59,3 +59,7 @@ export: setup data
 deploy: setup
 	@test -n "$(JETSON)" || { echo "set JETSON=user@host[:port] (or an ssh config alias; comma-separated for several)"; exit 2; }
 	JETSON_PYTHON=$(JETSON_PYTHON) $(BIN)/redistill deploy $(BUNDLES)/$(PRESET)-fp32 --host $(JETSON) $(ARGS)
+
+COMPARE_ARGS ?=
+compare: setup
+	$(BIN)/redistill compare $(COMPARE_ARGS)

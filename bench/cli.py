@@ -40,6 +40,37 @@ def add_commands(sub) -> None:
     p.add_argument("--json", default=None, metavar="OUT.json", help="write the full reports (bytes) as JSON")
     p.set_defaults(func=_memory)
 
+    c = sub.add_parser(
+        "compare",
+        help="theory against measurement: accuracy, theoretical and measured peak memory, latency (tables and plots)",
+        description="Collect distillation runs (accuracy), bundles (theoretical peak memory, INT8 accuracy) and device "
+        "reports (measured memory, latency) and write compare.md/.csv/.json and three PNG plots. With no PATH the "
+        "default folders are scanned. See docs/compare.md.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+        "  redistill compare\n"
+        "  redistill compare runs/quick bundles/quick-fp32 reports/tx2 --out /tmp/cmp",
+    )
+    c.add_argument("paths", nargs="*", metavar="PATH",
+                   help="run folders, bundle folders, device report files, or folders holding any of them")
+    c.add_argument("--runs", default=None, help="folder of distillation runs (default with no PATH: runs)")
+    c.add_argument("--bundles", default=None, help="folder of bundles (default with no PATH: bundles)")
+    c.add_argument("--reports", default=None, help="folder of device reports (default with no PATH: reports)")
+    c.add_argument("--out", default="bench/results/compare", help="output folder (default bench/results/compare)")
+    c.add_argument("--no-analyze", action="store_true",
+                   help="do not rebuild checkpoints to size models that have no bundle (faster; fewer theory figures)")
+    c.set_defaults(func=_compare)
+
+
+def _compare(args) -> int:
+    from bench.compare import compare
+
+    files = compare(args.paths, runs=args.runs, bundles=args.bundles, reports=args.reports, out=args.out,
+                    analyze=not args.no_analyze)
+    for path in files.values():
+        print(f"wrote {path}")
+    return 0
+
 
 def _memory(args) -> int:
     from bench import memory as M

@@ -8,24 +8,38 @@ import typing
 
 
 
+def _field_comments(cls) -> dict:
+    """The ``# comment`` after each field in ``train/config.py``: the single place an option is explained."""
+    import inspect
+    import re
+
+    out = {}
+    for line in inspect.getsource(cls).splitlines():
+        m = re.match(r"\s+(\w+):[^#]*#\s*(.+)$", line)
+        if m:
+            out[m.group(1)] = m.group(2).strip()
+    return out
+
+
 def _describe_keys() -> str:
-    """Every config key with its default, generated from the typed config so the help never drifts."""
+    """Every config key with its default and meaning, generated from the typed config so the help never drifts."""
     from train import config as C
 
     lines = []
 
     def walk(cls, prefix):
         hints = typing.get_type_hints(cls)
+        notes = _field_comments(cls)
         for f in dataclasses.fields(cls):
             tp = hints[f.name]
             if dataclasses.is_dataclass(tp):
                 walk(tp, prefix + f.name + ".")
                 continue
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            lines.append(f"  {prefix + f.name:<24} {default!r}")
+            lines.append(f"  {prefix + f.name:<22} {default!r:<16} {notes.get(f.name, '')}".rstrip())
 
     walk(C.RunConfig, "")
-    return "config keys (key=value overrides, defaults shown; see train/config.py for meanings):\n" + "\n".join(lines)
+    return "config keys (key=value overrides; default, then meaning):\n" + "\n".join(lines)
 
 
 def add_commands(sub) -> None:

@@ -30,8 +30,8 @@ class DataConfig:
     test_subset: int = 0  # evaluate on this many test images, balanced (0 = all)
     val_fraction: float = 0.05  # held out from train to pick the best epoch; the test set never picks
     augment: str = "crop_flip"  # crop_flip (pad+crop, flip) | rrc_flip (RandomResizedCrop, flip) | none
-    batch_size: int = 128
-    eval_batch_size: int = 256
+    batch_size: int = 128  # training batch size per process
+    eval_batch_size: int = 256  # batch size for validation and test
     workers: int = 0  # DataLoader worker processes
     cutmix: float = 0.0  # CutMix alpha (0 = off)
     mixup: float = 0.0  # MixUp alpha (0 = off)
@@ -42,10 +42,10 @@ class OptimConfig:
     """Optimizer and learning-rate schedule."""
 
     name: str = "sgd"  # sgd | adam
-    lr: float = 0.05
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    nesterov: bool = False
+    lr: float = 0.05  # peak learning rate
+    momentum: float = 0.9  # sgd momentum
+    weight_decay: float = 5e-4  # L2 on conv/linear weights (not on BN or biases)
+    nesterov: bool = False  # sgd: Nesterov momentum
     schedule: str = "cosine"  # cosine | step
     milestones: List[float] = field(default_factory=lambda: [0.6, 0.8, 0.9])  # step: fractions of training
     gamma: float = 0.2  # step: lr multiplier at each milestone (the paper: lr / 5)
@@ -66,38 +66,38 @@ class ModelConfig:
 class REDSiteConfig:
     """One RED block: student layer and side, and the teacher layer it is matched to."""
 
-    student: str = ""
+    student: str = ""  # student module name, e.g. features.0.0
     where: str = "out"  # in | out
-    teacher: str = ""
+    teacher: str = ""  # teacher module of equal H x W, e.g. features.4.conv.1.0
     teacher_where: Optional[str] = None  # defaults to `where`
     alpha: Optional[float] = None  # defaults to red.alpha
 
 
 @dataclass
 class REDConfig:
-    distance: str = "cosine"  # cosine | mse
-    alpha: float = 50.0
-    sites: List[REDSiteConfig] = field(default_factory=list)
+    distance: str = "cosine"  # RED distance on channel-mean maps: cosine | mse
+    alpha: float = 50.0  # RED loss weight per block (the paper: 50 on STL10, 1 on ImageNet)
+    sites: List[REDSiteConfig] = field(default_factory=list)  # list of {student, where, teacher, teacher_where, alpha}
 
 
 @dataclass
 class LossConfig:
     w_ce: float = 0.5  # total = w_ce * CE + w_dist * mean(distillation losses)
-    w_dist: float = 0.5
-    kd_temperature: float = 4.0
-    label_smoothing: float = 0.0
+    w_dist: float = 0.5  # weight of the mean distillation loss
+    kd_temperature: float = 4.0  # Hinton KD temperature T
+    label_smoothing: float = 0.0  # CE label smoothing
 
 
 @dataclass
 class RunConfig:
     """A distillation run: train the teacher (unless given), then the student by ``method``."""
 
-    name: str = "run"
+    name: str = "run"  # run folder name under out_dir
     method: str = "red"  # teacher | student | kd | red | red_kd
-    epochs: int = 30
-    seed: int = 0
+    epochs: int = 30  # epochs per network (teacher.epochs / student.epochs override)
+    seed: int = 0  # seeds init, shuffling and augmentation
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    out_dir: str = "runs"
+    out_dir: str = "runs"  # where run folders go
     num_classes: int = 0  # 0 = from the data set
     teacher: ModelConfig = field(default_factory=ModelConfig)
     student: ModelConfig = field(default_factory=ModelConfig)

@@ -189,3 +189,22 @@ def test_checkpoint_roundtrip_keeps_metadata(tmp_path):
     ck = load_checkpoint(p)
     assert ck["classes"] == ["a", "b", "c"] and ck["std"] == [0.25] * 3
     torch.testing.assert_close(model_from_checkpoint(ck)(torch.ones(1, 3, 32, 32)), m.eval()(torch.ones(1, 3, 32, 32)))
+
+
+def test_schedules_follow_their_definitions():
+    from train.trainer import lr_at
+
+    cfg = load_config("quick", ["optim.name=sgd", "optim.lr=0.1", "optim.warmup_epochs=0", "optim.schedule=step",
+                                "optim.milestones=[0.5,0.75]", "optim.gamma=0.2"])
+    assert [round(lr_at(cfg, e, 8), 6) for e in (0, 3.9, 4, 6, 7.9)] == [0.1, 0.1, 0.02, 0.004, 0.004]
+    cfg = load_config("quick", ["optim.lr=0.1", "optim.warmup_epochs=1", "optim.schedule=cosine"])
+    assert lr_at(cfg, 0.5, 10) == pytest.approx(0.05, rel=1e-2)
+    assert lr_at(cfg, 5, 10) == pytest.approx(0.05, rel=1e-6) and lr_at(cfg, 10, 10) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_cutmix_mixup_training_runs_with_soft_targets(tiny_images, tmp_path):
+    rc = main(["distill", "quick", f"data.root={tiny_images}", f"out_dir={tmp_path}", "name=mix", "epochs=1",
+               "method=kd", "data.cutmix=0.2", "data.mixup=0.2", "data.augment=rrc_flip", "teacher.epochs=1", *TINY])
+    assert rc == 0
+    hist = load_checkpoint(tmp_path / "mix" / "student" / "last.pt")["history"]
+    assert hist[0]["train_kd"] > 0 and hist[0]["train_loss"] > 0

@@ -56,6 +56,23 @@ def build_report(run_dir: Path, command: str, wall_s: Optional[float]) -> dict:
     return out
 
 
+def copy_run_files(run_dir: Path, dest: Path, log: Optional[str]) -> str:
+    """Copy the run's config, summaries and metrics (not its checkpoints) so the figures stay traceable."""
+    import shutil
+
+    for rel in ("config.yaml", "summary.json", "teacher/metrics.jsonl", "teacher/summary.json",
+                "student/metrics.jsonl", "student/summary.json"):
+        if (run_dir / rel).is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(run_dir / rel, dest / rel)
+    if log:
+        text = Path(log).read_text(errors="replace").replace("\r", "\n")
+        keep = [ln for ln in text.splitlines() if ln.strip() and not ln.startswith(("Looking in", "Processing ", "  Downloading", "Requirement already"))
+                and "http" not in ln and "is ignored" not in ln and "Warn" not in ln and "warnings.warn" not in ln and not ln.startswith("    ")]
+        atomic_write_text(dest / Path(log).name, "\n".join(keep) + "\n")
+    return str(dest)
+
+
 def render(r: dict) -> str:
     t, s = r["stages"].get("teacher"), r["stages"].get("student")
     lines = [f"# `make distill` default preset on this machine", "",
@@ -85,7 +102,8 @@ def render(r: dict) -> str:
               "real images and gives checkpoints for export; it is not a reproduction of the paper's accuracies "
               "(those need the paper recipes on a GPU).",
               "- images/s is the median over epochs of training images per second, data loading and augmentation included.",
-              f"- Per-epoch figures: `{r['run_dir']}/{{teacher,student}}/metrics.jsonl`; validation top-1 by epoch: "
+              f"- Per-epoch figures: `{r['run_dir']}/{{teacher,student}}/metrics.jsonl`, committed with the run's "
+              f"config and summaries (and the console log, when given) in `{r['copied_to']}/`; validation top-1 by epoch: "
               + "; ".join(f"{k} {v['val_top1']}" for k, v in r["stages"].items()) + "."]
     return "\n".join(lines) + "\n"
 
@@ -96,8 +114,10 @@ def main(argv=None) -> int:
     ap.add_argument("--command", default="make distill")
     ap.add_argument("--wall-s", type=float, default=None, help="measured wall time of the command, seconds")
     ap.add_argument("--out", default="bench/results/distill_quick", help="output path without extension")
+    ap.add_argument("--log", default=None, help="console log of the command, copied beside the results")
     a = ap.parse_args(argv)
     r = build_report(Path(a.run_dir), a.command, a.wall_s)
+    r["copied_to"] = copy_run_files(Path(a.run_dir), Path(a.out + "_run"), a.log)
     atomic_write_json(a.out + ".json", r)
     atomic_write_text(a.out + ".md", render(r))
     print(render(r))

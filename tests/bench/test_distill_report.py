@@ -26,3 +26,6 @@ def test_report_figures_come_from_the_run_files(tmp_path):
     assert "12.0 min" in md and "61.25 %" in md and "| 510 (teacher training)" in md and "| 620 (distillation step" in md
     assert "4.00x" in md and "192.0 KiB" in md
     assert data["stages"]["student"]["train_seconds"] == 30.0 and data["wall_seconds"] == 720
+    copied = tmp_path / "res" / "distill_quick_run"
+    assert (copied / "student" / "metrics.jsonl").read_text() == (run / "student" / "metrics.jsonl").read_text()
+    assert "distill_quick_run/" in md

@@ -265,13 +265,12 @@ def fit(
                 record.update(val_top1=round(v["top1"], 3), val_loss=round(v["loss"], 5))
             history.append(record)
             score = record.get("val_top1", float(epoch))  # no val split: the latest epoch is the best
-            payload = make_payload(model, optimizer=optimizer.state_dict(), epoch=epoch + 1, history=history,
-                                   best_val=max(best_val, score), **meta)
-            save_checkpoint(payload, last_path)
+            # best.pt before last.pt: a run killed between the two must not resume believing best.pt exists
             if score > best_val:
                 best_val = score
-                payload["optimizer"] = None
-                save_checkpoint(payload, best_path)
+                save_checkpoint(make_payload(model, epoch=epoch + 1, history=history, best_val=best_val, **meta), best_path)
+            save_checkpoint(make_payload(model, optimizer=optimizer.state_dict(), epoch=epoch + 1, history=history,
+                                         best_val=best_val, **meta), last_path)
             _write_metrics(stage_dir / "metrics.jsonl", history)
             print(f"[{role}] epoch {epoch + 1}/{epochs} loss {record['train_loss']:.4f} train {record['train_top1']:.2f}% "
                   + (f"val {record['val_top1']:.2f}% " if "val_top1" in record else "")

@@ -60,7 +60,7 @@ def test_training_step_lowers_loss_on_a_fixed_batch():
 
 
 def _distill_cmd(data, out, *extra):
-    return [PYTHON, "-m", "redistill.cli", "distill", "quick", "method=student", "student.arch=resnet18-4-11221",
+    return [PYTHON, "-m", "redistill.cli", "distill", "quick", "method=student",
             f"data.root={data}", f"out_dir={out}", "name=r", *TINY, *extra]
 
 

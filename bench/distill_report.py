@@ -66,11 +66,16 @@ def copy_run_files(run_dir: Path, dest: Path, log: Optional[str]) -> str:
             (dest / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(run_dir / rel, dest / rel)
     if log:
-        text = Path(log).read_text(errors="replace").replace("\r", "\n")
-        keep = [ln for ln in text.splitlines() if ln.strip() and not ln.startswith(("Looking in", "Processing ", "  Downloading", "Requirement already"))
-                and "http" not in ln and "is ignored" not in ln and "Warn" not in ln and "warnings.warn" not in ln and not ln.startswith("    ")]
-        atomic_write_text(dest / Path(log).name, "\n".join(keep) + "\n")
+        atomic_write_text(dest / Path(log).name, clean_log(Path(log).read_text(errors="replace")))
     return str(dest)
+
+
+def clean_log(text: str) -> str:
+    """A console log without progress-bar redraws, library warnings and pip's download chatter."""
+    keep = [ln for ln in text.replace("\r", "\n").splitlines()
+            if ln.strip() and not ln.startswith(("Looking in", "Processing ", "  Downloading", "Requirement already", "    "))
+            and "http" not in ln and "is ignored" not in ln and "Warn" not in ln and "warnings.warn" not in ln]
+    return "\n".join(keep) + "\n"
 
 
 def render(r: dict) -> str:

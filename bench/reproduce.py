@@ -298,6 +298,8 @@ def copy_logs(a, dest: Path) -> None:
     """Copy every run's config, metrics and summaries, the step logs and state.json (no checkpoints)."""
     import shutil
 
+    from bench.distill_report import clean_log
+
     work = Path(a.runs) / a.prefix
     for run in sorted(Path(a.runs).glob(f"{a.prefix}-*")):
         for f in list(run.glob("*.json")) + list(run.glob("*.yaml")) + list(run.glob("*/*.json*")):
@@ -307,9 +309,10 @@ def copy_logs(a, dest: Path) -> None:
     for f in [work / "state.json", *sorted((work / "logs").glob("*.log"))]:
         if f.is_file():
             (dest / f.relative_to(work)).parent.mkdir(parents=True, exist_ok=True)
-            text = f.read_text(errors="replace").replace("\r", "\n")
-            keep = [ln for ln in text.splitlines() if ln.strip() and "Warn" not in ln and "warnings.warn" not in ln]
-            (dest / f.relative_to(work)).write_text("\n".join(keep) + "\n")
+            if f.suffix == ".log":
+                (dest / f.relative_to(work)).write_text(clean_log(f.read_text(errors="replace")))
+            else:
+                shutil.copyfile(f, dest / f.relative_to(work))
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import shlex
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Sequence, Tuple
 
 from redistill.errors import UserError
 

@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 from pathlib import Path
 from typing import List, Optional
 
 from redistill.errors import UserError
 from redistill.io import atomic_write_json, atomic_write_text
+from redistill.sysinfo import machine_line
 
 
 def _history(stage_dir: Path) -> List[dict]:
@@ -23,21 +22,9 @@ def _history(stage_dir: Path) -> List[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{os.cpu_count()} cores ({cpu}), {platform.system()} {platform.machine()}, no GPU, Python {platform.python_version()}"
-
-
 def build_report(run_dir: Path, command: str, wall_s: Optional[float]) -> dict:
     summary = json.loads((run_dir / "summary.json").read_text())
-    out = {"run_dir": str(run_dir), "command": command, "wall_seconds": wall_s, "machine": machine(), "stages": {}}
+    out = {"run_dir": str(run_dir), "command": command, "wall_seconds": wall_s, "machine": machine_line(), "stages": {}}
     for role in ("teacher", "student"):
         s = summary.get(role)
         if not s or s.get("reused"):
@@ -80,7 +67,7 @@ def clean_log(text: str) -> str:
 
 def render(r: dict) -> str:
     t, s = r["stages"].get("teacher"), r["stages"].get("student")
-    lines = [f"# `make distill` default preset on this machine", "",
+    lines = ["# `make distill` default preset on this machine", "",
              f"Command: `{r['command']}` (from a fresh clone: creates `.venv`, unpacks the data, trains)", "",
              f"Machine: {r['machine']}", ""]
     if r["wall_seconds"] is not None:

@@ -10,13 +10,13 @@ and analysed at batch 1, FP32; the reductions are teacher / student figures.
 from __future__ import annotations
 
 import argparse
-import platform
 import shlex
 import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from redistill.io import atomic_write_json, atomic_write_text
+from redistill.sysinfo import machine_line
 
 PRESETS = ("mobilenetv2_x4", "mobilenetv2_x8", "mobilenetv3_small_x4", "resnext18_x4")
 TARGET = 4.5  # the acceptance: student+RED liveness reduction of at least this much
@@ -27,15 +27,6 @@ PAPER_MB = {
     "mobilenetv3_small_x4": (1.41, 0.31),
     "resnext18_x4": (5.0, 0.75),
 }
-
-
-def machine() -> str:
-    import torch
-
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    import os
-
-    return f"{os.cpu_count()}-core {platform.machine()} CPU ({platform.processor() or platform.system()}), {gpu}"
 
 
 def run_pair(preset: str, image_size: int, dtype: Optional[str] = None):
@@ -187,7 +178,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         cfg, reports = run_pair(preset, args.image_size)
         all_reports[preset] = reports
         rows.append(pair_row(preset, cfg, reports))
-    where = machine()
+    where = machine_line()
     md = render_markdown(rows, command, args.image_size, where)
     atomic_write_text(out / "memory_paper_pairs.md", md)
     atomic_write_json(out / "memory_paper_pairs.json", {

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
 import subprocess
 import sys
@@ -163,20 +162,15 @@ def _verdict(ok) -> str:
 
 def write_results(a, state: Dict[str, dict], argv) -> None:
     """``<results>.md/.json``: the benchmark's choices, timings, accuracy, memory and latency against the targets."""
-    from bench.distill_report import machine
+    from redistill.sysinfo import machine_line
     from redistill.io import atomic_write_text
 
     cmp = json.loads((Path(a.results) / "compare.json").read_text())
     dep = json.loads(Path(a.results + "_deploy.json").read_text())
     probe_path = Path(a.results + f"_probe{a.probe_size}.json")
     probes = json.loads(probe_path.read_text())["results"] if a.probe_size and probe_path.exists() else []
-    by_method = {m["method"]: m for m in cmp["models"]}
     pairs = {r["method"]: r for r in cmp["pairs"]}
     deps = {r["bundle"].rstrip("/").split("/")[-1]: r for r in dep["results"]}
-
-    def dep_of(method_name):
-        rows = [r for n, r in deps.items() if f"-{method_name}-" in n or n.endswith(f"-{method_name}-fp32")]
-        return rows
 
     t_dep = deps.get(f"{a.prefix}-teacher-fp32")
     r_deps = [r for n, r in deps.items() if n.startswith(f"{a.prefix}-red-s")]
@@ -217,14 +211,14 @@ def write_results(a, state: Dict[str, dict], argv) -> None:
     total_s = sum(v["seconds"] for v in state.values())
     L = [f"# Reproduction benchmark: {cmp['models'][0]['arch'] if cmp['models'] else ''} pair on CIFAR-10", "",
          f"Command: `python -m bench.reproduce {' '.join(argv or [])}`".replace(" `", " `").rstrip() + " (resumable; run in the background)", "",
-         f"Machine: {machine()}", "",
+         f"Machine: {machine_line()}", "",
          f"Wall time: **{total_s / 60:.1f} min** of step time (each step's own wall time, `runs/{a.prefix}/state.json`); "
          "the training ran while other work shared the two cores part of the time, so steps are slower than on an idle machine.", "",
          "## Choices and why", "",
          f"- Pair: the `{a.preset}` preset, MobileNetV3-small teacher `mobilenetv3_small-1-22121111211` and its x4 student "
          "`mobilenetv3_small-4-22111111111` with the paper's five RED sites. Of the two pairs the issue allows it is the one "
          "that fits: ResNeXt18 trains about 4x slower per image here.",
-         f"- Input size 32 px (CIFAR-10's own), not the paper's 128 px: at 128 px one epoch of the teacher alone takes "
+         "- Input size 32 px (CIFAR-10's own), not the paper's 128 px: at 128 px one epoch of the teacher alone takes "
          "about 16x longer, over the whole 2.5 h budget for a few epochs. Memory is also measured at 128 px with probes of "
          "the same architectures (untrained weights: memory depends on shapes, not on values).",
          f"- {a.epochs} epochs for every network (teacher, student alone, KD, RED, RED+KD), Adam 3e-3 with cosine decay and "

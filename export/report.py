@@ -18,16 +18,7 @@ from typing import Any, Dict
 import numpy as np
 
 from redistill.errors import UserError
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+from redistill.sysinfo import cpu_model
 
 
 def _prog() -> str:
@@ -38,7 +29,7 @@ def _prog() -> str:
 def machine() -> Dict[str, Any]:
     import onnxruntime
 
-    return {"cpu": _cpu_name(), "cores": os.cpu_count(), "os": platform.platform(), "python": platform.python_version(),
+    return {"cpu": cpu_model(), "cores": os.cpu_count(), "os": platform.platform(), "python": platform.python_version(),
             "onnxruntime": onnxruntime.__version__}
 
 

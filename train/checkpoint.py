@@ -13,7 +13,7 @@ from torch import nn
 
 from redistill.errors import UserError
 from redistill.io import atomic_torch_save
-from train.models import build_model
+from train.models import build_model, model_kwargs
 from train.red import SitePlan, insert_red_blocks
 
 FORMAT = "redistill-checkpoint"
@@ -72,8 +72,7 @@ def site_plans(ck: Dict[str, Any]) -> List[SitePlan]:
 
 def model_from_checkpoint(ck: Dict[str, Any]) -> nn.Module:
     """Rebuild the network (with its RED blocks) from a checkpoint's metadata and load its weights."""
-    kwargs = {"width_mult": ck["width_mult"]} if ck["arch"].startswith("mobilenet") else {}
-    model = build_model(ck["arch"], ck["num_classes"], ck["image_size"], **kwargs)
+    model = build_model(ck["arch"], ck["num_classes"], ck["image_size"], **model_kwargs(ck["arch"], ck["width_mult"]))
     insert_red_blocks(model, site_plans(ck))
     try:
         model.load_state_dict(ck["model"])

@@ -11,7 +11,7 @@ from __future__ import annotations
 import difflib
 import re
 from dataclasses import dataclass
-from typing import Callable, Dict, Sequence, Tuple
+from typing import Callable, Sequence, Tuple
 
 from torch import nn
 
@@ -208,12 +208,6 @@ def _resnext18(stem, strides, num_classes, groups: int = 32):
     return _resnet(_grouped_basic_block(), [2, 2, 2, 2], stem, strides, num_classes, groups=groups)
 
 
-def family_kwargs() -> Dict[str, Tuple[str, ...]]:
-    """Optional keyword arguments each family's builder accepts (for config validation)."""
-    import inspect
-
-    out = {}
-    for name in FAMILIES.names():
-        params = inspect.signature(FAMILIES.get(name).build).parameters
-        out[name] = tuple(p for p in params if p not in ("stem", "strides", "num_classes"))
-    return out
+def model_kwargs(arch: str, width_mult: float) -> dict:
+    """Builder options a family takes beyond its name: only the MobileNets have a width multiplier."""
+    return {"width_mult": width_mult} if arch.startswith("mobilenet") else {}

@@ -190,6 +190,3 @@ def insert_red_blocks(student: nn.Module, plans: Sequence[SitePlan]) -> Dict[str
             blocks[p.key] = made[p.where]
     return blocks
 
-
-def red_blocks(model: nn.Module) -> List[REDBlock]:
-    return [m for m in model.modules() if isinstance(m, REDBlock)]

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -30,8 +29,8 @@ from train.checkpoint import load_checkpoint, make_payload, model_from_checkpoin
 from train.config import RunConfig
 from train.data import DataBundle, load_data
 from train.losses import METHODS, LossInputs, total_loss
-from train.models import build_model
-from train.red import SitePlan, insert_red_blocks, plan_sites, red_blocks
+from train.models import build_model, model_kwargs
+from train.red import SitePlan, insert_red_blocks, plan_sites
 
 
 # --- environment ------------------------------------------------------------------------------
@@ -75,13 +74,9 @@ class Dist:
 # --- building ---------------------------------------------------------------------------------
 
 
-def _model_kwargs(arch: str, width_mult: float) -> dict:
-    return {"width_mult": width_mult} if arch.startswith("mobilenet") else {}
-
-
 def build_student(cfg: RunConfig, num_classes: int, teacher: Optional[nn.Module]):
     """The student network with RED blocks inserted when the method uses RED; returns (model, plans)."""
-    model = build_model(cfg.student.arch, num_classes, cfg.data.image_size, **_model_kwargs(cfg.student.arch, cfg.student.width_mult))
+    model = build_model(cfg.student.arch, num_classes, cfg.data.image_size, **model_kwargs(cfg.student.arch, cfg.student.width_mult))
     plans: List[SitePlan] = []
     if "red" in METHODS.get(cfg.method):
         sites = [asdict(s) for s in cfg.red.sites]
@@ -391,7 +386,7 @@ def run_distill(cfg: RunConfig, resume: bool = False) -> Dict[str, Any]:
             teacher_model = model_from_checkpoint(ck)
             summary["teacher"] = {"checkpoint": cfg.teacher.checkpoint, "arch": ck["arch"], "reused": True}
         else:
-            tm = build_model(cfg.teacher.arch, num_classes, cfg.data.image_size, **_model_kwargs(cfg.teacher.arch, cfg.teacher.width_mult))
+            tm = build_model(cfg.teacher.arch, num_classes, cfg.data.image_size, **model_kwargs(cfg.teacher.arch, cfg.teacher.width_mult))
             tdir = run_dir / "teacher"
             tsum = fit(cfg, role="teacher", method="teacher", arch=cfg.teacher.arch, width_mult=cfg.teacher.width_mult,
                        model=tm, data=data, stage_dir=tdir, epochs=cfg.teacher.epochs or cfg.epochs,

@@ -41,6 +41,6 @@ def test_atomic_files_get_ordinary_permissions(tmp_path):
     mask = os.umask(0)
     os.umask(mask)
     assert stat.S_IMODE(p.stat().st_mode) == 0o666 & ~mask
-    with atomic_dir(tmp_path / "d") as d:
+    with atomic_dir(tmp_path / "d"):
         pass
     assert stat.S_IMODE((tmp_path / "d").stat().st_mode) == 0o777 & ~mask

@@ -9,11 +9,8 @@ from redistill import registry
 from redistill.errors import UserError
 
 # importing the stages fills the registries
-for mod in ("train.models", "train.red", "train.losses", "train.data", "bench.memory", "export.pipeline", "deploy.server"):
-    try:
-        importlib.import_module(mod)
-    except ModuleNotFoundError:
-        pass
+for mod in ("train.models", "train.red", "train.losses", "train.data", "bench.memory", "export.targets", "export.quantize"):
+    importlib.import_module(mod)
 
 
 def _check_architecture(name, fam):

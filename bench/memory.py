@@ -210,14 +210,38 @@ def _set_batch(model, batch: int) -> None:
                 out.type.tensor_type.ClearField("shape")
 
 
+def _static_names(model) -> Set[str]:
+    g = model.graph
+    out = set()
+    for v in list(g.value_info) + list(g.input) + list(g.output):
+        t = v.type.tensor_type
+        if t.HasField("shape") and all(d.HasField("dim_value") for d in t.shape.dim):
+            out.add(v.name)
+    return out
+
+
 def _infer(model):
+    """ONNX shape inference; where it leaves shapes unknown (GroupNorm's Shape->Reshape chains from the
+    legacy exporter), ONNX Runtime's symbolic shape inference, which follows those chains."""
     import onnx
 
     try:
-        return onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=True, data_prop=True)
+        inferred = onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=True, data_prop=True)
     except Exception as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[-1]
         raise UserError(f"ONNX shape inference failed: {first}; re-export the model with a fixed input size") from None
+    known = _static_names(inferred)
+    if all(o in known for n in inferred.graph.node for o in n.output if o):
+        return inferred
+    try:
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            symbolic = SymbolicShapeInference.infer_shapes(model, auto_merge=False)
+    except Exception:  # noqa: BLE001 - ORT's inference is a best effort; the caller names the unknown tensor
+        return inferred
+    return symbolic if symbolic is not None and len(_static_names(symbolic)) > len(known) else inferred
 
 
 def _subgraph_names(node) -> Set[str]:

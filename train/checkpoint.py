@@ -24,19 +24,28 @@ def make_payload(
     model: nn.Module, *, arch: str, role: str, method: str, num_classes: int, image_size: int,
     classes: List[str], mean, std, width_mult: float, plans: List[SitePlan], red_distance: str,
     config: Dict[str, Any], epoch: int, history: List[dict], best_val: float,
-    optimizer: Optional[dict] = None,
+    optimizer: Optional[dict] = None, build_kwargs: Optional[Dict[str, Any]] = None,
+    extra: Optional[Dict[str, Any]] = None,
 ) -> Dict[str, Any]:
-    """A checkpoint dict made only of tensors and plain Python values (loadable with weights_only=True)."""
+    """A checkpoint dict made only of tensors and plain Python values (loadable with weights_only=True).
+
+    ``build_kwargs`` are the builder options beyond the name (a U-Net's width, levels, ...); ``extra``
+    holds what one task adds (a denoiser's EMA weights and noise schedule).
+    """
     module = model.module if hasattr(model, "module") else model
+    from train.models import task_of
+
     return {
         "format": FORMAT, "version": VERSION,
-        "arch": arch, "role": role, "method": method,
+        "arch": arch, "role": role, "method": method, "task": task_of(arch),
+        "build_kwargs": dict(build_kwargs if build_kwargs is not None else model_kwargs(arch, width_mult)),
         "num_classes": num_classes, "image_size": image_size, "width_mult": width_mult,
         "classes": list(classes), "mean": [float(x) for x in mean], "std": [float(x) for x in std],
         "red": {"distance": red_distance, "sites": [dict(asdict(p), hw=list(p.hw)) for p in plans]},
         "model": module.state_dict(),
         "optimizer": optimizer, "epoch": epoch, "history": history, "best_val": best_val,
         "config": config, "torch_version": str(torch.__version__),
+        **(extra or {}),
     }
 
 
@@ -70,12 +79,22 @@ def site_plans(ck: Dict[str, Any]) -> List[SitePlan]:
     return [SitePlan(**dict(s, hw=tuple(s["hw"]))) for s in ck["red"]["sites"]]
 
 
-def model_from_checkpoint(ck: Dict[str, Any]) -> nn.Module:
-    """Rebuild the network (with its RED blocks) from a checkpoint's metadata and load its weights."""
-    model = build_model(ck["arch"], ck["num_classes"], ck["image_size"], **model_kwargs(ck["arch"], ck["width_mult"]))
+def model_from_checkpoint(ck: Dict[str, Any], weights: str = "auto") -> nn.Module:
+    """Rebuild the network (with its RED blocks) from a checkpoint's metadata and load its weights.
+
+    ``weights``: ``auto`` loads a denoiser's EMA weights (what is sampled and deployed) and any other
+    network's trained weights; ``raw`` always loads the trained (non-EMA) weights.
+    """
+    kwargs = ck.get("build_kwargs")
+    if kwargs is None:  # checkpoints written before build_kwargs existed
+        kwargs = model_kwargs(ck["arch"], ck["width_mult"])
+    model = build_model(ck["arch"], ck["num_classes"], ck["image_size"], **kwargs)
     insert_red_blocks(model, site_plans(ck))
+    state = ck["model"]
+    if weights == "auto" and ck.get("ema") is not None:
+        state = ck["ema"]
     try:
-        model.load_state_dict(ck["model"])
+        model.load_state_dict(state)
     except RuntimeError as e:
         raise UserError(f"checkpoint weights do not fit {ck['arch']}: {str(e).splitlines()[0]}") from None
     model.eval()

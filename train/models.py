@@ -27,16 +27,19 @@ class Family:
     stages: Tuple[str, ...]  # what each digit of R controls, for error messages
     default: str  # the torchvision (ImageNet) schedule, used for a bare family name
     build: Callable[..., nn.Module]
+    task: str = "classify"  # classify (num_classes >= 2) | denoise (num_classes = conditioning labels, 0 = none)
+    variable_depth: bool = False  # the builder checks the digit count (it depends on its options)
 
 
 FAMILIES: Registry[Family] = Registry("architecture")
 
 
-def register_family(name: str, stages: Sequence[str], default: str):
+def register_family(name: str, stages: Sequence[str], default: str, task: str = "classify",
+                    variable_depth: bool = False):
     """Decorator: register ``build(stem, strides, num_classes, **kw)`` as family ``name``."""
 
     def deco(build):
-        FAMILIES.register(name)(Family(name, tuple(stages), default, build))
+        FAMILIES.register(name)(Family(name, tuple(stages), default, build, task, variable_depth))
         return build
 
     return deco
@@ -83,7 +86,7 @@ def parse_arch(name: str) -> ArchName:
     if m.group("stem") is None:
         return parse_arch(fam.default)
     stem, strides = int(m.group("stem")), tuple(int(c) for c in m.group("strides"))
-    if len(strides) != len(fam.stages):
+    if len(strides) != len(fam.stages) and not fam.variable_depth:
         raise UserError(
             f"{name!r}: {family} takes {len(fam.stages)} stage strides after the stem "
             f"({', '.join(fam.stages)}), got {len(strides)}; e.g. {fam.default}"
@@ -103,9 +106,12 @@ def build_model(name: str, num_classes: int = 10, image_size: int = 32, **kwargs
             f"{arch}: total stride {arch.total_stride} exceeds image_size {image_size}; "
             "lower a stride or raise image_size"
         )
-    if num_classes < 2:
+    fam = FAMILIES.get(arch.family)
+    if fam.task == "classify" and num_classes < 2:
         raise UserError(f"num_classes must be at least 2, got {num_classes}")
-    model = FAMILIES.get(arch.family).build(arch.stem, arch.strides, num_classes, **kwargs)
+    if fam.task == "denoise" and num_classes < 0:
+        raise UserError(f"num_classes must be 0 (unconditional) or the number of labels, got {num_classes}")
+    model = fam.build(arch.stem, arch.strides, num_classes, **kwargs)
     model.arch_name = str(arch)
     return model
 
@@ -206,6 +212,42 @@ def _grouped_basic_block():
 def _resnext18(stem, strides, num_classes, groups: int = 32):
     """ResNeXt18 as in the paper's code: ResNet18's layout (64-512 channels) with the second conv of each block grouped."""
     return _resnet(_grouped_basic_block(), [2, 2, 2, 2], stem, strides, num_classes, groups=groups)
+
+
+# --- DDPM U-Net denoiser: digits are the strides opening levels 1, 2, 3 ----------------------------
+
+
+@register_family("unet", ["level1", "level2", "level3"], "unet-1-222", task="denoise", variable_depth=True)
+def _unet(stem, strides, num_classes, **kw):
+    """The DDPM U-Net (``train.unet``): head stride A, then one digit per level after the first."""
+    from train.unet import UNet
+
+    return UNet((stem,) + tuple(strides), num_classes=num_classes, **kw)
+
+
+def task_of(arch: str) -> str:
+    """``classify`` or ``denoise``: what a network of this architecture is trained for."""
+    return FAMILIES.get(parse_arch(arch).family).task
+
+
+def example_inputs(model: nn.Module, image_size: int, batch: int = 1) -> tuple:
+    """Dummy inputs of one forward pass: the model's own ``example_inputs`` if it has them, else one image."""
+    import torch
+
+    make = getattr(model, "example_inputs", None)
+    if make is not None:
+        return tuple(make(image_size, batch))
+    return (torch.zeros(batch, 3, image_size, image_size),)
+
+
+def input_names(model: nn.Module) -> list:
+    """Names of the exported graph's inputs (``input`` for classifiers)."""
+    return list(getattr(model, "input_names", ["input"]))
+
+
+def output_names(model: nn.Module) -> list:
+    """Names of the exported graph's outputs (``logits`` for classifiers, ``eps`` for denoisers)."""
+    return list(getattr(model, "output_names", ["logits"]))
 
 
 def model_kwargs(arch: str, width_mult: float) -> dict:

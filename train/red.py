@@ -47,10 +47,11 @@ class REDSite(nn.Module):
         self.layer = layer
         self.red_out = red_out
 
-    def forward(self, x):
+    def forward(self, x, *args):
+        # a U-Net block also takes the time embedding; RED blocks see only the feature map
         if self.red_in is not None:
             x = self.red_in(x)
-        x = self.layer(x)
+        x = self.layer(x, *args)
         if self.red_out is not None:
             x = self.red_out(x)
         return x
@@ -101,7 +102,9 @@ class SitePlan:
 
 
 def probe_shapes(model: nn.Module, layers: Sequence[str], image_size: int) -> Dict[str, Tuple[tuple, tuple]]:
-    """Run one dummy image through ``model`` and return {layer: (input shape, output shape)}."""
+    """Run one dummy input through ``model`` and return {layer: (input shape, output shape)}."""
+    from train.models import example_inputs
+
     modules = dict(model.named_modules())
     for name in layers:
         if name not in modules or name == "":
@@ -120,7 +123,7 @@ def probe_shapes(model: nn.Module, layers: Sequence[str], image_size: int) -> Di
     model.eval()
     try:
         with torch.no_grad():
-            model(torch.zeros(1, 3, image_size, image_size))
+            model(*example_inputs(model, image_size))
     finally:
         for h in handles:
             h.remove()

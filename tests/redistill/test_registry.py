@@ -9,15 +9,25 @@ from redistill import registry
 from redistill.errors import UserError
 
 # importing the stages fills the registries
-for mod in ("train.models", "train.red", "train.losses", "train.data", "bench.memory", "export.targets", "export.quantize"):
+for mod in ("train.models", "train.red", "train.losses", "train.data", "train.diffusion", "bench.memory", "export.targets",
+            "export.quantize"):
     importlib.import_module(mod)
 
 
 def _check_architecture(name, fam):
     m = registry.ALL["architecture"].get(name)
-    from train.models import build_model
+    from train.models import build_model, example_inputs
 
+    if m.task == "denoise":  # epsilon has the input's shape
+        net = build_model(m.default, 0, 32, ch=16)
+        assert net(*example_inputs(net, 32)).shape == (1, 3, 32, 32)
+        return
     assert build_model(m.default, 10, 64)(torch.zeros(1, 3, 64, 64)).shape == (1, 10)
+
+
+def _check_schedule(name, fn):
+    betas = fn(50, 1e-4, 0.02)
+    assert betas.shape == (50,) and bool(((betas > 0) & (betas < 1)).all())
 
 
 def _check_distance(name, fn):
@@ -52,6 +62,7 @@ CHECKS = {
     "distillation loss": _check_loss,
     "method": _check_method,
     "data set": _check_dataset,
+    "noise schedule": _check_schedule,
 }
 
 

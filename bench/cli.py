@@ -16,12 +16,15 @@ def add_commands(sub) -> None:
         description="Peak activation memory for one image, weights excluded: liveness over the ONNX execution "
         "order, optionally with in-place reuse, beside the paper's layer-wise estimate. Give ONNX files, or "
         "--arch NAME [--red-config CFG] to size a design without training, or --pair PRESET for a preset's "
-        "teacher, student and student+RED. See docs/memory.md.",
+        "teacher, student and student+RED, or --checkpoint CK for a trained network (its builder options and RED "
+        "blocks). Denoisers (unet-A-R) are sized for one denoising step (inputs x, t). See docs/memory.md.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n"
         "  redistill memory model.onnx --inplace --json mem.json\n"
         "  redistill memory --arch mobilenetv2-4-1221111 --red-config mobilenetv2_x4 --image-size 128\n"
-        "  redistill memory --pair mobilenetv2_x4 --image-size 128 --plot mem.png",
+        "  redistill memory --pair mobilenetv2_x4 --image-size 128 --plot mem.png\n"
+        "  redistill memory --pair ddpm_cifar10_x2 --image-size 32\n"
+        "  redistill memory --checkpoint runs/ddpm/student/best.pt",
     )
     p.add_argument("models", nargs="*", metavar="MODEL.onnx", help="ONNX files; several are compared to the first")
     p.add_argument("--arch", default=None, help="build this architecture (e.g. mobilenetv2-4-1221111) instead of reading ONNX")
@@ -29,6 +32,8 @@ def add_commands(sub) -> None:
                    help="with --arch: add the RED blocks of this preset or YAML config (its red.sites)")
     p.add_argument("--pair", default=None, metavar="PRESET",
                    help="analyse the preset's teacher, student and student+RED (e.g. mobilenetv2_x4)")
+    p.add_argument("--checkpoint", default=None, metavar="CK.pt",
+                   help="analyse the network of this checkpoint (best.pt/last.pt), at its own image size")
     p.add_argument("--image-size", type=int, default=128, help="input size in px for --arch/--pair (default 128)")
     p.add_argument("--batch", type=int, default=1, help="batch size set on the graph inputs (default 1)")
     p.add_argument("--dtype", choices=["fp32", "fp16", "int8"], default=None,
@@ -75,9 +80,9 @@ def _compare(args) -> int:
 def _memory(args) -> int:
     from bench import memory as M
 
-    sources = sum(bool(x) for x in (args.models, args.arch, args.pair))
+    sources = sum(bool(x) for x in (args.models, args.arch, args.pair, args.checkpoint))
     if sources != 1:
-        raise UserError("give ONNX files, or --arch NAME, or --pair PRESET (exactly one of them)")
+        raise UserError("give ONNX files, or --arch NAME, or --pair PRESET, or --checkpoint CK.pt (exactly one of them)")
     if args.red_config and not args.arch:
         raise UserError("--red-config needs --arch NAME (the student architecture to put RED blocks in)")
     reports = []
@@ -113,7 +118,7 @@ def _memory(args) -> int:
 def command_line(args) -> str:
     """The equivalent ``redistill memory ...`` invocation, rebuilt from the parsed arguments."""
     parts = ["redistill", "memory"] + list(args.models)
-    for opt in ("arch", "red_config", "pair"):
+    for opt in ("arch", "red_config", "pair", "checkpoint"):
         if getattr(args, opt):
             parts += ["--" + opt.replace("_", "-"), getattr(args, opt)]
     if args.arch or args.pair:
@@ -137,6 +142,10 @@ def _designs(args) -> List[Tuple[str, object]]:
     if args.pair:
         designs, _ = M.pair_designs(args.pair, args.image_size)
         return designs
+    if args.checkpoint:
+        model, size = M.checkpoint_design(args.checkpoint)
+        args.image_size = size
+        return [(model.arch_name, model)]
     label = f"{args.arch}+RED" if args.red_config else args.arch
     return [(label, M.build_design(args.arch, args.image_size, args.red_config))]
 

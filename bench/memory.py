@@ -464,19 +464,25 @@ def _inplace_live(nodes, tensors: Dict[str, TensorInfo], graph_inputs: Set[str])
 
 
 def export_for_analysis(model, image_size: int, path: Union[str, os.PathLike], batch: int = 1) -> Path:
-    """Export a torch model to ONNX (legacy exporter, opset 13, BatchNorm folded) for analysis only."""
+    """Export a torch model to ONNX (legacy exporter, opset 13, BatchNorm folded) for analysis only.
+
+    Inputs are the model's own (``train.models.example_inputs``): one image for a classifier, ``x, t[, y]``
+    for a denoiser, named by ``input_names``/``output_names`` as in an exported bundle.
+    """
     import torch
+
+    from train.models import example_inputs, input_names, output_names
 
     was_training = model.training
     try:
         param = next(model.parameters(), None)
         device = param.device if param is not None else torch.device("cpu")
-        dummy = torch.zeros(batch, 3, image_size, image_size, device=device)
+        dummy = tuple(x.to(device) for x in example_inputs(model, image_size, batch=batch))
         model.eval()
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
-            torch.onnx.export(model, dummy, str(path), dynamo=False, opset_version=13, input_names=["input"],
-                              output_names=["logits"], do_constant_folding=True)
+            torch.onnx.export(model, dummy, str(path), dynamo=False, opset_version=13, input_names=input_names(model),
+                              output_names=output_names(model), do_constant_folding=True)
     finally:
         model.train(was_training)
     return Path(path)
@@ -511,32 +517,52 @@ def manifest_entry(onnx_path, batch: int = 1, dtype: Optional[str] = None) -> Di
 # --- building designs from names -------------------------------------------------------------------
 
 
-def build_design(arch: str, image_size: int, red_config: Optional[str] = None, num_classes: int = 10):
-    """The plain model ``arch``, or with ``red_config`` (a preset or YAML) that model with the config's RED blocks."""
-    from train.models import build_model
+def build_design(arch: str, image_size: int, red_config: Optional[str] = None, num_classes: Optional[int] = None,
+                 **build_kwargs):
+    """The plain model ``arch``, or with ``red_config`` (a preset or YAML) that model with the config's RED blocks.
 
+    ``num_classes`` defaults to 10 for a classifier and 0 (unconditional) for a denoiser; ``build_kwargs``
+    go to the builder (a U-Net's ``ch``, ``ch_mult``, ...).
+    """
+    from train.models import build_model, task_of
+
+    if num_classes is None:
+        num_classes = 0 if task_of(arch) == "denoise" else 10
     if not red_config:
-        return build_model(arch, num_classes, image_size)
-    from train.config import load_config
+        return build_model(arch, num_classes, image_size, **build_kwargs)
+    from train.config import build_kwargs, load_config
     from train.trainer import build_student
 
     cfg = load_config(red_config, [f"student.arch={arch}", f"data.image_size={image_size}", "method=red"])
     if not cfg.red.sites:
         raise UserError(f"config {red_config!r} has no red.sites; give a config with RED sites (e.g. mobilenetv2_x4)")
-    teacher = build_model(cfg.teacher.arch, num_classes, image_size) if cfg.teacher.arch else None
+    teacher = (build_model(cfg.teacher.arch, num_classes, image_size, **build_kwargs(cfg, cfg.teacher))
+               if cfg.teacher.arch else None)
     with contextlib.redirect_stdout(open(os.devnull, "w")):
         model, _ = build_student(cfg, num_classes, teacher)
     model.arch_name = f"{arch}+RED"
     return model
 
 
-def pair_designs(preset: str, image_size: int, num_classes: int = 10):
-    """[(label, model)] for a preset's teacher, student and student+RED."""
-    from train.config import load_config
-    from train.models import build_model
+def checkpoint_design(path: Union[str, os.PathLike]):
+    """(model, image size) rebuilt from a checkpoint: its architecture, builder options and RED blocks."""
+    from train.checkpoint import load_checkpoint, model_from_checkpoint
+
+    ck = load_checkpoint(path)
+    model = model_from_checkpoint(ck)
+    model.arch_name = ck["arch"] + ("+RED" if ck["red"]["sites"] else "")
+    return model, ck["image_size"]
+
+
+def pair_designs(preset: str, image_size: int, num_classes: Optional[int] = None):
+    """[(label, model)] for a preset's teacher, student and student+RED (built with the preset's builder options)."""
+    from train.config import build_kwargs, load_config
+    from train.models import build_model, task_of
 
     cfg = load_config(preset, [f"data.image_size={image_size}"])
-    teacher = build_model(cfg.teacher.arch, num_classes, image_size)
-    student = build_model(cfg.student.arch, num_classes, image_size)
+    if num_classes is None:
+        num_classes = 0 if task_of(cfg.student.arch) == "denoise" else 10
+    teacher = build_model(cfg.teacher.arch, num_classes, image_size, **build_kwargs(cfg, cfg.teacher))
+    student = build_model(cfg.student.arch, num_classes, image_size, **build_kwargs(cfg, cfg.student))
     red = build_design(cfg.student.arch, image_size, preset, num_classes)
     return [("teacher", teacher), ("student", student), ("student+RED", red)], cfg

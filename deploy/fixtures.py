@@ -73,3 +73,52 @@ def tiny_bundle(out_dir: Union[str, Path], int8: bool = False, image_size: int =
     }
     files = {"model.onnx": model, "reference/inputs.npy": npy(xs), "reference/outputs.npy": npy(ys)}
     return write_bundle(out_dir, files, manifest)
+
+
+#: a tiny DDPM U-Net: seconds to build, export and verify on a laptop CPU
+TINY_UNET = {"ch": 16, "ch_mult": [1, 2, 2, 2], "attn": [1], "num_res_blocks": 1}
+TINY_DIFFUSION = {"schedule": "linear", "timesteps": 1000, "beta_start": 1e-4, "beta_end": 0.02}
+
+
+def tiny_denoiser_checkpoint(path: Union[str, Path], data_root: Union[str, Path], classes, num_classes: int = 0,
+                             arch: str = "unet-2-221", red: bool = True, seed: int = 0) -> Path:
+    """A denoiser checkpoint as training writes it (EMA weights, schedule, build kwargs), with one RED block.
+
+    The BatchNorms of the RED block get non-trivial running statistics from a few train-mode forwards,
+    so that folding them is really exercised.
+    """
+    import torch
+
+    from train.checkpoint import make_payload, save_checkpoint
+    from train.config import RunConfig
+    from train.models import build_model, example_inputs
+    from train.red import plan_sites, insert_red_blocks
+
+    torch.manual_seed(seed)
+    model = build_model(arch, num_classes, 32, **TINY_UNET)
+    plans = []
+    if red:
+        teacher = build_model("unet-1-222", num_classes, 32, **TINY_UNET)
+        plans = plan_sites(model, teacher, [{"student": "head", "where": "out", "teacher": "down.1.0"}], 32, 1.0)
+        insert_red_blocks(model, plans)
+    g = torch.Generator().manual_seed(seed + 1)
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):
+            ex = example_inputs(model, 32, batch=4)
+            x = torch.randn(ex[0].shape, generator=g) * 2 + 0.5
+            t = torch.randint(0, 1000, (4,), generator=g).float()
+            rest = (torch.randint(0, num_classes + 1, (4,), generator=g).int(),) if num_classes else ()
+            model(x, t, *rest)
+    model.eval()
+    cfg = RunConfig()
+    cfg.data.root = str(data_root)
+    cfg.data.image_size = 32
+    cfg.name = "tiny-denoiser"
+    payload = make_payload(
+        model, arch=arch, role="student", method="red" if red else "student", num_classes=num_classes,
+        image_size=32, classes=list(classes), mean=(0.5,) * 3, std=(0.5,) * 3, width_mult=1.0, plans=plans,
+        red_distance="cosine", config=cfg.to_dict(), epoch=1, history=[], best_val=0.0, build_kwargs=dict(TINY_UNET),
+        extra={"ema": model.state_dict(), "diffusion": dict(TINY_DIFFUSION)},
+    )
+    return save_checkpoint(payload, path)

@@ -1,12 +1,18 @@
 """Deployment bundles: a folder with ``model.onnx``, reference inputs/outputs and ``manifest.json``.
 
-Layout (schema ``redistill-bundle`` version 1)::
+Layout (schema ``redistill-bundle``)::
 
     BUNDLE/
       manifest.json              what the model is, how to feed it, sha256 of every other file
       model.onnx
-      reference/inputs.npy       float32 N x C x H x W, already normalised
-      reference/outputs.npy      float32 N x num_classes, what PyTorch computed
+      reference/inputs.npy       classifier: float32 N x C x H x W, already normalised
+      reference/inputs/NAME.npy  several inputs (a denoiser's x, t[, y]): one file per input, N samples each
+      reference/outputs.npy      float32 N x num_classes logits (or N x C x H x W eps), what PyTorch computed
+
+Every manifest lists ``inputs`` (name, shape, dtype of each graph input) and ``task``. Version 1 is a
+bundle with one image input, which it also describes in the single ``input`` key every agent reads
+(classifiers). Version 2 is a bundle with several inputs (``reference.inputs`` maps input name to file,
+no ``input`` key): an agent that reads only version 1 refuses it instead of feeding it wrongly.
 
 The bundle id is the sha256 of ``manifest.json``; since the manifest holds every
 file's sha256, it identifies the whole bundle. The on-device agent
@@ -27,17 +33,22 @@ from redistill.errors import UserError
 from redistill.io import atomic_dir, atomic_write, sha256_file
 
 SCHEMA = "redistill-bundle"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # the newest this code reads and writes; see manifest_version
 MANIFEST = "manifest.json"
 
 Content = Union[bytes, str, os.PathLike]
+
+
+def manifest_version(manifest: Mapping[str, Any]) -> int:
+    """1 for a bundle with the single ``input`` key (what every agent reads), 2 for one with several inputs."""
+    return 1 if "input" in manifest and len(manifest.get("inputs") or [None]) == 1 else 2
 
 
 def write_bundle(out_dir: Union[str, os.PathLike], files: Mapping[str, Content], manifest: Dict[str, Any],
                  tarball: bool = False) -> Path:
     """Write ``files`` (relative path -> bytes or a source file) and the manifest, atomically.
 
-    ``manifest`` gets ``schema``, ``schema_version`` and ``files`` (sha256 and size of each file)
+    ``manifest`` gets ``schema``, ``schema_version`` (``manifest_version``) and ``files`` (sha256 and size of each file)
     filled in. Nothing appears at ``out_dir`` unless every file was written. With ``tarball``,
     ``out_dir.tar.gz`` is written next to it (also atomically).
     """
@@ -54,7 +65,7 @@ def write_bundle(out_dir: Union[str, os.PathLike], files: Mapping[str, Content],
             else:
                 shutil.copyfile(content, dst)
             entries[rel] = {"sha256": sha256_file(dst), "bytes": dst.stat().st_size}
-        full = {"schema": SCHEMA, "schema_version": SCHEMA_VERSION, **manifest, "files": entries}
+        full = {"schema": SCHEMA, "schema_version": manifest_version(manifest), **manifest, "files": entries}
         (tmp / MANIFEST).write_text(json.dumps(full, indent=2) + "\n")
     if tarball:
         def write_tar(f):

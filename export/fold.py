@@ -3,7 +3,8 @@
 Pairs are found by data flow, not by module names: one eval forward pass records
 which Conv2d produced the exact tensor each BatchNorm2d consumed. That covers
 torchvision's Conv2dNormActivation, ResNet conv/bn pairs and RED blocks alike,
-without special-casing any architecture. A BatchNorm fed by something else (a
+without special-casing any architecture. Models with several inputs (a denoiser's
+``x, t``) are probed with ``probe_inputs``. A BatchNorm fed by something else (a
 RED block placed on a conv's output sits between that conv and its BatchNorm)
 becomes a per-channel ``x * scale + shift``, which exports as Mul + Add.
 """
@@ -23,7 +24,28 @@ from redistill.errors import UserError
 FOLD_ATOL = 1e-4
 
 
-def _find_pairs(model: nn.Module, example: torch.Tensor) -> List[Tuple[str, str]]:
+#: inputs of a denoiser that are diffusion time steps: probed with values across the schedule, not noise
+TIME_INPUTS = ("t",)
+
+
+def probe_inputs(model: nn.Module, image_size: int, batch: int = 2, seed: int = 0) -> Tuple[torch.Tensor, ...]:
+    """Random inputs shaped like ``train.models.example_inputs``: images N(0, 1), time steps uniform in [0, 999],
+    integer inputs (labels) left as the example gives them. Used to find and check the BatchNorm fold."""
+    from train.models import example_inputs, input_names
+
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for name, x in zip(input_names(model), example_inputs(model, image_size, batch=batch)):
+        if not x.is_floating_point():
+            out.append(x)
+        elif name in TIME_INPUTS:
+            out.append(torch.rand(x.shape, generator=g, dtype=x.dtype) * 999.0)
+        else:
+            out.append(torch.randn(x.shape, generator=g, dtype=x.dtype))
+    return tuple(out)
+
+
+def _find_pairs(model: nn.Module, example: Tuple[torch.Tensor, ...]) -> List[Tuple[str, str]]:
     """(conv name, bn name) for every BatchNorm2d whose input is exactly one Conv2d's output."""
     produced_by: Dict[int, str] = {}
     consumed: Dict[str, Optional[str]] = {}
@@ -43,7 +65,7 @@ def _find_pairs(model: nn.Module, example: torch.Tensor) -> List[Tuple[str, str]
             handles.append(mod.register_forward_pre_hook(bn_hook))
     try:
         with torch.no_grad():
-            model(example)
+            model(*example)
     finally:
         for h in handles:
             h.remove()
@@ -94,7 +116,7 @@ def fold_batchnorm(model: nn.Module, image_size: int) -> nn.Module:
     """
     original = model.eval()
     folded = strip_training_parts(copy.deepcopy(model)).eval()
-    example = torch.randn(2, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
+    example = probe_inputs(model, image_size, batch=2)
     pairs = _find_pairs(folded, example)
     modules = dict(folded.named_modules())
     for conv_name, bn_name in pairs:
@@ -108,7 +130,7 @@ def fold_batchnorm(model: nn.Module, image_size: int) -> nn.Module:
             _set(folded, name, ChannelAffine(m))
     folded.fold_stats = {"into_conv": len(pairs), "as_affine": sum(isinstance(m, ChannelAffine) for m in folded.modules())}
     with torch.no_grad():
-        diff = float((original(example) - folded(example)).abs().max())
+        diff = float((original(*example) - folded(*example)).abs().max())
     if not diff <= FOLD_ATOL:
         raise UserError(f"folding BatchNorm changed the output by {diff:.3g} (> {FOLD_ATOL}); "
                         "a conv output is probably reused elsewhere: report the architecture")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 import warnings
-from typing import Tuple
+from typing import Any, Dict, List, Tuple
 
 import onnx
 import torch
@@ -19,20 +19,54 @@ MIN_OPSET = 11
 
 
 def export_onnx(model: nn.Module, image_size: int, opset: int = 13, dynamic_batch: bool = False) -> onnx.ModelProto:
-    """Export an eval ``model`` for one float32 NCHW input; constant-folded, no external data."""
+    """Export an eval ``model``; constant-folded, no external data.
+
+    Inputs and outputs are the model's own (``train.models.example_inputs``/``input_names``/``output_names``):
+    one float32 NCHW ``input`` -> ``logits`` for a classifier; ``x`` (float32 NCHW), ``t`` (float32 [B]) and,
+    when class-conditional, ``y`` (int32 [B]) -> ``eps`` for a denoiser. Batch 1 unless ``dynamic_batch``.
+    """
+    from train.models import example_inputs, input_names, output_names
+
     if opset < MIN_OPSET:
         raise UserError(f"--opset {opset} is too old: choose {MIN_OPSET}-13 (13 is the default)")
-    example = torch.zeros(1, 3, image_size, image_size, dtype=torch.float32)
-    axes = {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}} if dynamic_batch else None
+    example = tuple(example_inputs(model, image_size, batch=1))
+    names, outputs = input_names(model), output_names(model)
+    for name, x in zip(names, example):
+        if x.dtype == torch.int64:  # TensorRT 8.2 takes no int64 input; the model casts inside the graph
+            raise UserError(f"input {name!r} is int64, which TensorRT 8.2 cannot take; make the model's example_inputs "
+                            "give int32 and cast inside forward")
+    axes = {n: {0: "batch"} for n in names + outputs} if dynamic_batch else None
     buf = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # "legacy exporter": chosen on purpose
-        torch.onnx.export(model.eval(), (example,), buf, dynamo=False, opset_version=opset, do_constant_folding=True,
-                          input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], dynamic_axes=axes,
+        torch.onnx.export(model.eval(), example, buf, dynamo=False, opset_version=opset, do_constant_folding=True,
+                          input_names=names, output_names=outputs, dynamic_axes=axes,
                           export_params=True, keep_initializers_as_inputs=False)
     proto = onnx.load_from_string(buf.getvalue())
     constants_to_initializers(proto)
     return proto
+
+
+_NP_DTYPE = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16", onnx.TensorProto.INT32: "int32",
+             onnx.TensorProto.INT64: "int64", onnx.TensorProto.INT8: "int8", onnx.TensorProto.UINT8: "uint8",
+             onnx.TensorProto.BOOL: "bool"}
+
+
+def graph_io(proto: onnx.ModelProto, outputs: bool = False) -> List[Dict[str, Any]]:
+    """``[{"name", "shape", "dtype"}]`` of the graph's inputs (or outputs) as the graph declares them.
+
+    A symbolic dimension is its name (e.g. ``"batch"``); the dtype is the numpy name (``float32``, ``int32``).
+    """
+    inits = {t.name for t in proto.graph.initializer}
+    out = []
+    for v in (proto.graph.output if outputs else proto.graph.input):
+        if v.name in inits:
+            continue
+        tt = v.type.tensor_type
+        shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in tt.shape.dim]
+        out.append({"name": v.name, "shape": shape,
+                    "dtype": _NP_DTYPE.get(tt.elem_type, onnx.TensorProto.DataType.Name(tt.elem_type).lower())})
+    return out
 
 
 def constants_to_initializers(proto: onnx.ModelProto) -> onnx.ModelProto:

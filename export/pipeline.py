@@ -126,27 +126,65 @@ def load_sets(ck: Dict[str, Any], o: ExportOptions, need_calib: bool):
     return data, calib
 
 
+def _calib_feeds(ck: Dict[str, Any], calib, n: int, denoise: bool):
+    """INT8 calibration data: training images, or for a denoiser (x_t, t[, y]) at seeded random time steps."""
+    from export.verify import denoise_inputs, take
+
+    cal_x, cal_y = take(calib, n)
+    if not denoise:
+        return cal_x, len(cal_x)
+    feeds, _ = denoise_inputs(ck, cal_x, cal_y, seed=1)
+    return feeds, len(cal_x)
+
+
+def _io_entries(proto, denoise: bool, ck: Dict[str, Any]) -> list:
+    """The manifest's ``inputs``: every graph input with name, shape and dtype (and what a denoiser's mean)."""
+    from export.onnx_export import graph_io
+
+    steps = int((ck.get("diffusion") or {}).get("timesteps", 1000))
+    meaning = {
+        "input": {"layout": "NCHW", "meaning": "image, normalised as in preprocess"},
+        "x": {"layout": "NCHW", "meaning": "noisy image x_t (images normalised to [-1, 1] by preprocess, then noised)"},
+        "t": {"meaning": "diffusion time step as a float", "range": [0, steps - 1]},
+        "y": {"meaning": f"class label; {ck['num_classes']} = no label (classifier-free guidance)",
+              "range": [0, ck["num_classes"]]},
+    }
+    return [dict(e, **meaning.get(e["name"], {})) for e in graph_io(proto)]
+
+
 def run_export(o: ExportOptions) -> Tuple[Path, Dict[str, Any]]:
-    """Fold, export, pre-flight, verify, (quantize), measure, and write the bundle atomically; returns (dir, manifest)."""
+    """Fold, export, pre-flight, verify, (quantize), measure, and write the bundle atomically; returns (dir, manifest).
+
+    Classifiers (one image input -> logits) and denoisers (``x, t[, y]`` -> ``eps``) go through the same steps;
+    a denoiser is verified on noisy test images and reports denoising MSE instead of top-1.
+    """
     target = check_options(o)
     import onnx  # noqa: F401  (heavy imports only once the options are known to be good)
     import torch
 
     from export.bundle import write_bundle
     from export.fold import fold_batchnorm
-    from export.onnx_export import INPUT_NAME, OUTPUT_NAME, check_model, export_onnx, lower_ir_version
+    from export.onnx_export import INPUT_NAME, OUTPUT_NAME, check_model, export_onnx, graph_io, lower_ir_version
     from export.preflight import preflight
-    from export.verify import accuracy, compare, run, session, take, torch_logits, verify_fp32
+    from export.verify import (accuracy, compare, compare_eps, denoise_inputs, run, session, take, torch_logits,
+                               verify_denoiser, verify_fp32)
     from redistill.io import sha256_file
     from train.checkpoint import load_checkpoint, model_from_checkpoint
+    from train.models import task_of
 
     ck = load_checkpoint(o.checkpoint)
+    task = ck.get("task") or task_of(ck["arch"])
+    denoise = task == "denoise"
+    if denoise and o.dynamic_batch:
+        raise UserError("--dynamic-batch is not supported for denoisers: their bundles take one denoising step at "
+                        "batch 1 (x [1,3,H,W], t [1]); drop --dynamic-batch")
     precision = "int8" if o.int8 else "fp32"
     out = Path(o.out) if o.out else Path("bundles") / f"{(ck.get('config') or {}).get('name', ck['arch'])}-{precision}"
     torch.manual_seed(0)
     model = model_from_checkpoint(ck)
     size = ck["image_size"]
-    _say(o, f"{o.checkpoint}: {ck['arch']} ({ck['role']}, {ck['method']}), {size} px -> {out} [{precision}, {target.name}]")
+    _say(o, f"{o.checkpoint}: {ck['arch']} ({task}, {ck['role']}, {ck['method']}), {size} px -> {out} "
+            f"[{precision}, {target.name}]")
 
     folded = fold_batchnorm(model, size)
     proto = export_onnx(folded, size, o.opset, o.dynamic_batch)
@@ -160,48 +198,78 @@ def run_export(o: ExportOptions) -> Tuple[Path, Dict[str, Any]]:
             f"pre-flight for {target.runtime} passed")
 
     data, calib = load_sets(ck, o, o.int8)
-    images, _ = take(data.test, o.verify_images)
-    verification: Dict[str, Any] = {"fp32": verify_fp32(model, proto, images)}
-    v = verification["fp32"]
-    _say(o, f"verified on {v['images']} test images: max |diff| {v['max_abs_diff']:.2e} <= {v['atol']}, top-1 identical")
-    fp32_acc = accuracy(session(proto), data.test)
-    acc: Dict[str, Any] = {"data": data.source, "split": "test", "images": fp32_acc["images"],
-                           "subset": bool(o.eval_subset), "fp32_top1": fp32_acc["top1"],
-                           "runtime": "onnxruntime CPU", "checkpoint_best_val": ck.get("best_val")}
-    _say(o, f"FP32 ONNX top-1 {fp32_acc['top1']:.2f}% on {fp32_acc['images']} test images")
+    images, labels = take(data.test, o.verify_images)
+    acc: Optional[Dict[str, Any]] = None
+    denoising: Optional[Dict[str, Any]] = None
+    if denoise:
+        feeds, noise = denoise_inputs(ck, images, labels, seed=0)
+        v = verify_denoiser(model, proto, feeds, noise)
+        verification: Dict[str, Any] = {"fp32": v}
+        _say(o, f"verified eps on {v['samples']} noisy test images (t {v['timesteps'][0]}..{v['timesteps'][-1]}): "
+                f"max |diff| {v['max_abs_diff']:.2e} <= {v['atol']}")
+        denoising = {"data": data.source, "split": "test", "samples": v["samples"], "timesteps": v["timesteps"],
+                     "pytorch_mse": v["mse_expected"], "fp32_onnx_mse": v["mse_got"], "runtime": "onnxruntime CPU",
+                     "what": "denoising MSE mean (eps_pred - noise)^2 on x_t = q_sample(x_0, t, noise) of test images",
+                     "diffusion": ck.get("diffusion")}
+        _say(o, f"denoising MSE: PyTorch {v['mse_expected']:.5f}, FP32 ONNX {v['mse_got']:.5f}")
+        ref_inputs = {k: a[: o.reference_images] for k, a in feeds.items()}
+        ref_noise = noise[: o.reference_images]
+    else:
+        feeds = {INPUT_NAME: images}
+        verification = {"fp32": verify_fp32(model, proto, images)}
+        v = verification["fp32"]
+        _say(o, f"verified on {v['images']} test images: max |diff| {v['max_abs_diff']:.2e} <= {v['atol']}, top-1 identical")
+        fp32_acc = accuracy(session(proto), data.test)
+        acc = {"data": data.source, "split": "test", "images": fp32_acc["images"],
+               "subset": bool(o.eval_subset), "fp32_top1": fp32_acc["top1"],
+               "runtime": "onnxruntime CPU", "checkpoint_best_val": ck.get("best_val")}
+        _say(o, f"FP32 ONNX top-1 {fp32_acc['top1']:.2f}% on {fp32_acc['images']} test images")
+        ref_inputs = {INPUT_NAME: images[: o.reference_images]}
 
-    final, ref_inputs = proto, images[: o.reference_images]
+    final = proto
     ref_outputs = torch_logits(model, ref_inputs)
-    ref = {"source": "pytorch student (fp32)", "atol": DEVICE_ATOL_FP32, "top1_agreement_min": 1.0}
+    ref = {"source": "pytorch student (fp32)", "atol": DEVICE_ATOL_FP32, "top1_agreement_min": None if denoise else 1.0}
     quant = None
     if o.int8:
         from export.quantize import qdq_summary, quantize_int8
         import onnxruntime
 
-        cal_x, _ = take(calib, o.calib_images)
-        _say(o, f"INT8: calibrating on {len(cal_x)} training images ({o.calib_method})")
-        final = quantize_int8(proto, cal_x, o.calib_method)
+        cal, n_cal = _calib_feeds(ck, calib, o.calib_images, denoise)
+        what = "noisy training images (x_t, t) at seeded random time steps" if denoise else "training images"
+        _say(o, f"INT8: calibrating on {n_cal} {what} ({o.calib_method})")
+        final = quantize_int8(proto, cal, o.calib_method)
         lower_ir_version(final, target.max_ir_version)
         check_model(final)
         checks["int8"] = preflight(final, target)
         q_sess = session(final)
-        r = compare(torch_logits(model, images), run(q_sess, images), None)
-        r.update(against="pytorch student (fp32)", passed=True, note="reported, not a limit: INT8 is judged by accuracy")
-        verification["int8"] = r
-        int8_acc = accuracy(q_sess, data.test)
-        drop = fp32_acc["top1"] - int8_acc["top1"]
-        acc.update(int8_top1=int8_acc["top1"], drop=drop, goal_max_drop=INT8_GOAL_MAX_DROP, goal_met=drop <= INT8_GOAL_MAX_DROP)
-        _say(o, f"INT8 top-1 {int8_acc['top1']:.2f}% vs FP32 {fp32_acc['top1']:.2f}% (drop {drop:+.2f} points)")
-        if drop > INT8_GOAL_MAX_DROP:
-            _say(o, f"WARNING: the INT8 drop {drop:.2f} misses the goal of at most {INT8_GOAL_MAX_DROP} point; "
-                    "try --calib-method entropy or percentile, or more --calib-images")
+        if denoise:
+            r = compare_eps(torch_logits(model, feeds), run(q_sess, feeds), noise, feeds["t"], None)
+            r.update(against="pytorch student (fp32)", passed=True, note="reported, not a limit: INT8 eps error vs FP32")
+            verification["int8"] = r
+            denoising.update(int8_onnx_mse=r["mse_got"], int8_mse_increase=r["mse_got"] - r["mse_expected"],
+                             int8_max_abs_eps_diff=r["max_abs_diff"])
+            _say(o, f"INT8 denoising MSE {r['mse_got']:.5f} vs PyTorch {r['mse_expected']:.5f}; "
+                    f"max |eps diff| {r['max_abs_diff']:.3g}")
+        else:
+            r = compare(torch_logits(model, images), run(q_sess, images), None)
+            r.update(against="pytorch student (fp32)", passed=True, note="reported, not a limit: INT8 is judged by accuracy")
+            verification["int8"] = r
+            int8_acc = accuracy(q_sess, data.test)
+            drop = fp32_acc["top1"] - int8_acc["top1"]
+            acc.update(int8_top1=int8_acc["top1"], drop=drop, goal_max_drop=INT8_GOAL_MAX_DROP,
+                       goal_met=drop <= INT8_GOAL_MAX_DROP)
+            _say(o, f"INT8 top-1 {int8_acc['top1']:.2f}% vs FP32 {fp32_acc['top1']:.2f}% (drop {drop:+.2f} points)")
+            if drop > INT8_GOAL_MAX_DROP:
+                _say(o, f"WARNING: the INT8 drop {drop:.2f} misses the goal of at most {INT8_GOAL_MAX_DROP} point; "
+                        "try --calib-method entropy or percentile, or more --calib-images")
         ref_outputs = run(q_sess, ref_inputs)
         ref = {"source": "onnxruntime CPU on this int8 model", "atol": max(DEVICE_ATOL_INT8_FLOOR, r["max_abs_diff"]),
-               "top1_agreement_min": 0.875}
+               "top1_agreement_min": None if denoise else 0.875}
         quant = {"tool": f"onnxruntime.quantization {onnxruntime.__version__} quantize_static", "format": "QDQ",
                  "weights": "int8, per-channel, symmetric", "activations": "int8, symmetric (zero point 0)",
-                 "calibration": {"method": o.calib_method, "images": int(len(cal_x)), "split": "train",
-                                 "selection": "class-balanced, first images per class, eval transform"},
+                 "calibration": {"method": o.calib_method, "images": int(n_cal), "split": "train",
+                                 "selection": "class-balanced, first images per class, eval transform"
+                                 + ("; noised by q_sample at seeded uniform time steps" if denoise else "")},
                  **qdq_summary(final)}
 
     model_bytes = final.SerializeToString()
@@ -209,17 +277,19 @@ def run_export(o: ExportOptions) -> Tuple[Path, Dict[str, Any]]:
     n, h = ck["num_classes"], size
     batch = "batch" if o.dynamic_batch else 1
     ck_path = Path(o.checkpoint)
+    out_io = graph_io(final, outputs=True)[0]
     manifest: Dict[str, Any] = {
         "name": o.name or out.name,
         "created": datetime.now(timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z"),
         "command": " ".join(["redistill"] + sys.argv[1:]) if Path(sys.argv[0]).name == "redistill" else None,
+        "task": task,
         "model": {"arch": ck["arch"], "method": ck["method"], "role": ck["role"], "num_classes": n,
                   "classes": list(ck["classes"]), "image_size": h, "width_mult": ck.get("width_mult"),
-                  "red_blocks": len(ck["red"]["sites"]),
-                  "checkpoint": {"file": ck_path.name, "sha256": sha256_file(ck_path), "epoch": ck.get("epoch")}},
-        "input": {"name": INPUT_NAME, "shape": [batch, 3, h, h], "dtype": "float32", "layout": "NCHW",
-                  "dynamic_batch": o.dynamic_batch},
-        "output": {"name": OUTPUT_NAME, "shape": [batch, n], "dtype": "float32"},
+                  "red_blocks": len(ck["red"]["sites"]), "build_kwargs": ck.get("build_kwargs"),
+                  "checkpoint": {"file": ck_path.name, "sha256": sha256_file(ck_path), "epoch": ck.get("epoch"),
+                                 "weights": "ema" if ck.get("ema") is not None else "trained"}},
+        "inputs": _io_entries(final, denoise, ck),
+        "output": {"name": out_io["name"], "shape": [batch, n] if not denoise else out_io["shape"], "dtype": "float32"},
         "preprocess": {"mean": list(ck["mean"]), "std": list(ck["std"]), "scale": 1 / 255, "resize": [h, h],
                        "channel_order": "RGB", "formula": "(pixel * scale - mean) / std"},
         "precision": precision,
@@ -228,19 +298,34 @@ def run_export(o: ExportOptions) -> Tuple[Path, Dict[str, Any]]:
                  "exporter_ir_version": exporter_ir, "producer": f"{final.producer_name} {final.producer_version}".strip(),
                  "batchnorm_folding": getattr(folded, "fold_stats", None)},
         "preflight": checks,
-        "reference": {"inputs": "reference/inputs.npy", "outputs": "reference/outputs.npy", "count": int(len(ref_inputs)), **ref},
         "versions": _versions(),
         "verification": verification,
         "accuracy": acc,
         "quantization": quant,
         "memory": memory,
     }
+    if denoise:
+        manifest["diffusion"] = ck.get("diffusion")
+        manifest["denoising"] = denoising
+        manifest["preprocess"]["applies_to"] = "x_0 before noising; x is fed already noised"
+        ref_files = {f"reference/inputs/{k}.npy": a for k, a in ref_inputs.items()}
+        manifest["reference"] = {"inputs": {k: f"reference/inputs/{k}.npy" for k in ref_inputs},
+                                 "outputs": "reference/outputs.npy", "noise": "reference/noise.npy",
+                                 "count": int(len(ref_outputs)), **ref}
+        ref_files["reference/noise.npy"] = ref_noise
+    else:
+        # the single-input v1 description every agent reads, beside the ``inputs`` list
+        manifest["input"] = {"name": INPUT_NAME, "shape": [batch, 3, h, h], "dtype": "float32", "layout": "NCHW",
+                             "dynamic_batch": o.dynamic_batch}
+        ref_files = {"reference/inputs.npy": ref_inputs[INPUT_NAME].astype(np.float32)}
+        manifest["reference"] = {"inputs": "reference/inputs.npy", "outputs": "reference/outputs.npy",
+                                 "count": int(len(ref_outputs)), **ref}
     if memory_note:
         manifest["memory_note"] = memory_note
     if target.note:
         manifest["target_note"] = target.note
-    files = {"model.onnx": model_bytes, "reference/inputs.npy": _npy(ref_inputs.astype(np.float32)),
-             "reference/outputs.npy": _npy(ref_outputs.astype(np.float32))}
+    files = {"model.onnx": model_bytes, "reference/outputs.npy": _npy(ref_outputs.astype(np.float32)),
+             **{k: _npy(a) for k, a in ref_files.items()}}
     path = write_bundle(out, files, manifest, tarball=o.tarball)
     _say(o, f"wrote {path}" + (f" and {path}.tar.gz" if o.tarball else ""))
     return path, manifest

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import tempfile
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, Mapping, Union
 
 import numpy as np
 import onnx
@@ -44,30 +44,37 @@ def _percentile():
 
 
 class _Reader:
-    """Feeds calibration images one batch at a time, the shape the graph's input takes."""
+    """Feeds calibration samples (one array per graph input) one batch at a time, the shape the graph takes."""
 
-    def __init__(self, name: str, images: np.ndarray, batch: int):
-        self.name, self.images, self.batch, self.i = name, images, batch, 0
+    def __init__(self, feeds: Mapping[str, np.ndarray], batch: int):
+        self.feeds, self.batch, self.i = dict(feeds), batch, 0
+        self.n = len(next(iter(self.feeds.values())))
 
     def get_next(self):
-        if self.i >= len(self.images):
+        if self.i >= self.n:
             return None
-        x = self.images[self.i:self.i + self.batch]
+        x = {k: v[self.i:self.i + self.batch] for k, v in self.feeds.items()}
         self.i += self.batch
-        return {self.name: x}
+        return x
 
     def rewind(self):
         self.i = 0
 
 
-def quantize_int8(fp32: onnx.ModelProto, calib_images: np.ndarray, method: str = "minmax") -> onnx.ModelProto:
-    """Quantize ``fp32`` with ``calib_images`` (N x C x H x W float32, normalised); returns the QDQ model."""
+def quantize_int8(fp32: onnx.ModelProto, calib: Union[np.ndarray, Mapping[str, np.ndarray]],
+                  method: str = "minmax") -> onnx.ModelProto:
+    """Quantize ``fp32`` with calibration samples; returns the QDQ model.
+
+    ``calib``: N x C x H x W float32 normalised images for a one-input classifier, or ``{input name: N x ...}``
+    for a graph with several inputs (a denoiser's noisy images ``x`` and time steps ``t``).
+    """
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
-    if len(calib_images) == 0:
-        raise UserError("INT8 calibration needs at least one image: raise --calib-images")
-    calib, extra = CALIBRATION.get(method)()
     inp = fp32.graph.input[0]
+    feeds = {inp.name: calib} if isinstance(calib, np.ndarray) else dict(calib)
+    if not feeds or len(next(iter(feeds.values()))) == 0:
+        raise UserError("INT8 calibration needs at least one image: raise --calib-images")
+    calib_method, extra = CALIBRATION.get(method)()
     dim0 = inp.type.tensor_type.shape.dim[0]
     batch = 1 if dim0.HasField("dim_value") and dim0.dim_value == 1 else 32
     root = logging.getLogger()
@@ -78,9 +85,9 @@ def quantize_int8(fp32: onnx.ModelProto, calib_images: np.ndarray, method: str =
         onnx.save(fp32, src)
         try:
             quantize_static(
-                str(src), str(dst), _Reader(inp.name, calib_images, batch),
+                str(src), str(dst), _Reader(feeds, batch),
                 quant_format=QuantFormat.QDQ, per_channel=True,
-                activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, calibrate_method=calib,
+                activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, calibrate_method=calib_method,
                 # bias stays float (TensorRT quantizes it itself; its DequantizeLinear takes INT8 only);
                 # ReLU6/ReLU stay explicit so no runtime depends on a quantization range to clip
                 extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False,

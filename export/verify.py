@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import onnx
@@ -29,12 +29,25 @@ def session(proto: onnx.ModelProto, threads: int = 0):
         raise UserError(f"ONNX Runtime cannot load the exported graph: {str(e).splitlines()[0]}") from None
 
 
-def run(sess, images: np.ndarray, batch: int = 1) -> np.ndarray:
-    """Logits for N x C x H x W float32 ``images``, fed ``batch`` at a time (1 for a static-batch graph)."""
+Feeds = Mapping[str, np.ndarray]
+
+
+def as_feeds(sess, inputs: Union[np.ndarray, Feeds]) -> Dict[str, np.ndarray]:
+    """``{input name: N x ... array}``: a bare array is the first (classifier: only) input."""
+    if isinstance(inputs, np.ndarray):
+        return {sess.get_inputs()[0].name: inputs}
+    return dict(inputs)
+
+
+def run(sess, inputs: Union[np.ndarray, Feeds], batch: int = 1) -> np.ndarray:
+    """First output for N samples (an image array, or one array per input name), ``batch`` at a time
+    (1 for a static-batch graph)."""
+    feeds = as_feeds(sess, inputs)
     inp = sess.get_inputs()[0]
     static = isinstance(inp.shape[0], int)
     step = 1 if static and inp.shape[0] == 1 else max(1, batch)
-    out = [sess.run(None, {inp.name: images[i:i + step]})[0] for i in range(0, len(images), step)]
+    n = len(next(iter(feeds.values())))
+    out = [sess.run(None, {k: v[i:i + step] for k, v in feeds.items()})[0] for i in range(0, n, step)]
     return np.concatenate(out).astype(np.float32)
 
 
@@ -52,9 +65,12 @@ def take(dataset, n: int, seed: int = 0) -> Tuple[np.ndarray, np.ndarray]:
 
 
 @torch.no_grad()
-def torch_logits(model: torch.nn.Module, images: np.ndarray, batch: int = 64) -> np.ndarray:
+def torch_logits(model: torch.nn.Module, inputs: Union[np.ndarray, Feeds], batch: int = 64) -> np.ndarray:
+    """The model's output for N samples: an image array, or ``{name: array}`` in the model's input order."""
     model.eval()
-    out = [model(torch.from_numpy(images[i:i + batch])) for i in range(0, len(images), batch)]
+    arrays: Sequence[np.ndarray] = [inputs] if isinstance(inputs, np.ndarray) else list(inputs.values())
+    n = len(arrays[0])
+    out = [model(*(torch.from_numpy(a[i:i + batch]) for a in arrays)) for i in range(0, n, batch)]
     return torch.cat(out).numpy().astype(np.float32)
 
 
@@ -90,3 +106,57 @@ def accuracy(sess, dataset, batch: int = 256, chunk: int = 1000) -> Dict[str, An
         correct += int((logits.argmax(1) == np.asarray(ys)).sum())
         n += len(ys)
     return {"top1": 100.0 * correct / max(n, 1), "images": n}
+
+
+# --- denoisers: eps on noisy test images -------------------------------------------------------------
+
+
+def denoise_inputs(ck: Dict[str, Any], images: np.ndarray, labels: Optional[np.ndarray], seed: int = 0
+                   ) -> Tuple[Dict[str, np.ndarray], np.ndarray]:
+    """``({"x": x_t, "t": t[, "y": y]}, noise)``: ``x_t = q_sample(x_0, t, noise)`` for normalised images x_0.
+
+    Time steps are seeded; the first two samples are t = 0 and t = T-1 (the ends of the schedule), the rest
+    uniform over [0, T-1]. Labels (int32) are fed only to a class-conditional model (``num_classes > 0``).
+    """
+    from train.diffusion import Diffusion
+
+    diff = Diffusion.make(**(ck.get("diffusion") or {}))
+    n = len(images)
+    g = torch.Generator().manual_seed(seed)
+    ends = torch.tensor([0, diff.T - 1])[:n]
+    t = torch.cat([ends, torch.randint(0, diff.T, (max(n - len(ends), 0),), generator=g)])
+    noise = torch.randn(images.shape, generator=g)
+    xt = diff.q_sample(torch.from_numpy(images), t, noise)
+    feeds = {"x": xt.numpy().astype(np.float32), "t": t.numpy().astype(np.float32)}
+    if ck.get("num_classes", 0) > 0:
+        if labels is None:
+            raise UserError("a class-conditional denoiser needs labelled images to verify on; use an image folder with classes")
+        feeds["y"] = np.asarray(labels, dtype=np.int32)
+    return feeds, noise.numpy().astype(np.float32)
+
+
+def compare_eps(expected: np.ndarray, got: np.ndarray, noise: np.ndarray, t: np.ndarray,
+                atol: Optional[float]) -> Dict[str, Any]:
+    """Max |diff| of two eps predictions, and each one's denoising MSE against the true noise."""
+    diff = np.abs(expected - got)
+    per = diff.reshape(len(diff), -1).max(1)
+    return {
+        "samples": int(len(expected)), "max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean()),
+        "atol": atol, "timesteps": sorted(int(v) for v in set(t.tolist())),
+        "max_abs_diff_at_t": {"t_min": float(per[int(np.argmin(t))]), "t_max": float(per[int(np.argmax(t))])},
+        "mse_expected": float(np.mean((expected - noise) ** 2)), "mse_got": float(np.mean((got - noise) ** 2)),
+        "mse_between": float(np.mean((expected - got) ** 2)),
+        "passed": bool(atol is None or diff.max() <= atol),
+    }
+
+
+def verify_denoiser(model: torch.nn.Module, proto: onnx.ModelProto, feeds: Feeds, noise: np.ndarray) -> Dict[str, Any]:
+    """ONNX Runtime vs PyTorch eps on noisy test images; a UserError when any value differs by more than FP32_ATOL."""
+    r = compare_eps(torch_logits(model, feeds), run(session(proto), feeds), noise, np.asarray(feeds["t"]), FP32_ATOL)
+    r["against"] = "pytorch student (unfolded, eval, EMA weights when the checkpoint has them)"
+    r["what"] = ("eps predicted for x_t = q_sample(x_0, t, noise) on test images; mse_* = mean (eps - noise)^2 "
+                 "(expected = PyTorch, got = ONNX Runtime)")
+    if not r["passed"]:
+        raise UserError(f"verification failed: ONNX Runtime's eps differs from PyTorch by {r['max_abs_diff']:.3g} "
+                        f"(limit {FP32_ATOL}) on {r['samples']} noisy test images; nothing was written")
+    return r

@@ -8,6 +8,10 @@ imported only when chosen. Progress goes to stderr; the report goes to stdout be
 markers (and to ``--json-out``). A refusal or bad input exits 3 with one
 ``REDISTILL-AGENT-ERROR:`` line; anything else is a crash with a traceback.
 
+Bundles with several inputs (a denoiser's ``x``, ``t`` and optional ``y``; manifest schema version 2)
+are fed every input the manifest lists, from the bundle's reference inputs, by name; one call is one
+forward pass (one denoising step) at batch 1, measured like a classifier's.
+
 Usage: python3 agent.py --bundle DIR [--backend auto|tensorrt|onnxruntime]
        [--precision auto|fp32|fp16|int8] [--json-out FILE]
 """
@@ -34,6 +38,7 @@ AGENT_VERSION = "1"
 REPORT_SCHEMA = "redistill-device-report"
 REPORT_SCHEMA_VERSION = 1
 BUNDLE_SCHEMA = "redistill-bundle"
+BUNDLE_SCHEMA_VERSION = 2  # 1: one input (the ``input`` key); 2: several inputs (``inputs`` list)
 REPORT_BEGIN = "===REDISTILL-REPORT-BEGIN==="
 REPORT_END = "===REDISTILL-REPORT-END==="
 ERROR_PREFIX = "REDISTILL-AGENT-ERROR:"
@@ -127,9 +132,9 @@ def load_and_verify_bundle(bundle_dir):
         raise AgentError("bad-bundle", "manifest.json is not valid JSON (%s); redeploy the bundle" % e)
     if manifest.get("schema") != BUNDLE_SCHEMA:
         raise AgentError("bad-bundle", "manifest.json is not a %s manifest; redeploy the bundle" % BUNDLE_SCHEMA)
-    if manifest.get("schema_version", 0) > 1:
-        raise AgentError("bad-bundle", "bundle schema version %s is newer than this agent understands (1); "
-                         "redeploy with a matching redistill" % manifest.get("schema_version"))
+    if manifest.get("schema_version", 0) > BUNDLE_SCHEMA_VERSION:
+        raise AgentError("bad-bundle", "bundle schema version %s is newer than this agent understands (%d); "
+                         "redeploy with a matching redistill" % (manifest.get("schema_version"), BUNDLE_SCHEMA_VERSION))
     files = manifest.get("files") or {}
     if not files:
         raise AgentError("bad-bundle", "manifest.json lists no files; re-export the bundle")
@@ -162,12 +167,32 @@ def is_qdq_onnx(path):
     return b"QuantizeLinear" in data and b"DequantizeLinear" in data
 
 
+def bundle_inputs(manifest):
+    """Every graph input as ``{"name", "shape", "dtype"}``: the ``inputs`` list, else the v1 single ``input``."""
+    inputs = manifest.get("inputs")
+    if not inputs:
+        one = dict(manifest.get("input") or {})
+        one.setdefault("name", "input")
+        inputs = [one]
+    out = []
+    for spec in inputs:
+        spec = dict(spec)
+        if not spec.get("name"):
+            raise AgentError("bad-bundle", "manifest.json lists an input without a name; re-export the bundle")
+        spec.setdefault("dtype", "float32")
+        spec.setdefault("shape", [])
+        out.append(spec)
+    return out
+
+
 def input_batch_is_dynamic(manifest):
-    inp = manifest.get("input") or {}
-    if inp.get("dynamic_batch"):
-        return True
-    shape = inp.get("shape") or []
-    return bool(shape) and not isinstance(shape[0], int)
+    for inp in bundle_inputs(manifest):
+        if inp.get("dynamic_batch"):
+            return True
+        shape = inp.get("shape") or []
+        if shape and not isinstance(shape[0], int):
+            return True
+    return False
 
 
 # --------------------------------------------------------------------------- memory probes
@@ -441,7 +466,8 @@ def device_facts():
 # --------------------------------------------------------------------------- backends
 
 class Backend(object):
-    """One loaded model. ``infer(x)`` returns logits as numpy; ``bench(x)`` returns a no-argument callable to time."""
+    """One loaded model. ``infer(feeds)`` takes ``{input name: array}`` (every input of the bundle) and returns the
+    first output as numpy; ``bench(feeds)`` returns a no-argument callable to time."""
 
     name = None
 
@@ -459,11 +485,11 @@ class Backend(object):
     def load(self):
         raise NotImplementedError
 
-    def infer(self, x):
+    def infer(self, feeds):
         raise NotImplementedError
 
-    def bench(self, x):
-        return lambda: self.infer(x)
+    def bench(self, feeds):
+        return lambda: self.infer(feeds)
 
     def activation_memory(self):
         """A dict with bytes/what/how, or None when this backend cannot tell."""
@@ -502,16 +528,20 @@ class OnnxRuntimeBackend(Backend):
             raise AgentError("refused", "onnxruntime here has no CUDAExecutionProvider (has %s); use --ort-device cpu "
                              "or install onnxruntime-gpu" % ", ".join(available))
         self.sess = ort.InferenceSession(onnx_path(self.bundle_dir, self.manifest), sess_options=so, providers=providers)
-        self.input_name = self.sess.get_inputs()[0].name
+        self.input_names = [i.name for i in self.sess.get_inputs()]
+        want = [i["name"] for i in bundle_inputs(self.manifest)]
+        if sorted(self.input_names) != sorted(want):
+            raise AgentError("bad-bundle", "model.onnx takes inputs %s but the manifest lists %s; re-export the bundle"
+                             % (", ".join(self.input_names), ", ".join(want)))
         self.output_name = self.sess.get_outputs()[0].name
         self.info = {"name": "onnxruntime", "version": ort.__version__, "providers": self.sess.get_providers(),
                      "precision": self.precision, "cpu_mem_arena": False, "mem_pattern": False}
 
-    def infer(self, x):
-        return self.sess.run([self.output_name], {self.input_name: x})[0]
+    def infer(self, feeds):
+        return self.sess.run([self.output_name], dict(feeds))[0]
 
-    def bench(self, x):
-        feed, out, run = {self.input_name: x}, [self.output_name], self.sess.run
+    def bench(self, feeds):
+        feed, out, run = dict(feeds), [self.output_name], self.sess.run
         return lambda: run(out, feed)
 
     def activation_memory(self):
@@ -734,14 +764,14 @@ class TensorRTBackend(Backend):
         else:
             config.max_workspace_size = workspace
         self._builder_flags(builder, config)
-        inp = network.get_input(0)
-        shape = tuple(inp.shape)
-        if any(d < 0 for d in shape):
+        inputs = [network.get_input(i) for i in range(network.num_inputs)]
+        if any(d < 0 for inp in inputs for d in tuple(inp.shape)):
             n = self.args.batch
             ref_n = max(n, int((self.manifest.get("reference") or {}).get("count") or n))
-            fixed = tuple(shape[1:])
             profile = builder.create_optimization_profile()
-            profile.set_shape(inp.name, (1,) + fixed, (n,) + fixed, (ref_n,) + fixed)
+            for inp in inputs:  # one profile covers every input: the batch axis is shared
+                fixed = tuple(tuple(inp.shape)[1:])
+                profile.set_shape(inp.name, (1,) + fixed, (n,) + fixed, (ref_n,) + fixed)
             config.add_optimization_profile(profile)
         timing = None
         if hasattr(config, "create_timing_cache"):
@@ -787,17 +817,22 @@ class TensorRTBackend(Backend):
                            "dtype": np.dtype(trt.nptype(e.get_binding_dtype(i))), "index": i})
         return io
 
-    def _prepare(self, shape):
-        """Set the input shape, allocate device buffers for it and bind them (once per shape)."""
-        if self._shape == shape:
+    def _prepare(self, shapes):
+        """Set every input's shape (by name), allocate device buffers for them and bind them (once per shapes)."""
+        key = tuple(sorted(shapes.items()))
+        if self._shape == key:
             return
         ctx = self.context
+        missing = [t["name"] for t in self.io if t["input"] and t["name"] not in shapes]
+        if missing:
+            raise AgentError("bad-bundle", "the engine takes input(s) %s that the bundle does not feed; re-export the "
+                             "bundle" % ", ".join(missing))
         for t in self.io:
             if t["input"]:
                 if self.v3:
-                    ctx.set_input_shape(t["name"], shape)
+                    ctx.set_input_shape(t["name"], shapes[t["name"]])
                 else:
-                    ctx.set_binding_shape(t["index"], shape)
+                    ctx.set_binding_shape(t["index"], shapes[t["name"]])
         for t in self.io:
             tshape = tuple(ctx.get_tensor_shape(t["name"])) if self.v3 else tuple(ctx.get_binding_shape(t["index"]))
             t["shape"] = tshape
@@ -806,7 +841,7 @@ class TensorRTBackend(Backend):
             if self.v3:
                 ctx.set_tensor_address(t["name"], t["ptr"])
         self.bindings = [t["ptr"] for t in sorted(self.io, key=lambda t: t["index"])]
-        self._shape = shape
+        self._shape = key
 
     def _execute(self):
         if self.v3:
@@ -815,20 +850,19 @@ class TensorRTBackend(Backend):
         else:
             self.context.execute_v2(self.bindings)
 
-    def infer(self, x):
-        x = np.ascontiguousarray(x)
-        self._prepare(tuple(x.shape))
+    def infer(self, feeds):
+        self._prepare(dict((name, tuple(np.shape(a))) for name, a in feeds.items()))
         for t in self.io:
-            if t["input"]:
-                self.cuda.htod(t["ptr"], np.ascontiguousarray(x.astype(t["dtype"], copy=False)))
+            if t["input"]:  # bound by name: the engine's binding order need not be the ONNX input order
+                self.cuda.htod(t["ptr"], np.ascontiguousarray(np.asarray(feeds[t["name"]]).astype(t["dtype"], copy=False)))
         self._execute()
         outs = [t for t in self.io if not t["input"]]
         for t in outs:
             self.cuda.dtoh(t["host"], t["ptr"])
         return outs[0]["host"].astype(np.float32).copy()
 
-    def bench(self, x):
-        self.infer(x)  # binds buffers and uploads the input once; timing covers execution only
+    def bench(self, feeds):
+        self.infer(feeds)  # binds buffers and uploads the inputs once; timing covers execution only
         return self._execute
 
     def activation_memory(self):
@@ -851,22 +885,56 @@ class TensorRTBackend(Backend):
 # --------------------------------------------------------------------------- phases
 
 def load_reference(bundle_dir, manifest):
-    x = np.load(bundle_path(bundle_dir, manifest, "inputs", "reference/inputs.npy"), allow_pickle=False)
+    """``({input name: N x ... array}, N x ... outputs)``: one reference array per manifest input, in its dtype.
+
+    ``reference.inputs`` is one file (schema 1: the single input) or ``{input name: file}`` (schema 2).
+    """
+    specs = bundle_inputs(manifest)
+    ref = (manifest.get("reference") or {}).get("inputs") or "reference/inputs.npy"
+    if not isinstance(ref, dict):
+        ref = {specs[0]["name"]: ref}
+    feeds = {}
+    n = None
+    for spec in specs:
+        name = spec["name"]
+        if name not in ref:
+            raise AgentError("bad-bundle", "the bundle has no reference data for input %r; re-export the bundle" % name)
+        a = np.load(os.path.join(bundle_dir, ref[name]), allow_pickle=False)
+        want = [d for d in spec.get("shape") or []]
+        if want and (a.ndim != len(want) or any(isinstance(d, int) and d != s for d, s in zip(want[1:], a.shape[1:]))):
+            raise AgentError("bad-bundle", "reference input %r has shape %s, the manifest says %s per sample; re-export "
+                             "the bundle" % (name, list(a.shape), want))
+        if n is not None and len(a) != n:
+            raise AgentError("bad-bundle", "reference inputs hold different sample counts; re-export the bundle")
+        n = len(a)
+        feeds[name] = np.ascontiguousarray(a, dtype=np.dtype(spec["dtype"]))
     y = np.load(bundle_path(bundle_dir, manifest, "outputs", "reference/outputs.npy"), allow_pickle=False)
-    return np.ascontiguousarray(x, dtype=np.float32), np.asarray(y, dtype=np.float32)
+    return feeds, np.asarray(y, dtype=np.float32)
 
 
-def batch_of(x, n):
-    reps = -(-n // len(x))
-    return np.ascontiguousarray(np.concatenate([x] * reps, axis=0)[:n])
+def take_samples(feeds, start, stop):
+    return dict((k, np.ascontiguousarray(v[start:stop])) for k, v in feeds.items())
+
+
+def batch_of(feeds, n):
+    """``n`` samples of every input (reference samples repeated as needed)."""
+    out = {}
+    for k, x in feeds.items():
+        reps = -(-n // len(x))
+        out[k] = np.ascontiguousarray(np.concatenate([x] * reps, axis=0)[:n])
+    return out
+
+
+def sample_count(feeds):
+    return len(next(iter(feeds.values())))
 
 
 def output_check(backend, manifest, x, y):
-    """Run the reference inputs and compare with the bundle's reference outputs."""
+    """Run the reference inputs (``{name: array}``) and compare with the bundle's reference outputs."""
     if input_batch_is_dynamic(manifest):
         got = backend.infer(x)
     else:
-        got = np.concatenate([backend.infer(x[i:i + 1]) for i in range(len(x))], axis=0)
+        got = np.concatenate([backend.infer(take_samples(x, i, i + 1)) for i in range(sample_count(x))], axis=0)
     got = got.reshape(y.shape).astype(np.float32)
     diff = float(np.max(np.abs(got - y))) if y.size else 0.0
     top1 = float(np.mean(np.argmax(got, axis=1) == np.argmax(y, axis=1))) if y.ndim == 2 and len(y) else None
@@ -876,8 +944,9 @@ def output_check(backend, manifest, x, y):
     min_top1 = backend.args.min_top1
     passed = (top1 is None or top1 >= min_top1) and (within or not same_precision)
     return {"what": "the bundle's reference inputs through this backend vs the reference outputs stored at export",
-            "how": "max |device - reference| over all logits; top-1 agreement = fraction of samples with the same argmax",
-            "samples": int(len(x)), "max_abs_diff": diff, "atol": atol, "within_atol": within,
+            "how": "max |device - reference| over all outputs (logits, or a denoiser's eps); top-1 agreement = "
+                   "fraction of samples with the same argmax (classifiers only)",
+            "samples": int(sample_count(x)), "max_abs_diff": diff, "atol": atol, "within_atol": within,
             "top1_agreement": top1, "min_top1": min_top1,
             "atol_applies": same_precision, "passed": bool(passed)}
 
@@ -921,6 +990,8 @@ def phase_latency(args, bundle_dir, manifest, bid):
         lat = latency_stats(times, batch)
         lat["warmup"] = args.warmup
         lat["what"] = "wall-clock time of one inference call of a batch, after %d discarded warm-up calls" % args.warmup
+        if manifest.get("task") == "denoise":
+            lat["what"] += "; one call = one denoising step (eps for x_t at one time step)"
         lat["how"] = ("time.perf_counter around %s; %s" % (
             "execute_v2 / execute_async_v3 + stream sync" if backend.name == "tensorrt" else "InferenceSession.run",
             "input already on the GPU, outputs left there" if backend.name == "tensorrt" else "includes ORT's input/output copies"))
@@ -1057,6 +1128,7 @@ def build_report(args, argv):
         "agent": {"version": AGENT_VERSION, "sha256": sha256_file(os.path.abspath(__file__)), "argv": argv},
         "bundle": {"id": bid, "name": manifest.get("name"), "precision": manifest.get("precision"),
                    "target": manifest.get("target"), "model": manifest.get("model"), "input": manifest.get("input"),
+                   "inputs": bundle_inputs(manifest), "task": manifest.get("task", "classify"),
                    "verified_files": len(manifest["files"]),
                    "verification": "sha256 of every file in manifest.files recomputed on the device before running"},
         "device": facts,

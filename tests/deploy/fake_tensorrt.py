@@ -4,7 +4,9 @@ Each fake exposes only the attributes its real version has (8.2: ``max_workspace
 ``build_engine``, bindings API, ``execute_v2``, ``device_memory_size``; 10.x:
 ``set_memory_pool_limit``, tensor-name API, ``execute_async_v3``, ``device_memory_size_v2``,
 no ``build_engine``) and records every call. The "engine" runs the ONNX model with
-onnxruntime so buffers and shapes are exercised. Passing tests here do NOT verify TensorRT.
+onnxruntime so buffers and shapes are exercised. Models with several inputs (a denoiser's x, t) are
+supported; the fake engine lists their bindings in REVERSED ONNX order, so that an agent that binds
+by position instead of by name feeds the wrong buffers. Passing tests here do NOT verify TensorRT.
 """
 
 import types
@@ -82,8 +84,9 @@ def make_fake_tensorrt(version, calls, memory, fast_int8=False, fast_fp16=True):
     trt.Logger = type("Logger", (), {"WARNING": 2, "__init__": lambda self, sev=2: None})
     trt.NetworkDefinitionCreationFlag = types.SimpleNamespace(EXPLICIT_BATCH=_Enum("EXPLICIT_BATCH", 0))
     trt.BuilderFlag = types.SimpleNamespace(FP16=_Enum("FP16", 0), INT8=_Enum("INT8", 1))
-    trt.DataType = types.SimpleNamespace(FLOAT=_Enum("FLOAT", 0))
-    trt.nptype = lambda dt: np.float32
+    trt.DataType = types.SimpleNamespace(FLOAT=_Enum("FLOAT", 0), INT32=_Enum("INT32", 3))
+    trt.nptype = lambda dt: {"FLOAT": np.float32, "INT32": np.int32}[dt.name]
+    ort_types = {"tensor(float)": trt.DataType.FLOAT, "tensor(int32)": trt.DataType.INT32}
     if v10:
         trt.MemoryPoolType = types.SimpleNamespace(WORKSPACE=_Enum("WORKSPACE", 0))
         trt.TensorIOMode = types.SimpleNamespace(INPUT=_Enum("INPUT", 1), OUTPUT=_Enum("OUTPUT", 2))
@@ -96,12 +99,19 @@ def make_fake_tensorrt(version, calls, memory, fast_int8=False, fast_fp16=True):
         def __init__(self, flags):
             self.flags = flags
             self.onnx = None
-            self.num_inputs = 1
 
-        def get_input(self, i):
+        def _inputs(self):
             import onnx
             m = onnx.load_from_string(self.onnx)
-            inp = m.graph.input[0]
+            inits = {t.name for t in m.graph.initializer}
+            return [i for i in m.graph.input if i.name not in inits]
+
+        @property
+        def num_inputs(self):
+            return len(self._inputs())
+
+        def get_input(self, i):
+            inp = self._inputs()[i]
             dims = tuple(d.dim_value if d.dim_value else -1 for d in inp.type.tensor_type.shape.dim)
             return Tensor(inp.name, dims)
 
@@ -207,7 +217,12 @@ def make_fake_tensorrt(version, calls, memory, fast_int8=False, fast_fp16=True):
     class Engine:
         def __init__(self, blob):
             self.sess = ort_session(blob)
-            self.names = [self.sess.get_inputs()[0].name, self.sess.get_outputs()[0].name]
+            ins = self.sess.get_inputs()
+            self.inputs = [i.name for i in ins][::-1]  # reversed: the agent must bind by name
+            self.output = self.sess.get_outputs()[0]
+            self.names = self.inputs + [self.output.name]
+            self.dtypes = dict((i.name, ort_types[i.type]) for i in ins)
+            self.dtypes[self.output.name] = trt.DataType.FLOAT
 
         def create_execution_context(self):
             return Context(self)
@@ -215,76 +230,90 @@ def make_fake_tensorrt(version, calls, memory, fast_int8=False, fast_fp16=True):
     class Context:
         def __init__(self, engine):
             self.engine = engine
-            self.in_shape = None
+            self.in_shapes = {}
             self.addresses = {}
 
         def _out_shape(self):
-            return (self.in_shape[0], 10)
+            batch = next(iter(self.in_shapes.values()))[0]
+            return tuple(d if isinstance(d, int) else batch for d in self.engine.output.shape)
 
-        def _run(self, in_ptr, out_ptr):
-            n = int(np.prod(self.in_shape))
-            x = memory[in_ptr][:n * 4].view(np.float32).reshape(self.in_shape)
-            y = self.engine.sess.run(None, {self.engine.names[0]: x})[0].astype(np.float32)
-            memory[out_ptr][:y.nbytes] = np.frombuffer(y.tobytes(), np.uint8)
+        def _shape(self, name):
+            return self.in_shapes[name] if name in self.engine.inputs else self._out_shape()
+
+        def _run(self, ptrs):
+            feed = {}
+            for name in self.engine.inputs:
+                dt = np.dtype(trt.nptype(self.engine.dtypes[name]))
+                shape = self.in_shapes[name]
+                n = int(np.prod(shape)) * dt.itemsize
+                feed[name] = memory[ptrs[name]][:n].view(dt).reshape(shape)
+            y = self.engine.sess.run(None, feed)[0].astype(np.float32)
+            memory[ptrs[self.engine.output.name]][:y.nbytes] = np.frombuffer(y.tobytes(), np.uint8)
 
     if v10:
         class Engine10(Engine):
-            num_io_tensors = 2
             device_memory_size = 999  # deprecated in 10; the agent must prefer _v2
             device_memory_size_v2 = 23456
+
+            @property
+            def num_io_tensors(self):
+                return len(self.names)
 
             def get_tensor_name(self, i):
                 return self.names[i]
 
             def get_tensor_mode(self, name):
-                return trt.TensorIOMode.INPUT if name == self.names[0] else trt.TensorIOMode.OUTPUT
+                return trt.TensorIOMode.INPUT if name in self.inputs else trt.TensorIOMode.OUTPUT
 
             def get_tensor_dtype(self, name):
-                return trt.DataType.FLOAT
+                return self.dtypes[name]
 
         class Context10(Context):
             def set_input_shape(self, name, shape):
-                calls.append("context.set_input_shape")
-                self.in_shape = tuple(shape)
+                calls.append("context.set_input_shape(%s, %s)" % (name, tuple(shape)))
+                self.in_shapes[name] = tuple(shape)
 
             def get_tensor_shape(self, name):
-                return self.in_shape if name == self.engine.names[0] else self._out_shape()
+                return self._shape(name)
 
             def set_tensor_address(self, name, ptr):
-                calls.append("context.set_tensor_address")
+                calls.append("context.set_tensor_address(%s)" % name)
                 self.addresses[name] = ptr
 
             def execute_async_v3(self, stream):
                 calls.append("context.execute_async_v3")
-                self._run(self.addresses[self.engine.names[0]], self.addresses[self.engine.names[1]])
+                self._run(self.addresses)
                 return True
 
         EngineCls, Context = Engine10, Context10
     else:
         class Engine82(Engine):
-            num_bindings = 2
             device_memory_size = 12345
+
+            @property
+            def num_bindings(self):
+                return len(self.names)
 
             def get_binding_name(self, i):
                 return self.names[i]
 
             def binding_is_input(self, i):
-                return i == 0
+                return self.names[i] in self.inputs
 
             def get_binding_dtype(self, i):
-                return trt.DataType.FLOAT
+                return self.dtypes[self.names[i]]
 
         class Context82(Context):
             def set_binding_shape(self, i, shape):
-                calls.append("context.set_binding_shape")
-                self.in_shape = tuple(shape)
+                calls.append("context.set_binding_shape(%d=%s, %s)" % (i, self.engine.names[i], tuple(shape)))
+                self.in_shapes[self.engine.names[i]] = tuple(shape)
 
             def get_binding_shape(self, i):
-                return self.in_shape if i == 0 else self._out_shape()
+                return self._shape(self.engine.names[i])
 
             def execute_v2(self, bindings):
                 calls.append("context.execute_v2")
-                self._run(bindings[0], bindings[1])
+                self._run(dict(zip(self.engine.names, bindings)))
                 return True
 
         EngineCls, Context = Engine82, Context82

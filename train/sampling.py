@@ -139,7 +139,8 @@ def ddim_sample(model: nn.Module, diffusion: Diffusion, x: torch.Tensor, y: Opti
     return x
 
 
-def _labels(model: nn.Module, n: int, labels, guidance: float) -> Optional[torch.Tensor]:
+def resolve_labels(model: nn.Module, n: int, labels, guidance: float = 0.0) -> Optional[torch.Tensor]:
+    """The [n] label tensor a sampler conditions on (None for an unconditional model), checking the input."""
     nc = _null_label(model)
     if nc == 0:
         if labels is not None:
@@ -178,9 +179,9 @@ def sample(model: nn.Module, diffusion: Diffusion, n: int, sampler: str = "ddim"
     if image_size is None:
         image_size = int(getattr(m, "image_size", 32))
     in_ch = int(getattr(m, "in_ch", 3))
-    y_all = _labels(model, n, labels, guidance)
+    y_all = resolve_labels(model, n, labels, guidance)
     opts = SampleOptions(steps=steps, eta=eta, guidance=guidance, clip_denoised=clip_denoised, variance=variance)
-    per_batch = {"ddpm": diffusion.T, "ddim": len(ddim_timesteps(diffusion.T, steps)) if sampler == "ddim" else 0}.get(sampler, steps)
+    per_batch = len(ddim_timesteps(diffusion.T, steps)) if sampler == "ddim" else diffusion.T if sampler == "ddpm" else steps
     bar = None
     if progress is None:
         progress = sys.stderr.isatty()
@@ -238,11 +239,11 @@ def from_uint8(images) -> torch.Tensor:
 
 def save_grid(images: torch.Tensor, path, nrow: int = 8, padding: int = 2) -> None:
     """Write images in [-1, 1] ([N, C, H, W]) as one PNG grid with ``nrow`` images a row, atomically."""
-    from torchvision.io import encode_png
+    from PIL import Image
     from torchvision.utils import make_grid
 
     from redistill.io import atomic_write
 
     grid = make_grid(images.detach().float().cpu().clamp(-1, 1).add(1).div(2), nrow=nrow, padding=padding)
-    data = encode_png(grid.mul(255).round().to(torch.uint8)).numpy().tobytes()
-    atomic_write(path, lambda f: f.write(data))
+    img = Image.fromarray(grid.mul(255).round().to(torch.uint8).permute(1, 2, 0).numpy())
+    atomic_write(path, lambda f: img.save(f, format="PNG"))

@@ -9,7 +9,7 @@ from redistill import registry
 from redistill.errors import UserError
 
 # importing the stages fills the registries
-for mod in ("train.models", "train.red", "train.losses", "train.data", "train.diffusion", "bench.memory", "export.targets",
+for mod in ("train.models", "train.red", "train.losses", "train.data", "train.diffusion", "train.sampling", "bench.memory", "export.targets",
             "export.quantize"):
     importlib.import_module(mod)
 
@@ -28,6 +28,16 @@ def _check_architecture(name, fam):
 def _check_schedule(name, fn):
     betas = fn(50, 1e-4, 0.02)
     assert betas.shape == (50,) and bool(((betas > 0) & (betas < 1)).all())
+
+
+def _check_sampler(name, fn):
+    from train.diffusion import Diffusion
+    from train.models import build_model
+    from train.sampling import sample
+
+    net = build_model("unet-1-2", 0, 32, ch=16, ch_mult=[1, 2], attn=[], num_res_blocks=1)
+    x = sample(net, Diffusion.make(timesteps=4), 2, name, steps=2, batch_size=2)
+    assert x.shape == (2, 3, 32, 32) and bool(torch.isfinite(x).all())
 
 
 def _check_distance(name, fn):
@@ -63,6 +73,7 @@ CHECKS = {
     "method": _check_method,
     "data set": _check_dataset,
     "noise schedule": _check_schedule,
+    "sampler": _check_sampler,
 }
 
 

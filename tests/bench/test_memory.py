@@ -315,3 +315,34 @@ def test_every_inplace_rule_names_real_inputs():
         node = helper.make_node(op, ["a", "b"], ["y"])
         idx = M.INPLACE_RULES.get(op)(node)
         assert idx and all(0 <= k < 2 for k in idx)
+
+
+# --- denoisers: two inputs (x, t) --------------------------------------------------------------------
+
+
+def test_analyze_model_unet_two_inputs():
+    from train.models import build_model
+
+    kw = dict(ch=16, ch_mult=[1, 2, 2, 2], attn=[1], num_res_blocks=1)
+    student = M.analyze_model(build_model("unet-2-221", 0, 32, **kw), 32, inplace=True)
+    teacher = M.analyze_model(build_model("unet-1-222", 0, 32, **kw), 32)
+    assert student.model == "unet-2-221"
+    # the inputs: x [1,3,32,32] float32 + t [1] float32; the output eps [1,3,32,32]
+    assert student.input_bytes == 3 * 32 * 32 * 4 + 4 and student.output_bytes == 3 * 32 * 32 * 4
+    assert 0 < student.peak_bytes < teacher.peak_bytes  # the x2 head stride is what the student is for
+    assert student.inplace_peak_bytes <= student.peak_bytes
+
+
+def test_memory_cli_checkpoint_of_a_denoiser(tmp_path, tiny_images, capsys):
+    from deploy.fixtures import tiny_denoiser_checkpoint
+
+    ck = tiny_denoiser_checkpoint(tmp_path / "best.pt", tiny_images, ["cat", "dog", "ship", "truck"])
+    out = tmp_path / "mem.json"
+    assert main(["memory", "--checkpoint", str(ck), "--json", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    (r,) = doc["models"]
+    assert r["model"] == "unet-2-221+RED" and r["peak_bytes"] > 0
+    assert "--checkpoint" in doc["command"]
+    assert set(r["tensors"]) >= {"x", "t", "eps"}
+    assert main(["memory", "--checkpoint", str(ck), "--arch", "unet-2-221"]) == 2
+    assert "--checkpoint CK.pt (exactly one of them)" in capsys.readouterr().err

@@ -39,3 +39,16 @@ def agent():
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+@pytest.fixture(scope="session")
+def denoiser_bundle(tmp_path_factory, tiny_images):
+    """A real FP32 bundle of a tiny U-Net denoiser (inputs x, t; output eps) written by `redistill export`."""
+    from deploy.fixtures import tiny_denoiser_checkpoint
+    from export.pipeline import ExportOptions, run_export
+
+    root = tmp_path_factory.mktemp("ddpm")
+    ck = tiny_denoiser_checkpoint(root / "best.pt", tiny_images, ["cat", "dog", "ship", "truck"])
+    path, _ = run_export(ExportOptions(str(ck), out=str(root / "ddpm-fp32"), verify_images=4, reference_images=3,
+                                       quiet=True))
+    return path

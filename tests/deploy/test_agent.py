@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
@@ -167,3 +168,56 @@ def test_int8_builds_on_fast_int8_platform_only_for_qdq(agent, bundles, tmp_path
 def test_auto_falls_back_to_onnxruntime_without_tensorrt(agent, monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorrt", None)
     assert agent.choose_backend("auto").name == "onnxruntime"
+
+
+# --- a denoiser bundle: several inputs (x, t), output eps ------------------------------------------------------
+
+
+def test_denoiser_bundle_onnxruntime_feeds_every_input(agent, denoiser_bundle, tmp_path):
+    manifest, bid = agent.load_and_verify_bundle(str(denoiser_bundle))
+    assert manifest["schema_version"] == 2
+    assert [(i["name"], i["dtype"]) for i in agent.bundle_inputs(manifest)] == [("x", "float32"), ("t", "float32")]
+    feeds, y = agent.load_reference(str(denoiser_bundle), manifest)
+    assert list(feeds) == ["x", "t"] and feeds["t"].dtype == np.float32 and feeds["x"].shape == (3, 3, 32, 32)
+    assert 0 <= feeds["t"].min() and feeds["t"].max() <= 999 and y.shape == (3, 3, 32, 32)
+    args = agent_args(agent, denoiser_bundle, tmp_path, "--backend", "onnxruntime")
+    lat = agent.phase_latency(args, str(denoiser_bundle), manifest, bid)
+    chk = lat["output_check"]
+    assert chk["passed"] and chk["max_abs_diff"] < 1e-4 and chk["top1_agreement"] is None and chk["samples"] == 3
+    assert lat["latency"]["batch"] == 1 and "one denoising step" in lat["latency"]["what"]
+    mem = agent.phase_memory(args, str(denoiser_bundle), manifest, bid)["memory"]
+    assert mem["batch"] == 1 and mem["activation"]["bytes"] is not None
+
+
+def test_denoiser_reference_must_cover_every_input(agent, denoiser_bundle):
+    manifest, _ = agent.load_and_verify_bundle(str(denoiser_bundle))
+    broken = dict(manifest, reference=dict(manifest["reference"], inputs={"x": manifest["reference"]["inputs"]["x"]}))
+    with pytest.raises(agent.AgentError, match="no reference data for input 't'"):
+        agent.load_reference(str(denoiser_bundle), broken)
+
+
+def test_v1_only_agent_refuses_a_several_input_bundle_cleanly(agent, denoiser_bundle, monkeypatch):
+    monkeypatch.setattr(agent, "BUNDLE_SCHEMA_VERSION", 1)  # what an agent from before schema 2 does
+    with pytest.raises(agent.AgentError, match="schema version 2 is newer than this agent understands"):
+        agent.load_and_verify_bundle(str(denoiser_bundle))
+
+
+@pytest.mark.parametrize("version", ["8.2.1.8", "10.3.0"])
+def test_tensorrt_binds_every_denoiser_input_by_name_against_fakes(agent, denoiser_bundle, tmp_path, monkeypatch,
+                                                                   version):
+    calls = install_fake_trt(monkeypatch, version)
+    v10 = version.startswith("10")
+    args = agent_args(agent, denoiser_bundle, tmp_path / "engines", "--backend", "tensorrt")
+    manifest, bid = agent.load_and_verify_bundle(str(denoiser_bundle))
+    lat = agent.phase_latency(args, str(denoiser_bundle), manifest, bid)
+    # the fake engine lists t before x: a positional binding would feed x into t and fail the output check
+    assert lat["output_check"]["passed"] and lat["output_check"]["max_abs_diff"] < 1e-4, lat["output_check"]
+    if v10:
+        assert {"context.set_input_shape(x, (1, 3, 32, 32))", "context.set_input_shape(t, (1,))",
+                "context.set_tensor_address(x)", "context.set_tensor_address(t)",
+                "context.set_tensor_address(eps)"} <= set(calls)
+    else:
+        assert {"context.set_binding_shape(0=t, (1,))", "context.set_binding_shape(1=x, (1, 3, 32, 32))"} <= set(calls)
+    assert not any(c.startswith("profile.set_shape") for c in calls)  # static batch 1: no optimisation profile
+    mem = agent.phase_memory(args, str(denoiser_bundle), manifest, bid)["memory"]
+    assert mem["activation"]["bytes"] == (23456 if v10 else 12345) and mem["batch"] == 1

@@ -94,3 +94,20 @@ def bundles(tmp_path_factory, checkpoint):
     int8, _ = run_export(ExportOptions(str(checkpoint), out=str(out / "int8"), int8=True, target="orin",
                                        calib_images=16, verify_images=16, quiet=True))
     return fp32, int8
+
+
+@pytest.fixture(scope="session")
+def denoiser_checkpoint(tmp_path_factory, image_root) -> Path:
+    """An unconditional tiny U-Net student (unet-2-221, ch 16) with a RED block on its head, as training saves it."""
+    from deploy.fixtures import tiny_denoiser_checkpoint
+
+    return tiny_denoiser_checkpoint(tmp_path_factory.mktemp("ddpm") / "best.pt", image_root, CLASSES)
+
+
+@pytest.fixture(scope="session")
+def denoiser_bundle(tmp_path_factory, denoiser_checkpoint):
+    """The FP32 tx2 bundle of ``denoiser_checkpoint``: (folder, manifest)."""
+    from export.pipeline import ExportOptions, run_export
+
+    out = tmp_path_factory.mktemp("ddpm-bundles") / "fp32"
+    return run_export(ExportOptions(str(denoiser_checkpoint), out=str(out), verify_images=8, reference_images=4, quiet=True))

@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import numpy as np
 import torch
@@ -78,6 +78,7 @@ class ClassifierFeatures(_Hooked):
             raise UserError(f"{self.path} is a {ck.get('task')} checkpoint ({ck.get('arch')}); --classifier needs a "
                             "classifier checkpoint written by redistill distill (e.g. runs/quick/teacher/best.pt)")
         self.arch, self.image_size = ck["arch"], int(ck["image_size"])
+        self.data_config = dict(ck.get("config", {}).get("data", {}))  # where the classifier's images came from
         self.mean = torch.tensor(ck["mean"], dtype=torch.float32).view(1, -1, 1, 1)
         self.std = torch.tensor(ck["std"], dtype=torch.float32).view(1, -1, 1, 1)
         model = model_from_checkpoint(ck)

@@ -163,9 +163,7 @@ def _quality(args) -> int:
         images, settings = _load_samples(src)
     else:
         images, _, settings, _ = _draw(args, str(src))
-    from train.checkpoint import load_checkpoint
-
-    cdata = load_checkpoint(fx.path).get("config", {}).get("data", {})
+    cdata = fx.data_config
     sdata = settings.get("data") or {}
     root = args.data_root or sdata.get("root") or cdata.get("root")
     if not root:

@@ -43,15 +43,22 @@ def latency(model_path: Path, runs: int, warmup: int, threads: int) -> Dict[str,
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
     sess = ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])
-    inp = sess.get_inputs()[0]
-    shape = [1 if not isinstance(d, int) else d for d in inp.shape]
-    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    rng = np.random.default_rng(0)
+    feed = {}
+    for inp in sess.get_inputs():  # every input: images N(0, 1), a denoiser's time step t in [0, 999], labels 0
+        shape = [1 if not isinstance(d, int) else d for d in inp.shape]
+        if inp.type == "tensor(int32)":
+            feed[inp.name] = np.zeros(shape, np.int32)
+        elif inp.name == "t":
+            feed[inp.name] = rng.uniform(0, 999, shape).astype(np.float32)
+        else:
+            feed[inp.name] = rng.standard_normal(shape).astype(np.float32)
     for _ in range(warmup):
-        sess.run(None, {inp.name: x})
+        sess.run(None, feed)
     times = []
     for _ in range(runs):
         t0 = time.perf_counter()
-        sess.run(None, {inp.name: x})
+        sess.run(None, feed)
         times.append((time.perf_counter() - t0) * 1e3)
     times.sort()
     return {"median_ms": statistics.median(times), "p10_ms": times[len(times) // 10], "p90_ms": times[(9 * len(times)) // 10],
@@ -76,6 +83,14 @@ def write_report(fp32_dir, int8_dir, out, runs: int = 300, warmup: int = 30, thr
     f, q = rows["fp32"]["manifest"], rows["int8"]["manifest"]
     if f["model"].get("checkpoint", {}).get("sha256") != q["model"].get("checkpoint", {}).get("sha256"):
         raise UserError("the two bundles come from different checkpoints; export both from the same one")
+    if f.get("task", "classify") != q.get("task", "classify"):
+        raise UserError("the two bundles are of different tasks; export both from the same checkpoint")
+    if f.get("task") == "denoise":
+        result = _denoise_result(f, q, rows)
+        atomic_write_json(Path(str(out) + ".json"), result)
+        atomic_write_text(Path(str(out) + ".md"), render(result))
+        print(render(result))
+        return result
     acc = q["accuracy"]
     result = {
         "created": datetime.now(timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z"),
@@ -97,7 +112,58 @@ def write_report(fp32_dir, int8_dir, out, runs: int = 300, warmup: int = 30, thr
     return result
 
 
+def _denoise_result(f: Dict[str, Any], q: Dict[str, Any], rows: Dict[str, Any]) -> Dict[str, Any]:
+    """A denoiser's FP32 vs INT8: denoising MSE on the export's noisy test images instead of top-1."""
+    d = q.get("denoising") or {}
+    return {
+        "task": "denoise",
+        "created": datetime.now(timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z"),
+        "command": " ".join([_prog()] + sys.argv[1:]),
+        "export_commands": {k: rows[k]["manifest"].get("command") for k in rows},
+        "machine": machine(),
+        "model": {k: f["model"][k] for k in ("arch", "method", "role", "image_size")},
+        "checkpoint_sha256": f["model"].get("checkpoint", {}).get("sha256"),
+        "data": d.get("data"), "samples": d.get("samples"), "timesteps": d.get("timesteps"),
+        "pytorch_mse": d.get("pytorch_mse"),
+        "fp32": {"mse": (f.get("denoising") or {}).get("fp32_onnx_mse"), "bundle": rows["fp32"]["bundle"],
+                 "bundle_id": rows["fp32"]["bundle_id"], "latency": rows["fp32"]["latency"]},
+        "int8": {"mse": d.get("int8_onnx_mse"), "max_abs_eps_diff": d.get("int8_max_abs_eps_diff"),
+                 "bundle": rows["int8"]["bundle"], "bundle_id": rows["int8"]["bundle_id"],
+                 "latency": rows["int8"]["latency"], "calibration": (q.get("quantization") or {}).get("calibration")},
+        "mse_increase": d.get("int8_mse_increase"),
+    }
+
+
+def _render_denoise(r: Dict[str, Any]) -> str:
+    f, q = r["fp32"], r["int8"]
+    lines = [
+        f"# Export: FP32 vs INT8 denoiser ({r['model']['arch']}, {r['model']['method']})", "",
+        f"- created: {r['created']}",
+        f"- command: `{r['command']}`",
+        *[f"- export {k}: `{c}`" for k, c in r["export_commands"].items() if c],
+        f"- machine: {r['machine']['cpu']}, {r['machine']['cores']} cores, {r['machine']['os']}, "
+        f"Python {r['machine']['python']}, onnxruntime {r['machine']['onnxruntime']}",
+        f"- data: {r['data']} ({r['samples']} noisy test images, time steps {r['timesteps']})",
+        f"- latency: ONNX Runtime CPU, one denoising step at batch 1, median of {f['latency']['runs']} runs after "
+        f"{f['latency']['warmup']} warm-up, intra-op threads {f['latency']['threads']}", "",
+        "| precision | denoising MSE | median latency (ms) | p10-p90 (ms) |",
+        "|---|---|---|---|",
+        f"| PyTorch | {r['pytorch_mse']:.5f} | - | - |",
+    ]
+    for name, row in (("FP32", f), ("INT8", q)):
+        lat = row["latency"]
+        lines.append(f"| {name} | {row['mse']:.5f} | {lat['median_ms']:.3f} | {lat['p10_ms']:.3f}-{lat['p90_ms']:.3f} |")
+    lines += ["", f"INT8 denoising MSE change: {r['mse_increase']:+.5f}; max |eps difference| vs PyTorch "
+                  f"{q['max_abs_eps_diff']:.3g}."]
+    if q.get("calibration"):
+        c = q["calibration"]
+        lines.append(f"Calibration: {c['method']}, {c['images']} {c['split']} images, noised at random time steps.")
+    return "\n".join(lines) + "\n"
+
+
 def render(r: Dict[str, Any]) -> str:
+    if r.get("task") == "denoise":
+        return _render_denoise(r)
     f, q = r["fp32"], r["int8"]
     lines = [
         f"# Export: FP32 vs INT8 ({r['model']['arch']}, {r['model']['method']})", "",

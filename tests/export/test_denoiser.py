@@ -83,7 +83,7 @@ def test_conditional_unet_exports_int32_label():
     assert np.abs(torch_logits(model, feeds) - run(session(proto), feeds)).max() <= 1e-4
 
 
-def test_denoiser_int8_reports_eps_error(denoiser_checkpoint, tmp_path):
+def test_denoiser_int8_reports_eps_error(denoiser_checkpoint, denoiser_bundle, tmp_path):
     path, _ = run_export(ExportOptions(str(denoiser_checkpoint), out=str(tmp_path / "q"), target="cpu", int8=True,
                                        calib_images=8, verify_images=4, reference_images=2, quiet=True))
     m = verify_bundle(path)
@@ -95,6 +95,14 @@ def test_denoiser_int8_reports_eps_error(denoiser_checkpoint, tmp_path):
     assert m["reference"]["atol"] >= q["max_abs_diff"]
     proto = onnx.load(str(path / "model.onnx"))
     assert any(n.op_type == "QuantizeLinear" for n in proto.graph.node)
+    # export-report: denoising MSE (not top-1) and one-step latency of both bundles, every input fed
+    from export.report import write_report
+
+    r = write_report(denoiser_bundle[0], path, tmp_path / "report", runs=3, warmup=1)
+    assert r["task"] == "denoise" and r["int8"]["mse"] == pytest.approx(q["mse_got"])
+    assert r["fp32"]["latency"]["median_ms"] > 0 and r["int8"]["latency"]["batch"] == 1
+    md = (tmp_path / "report.md").read_text()
+    assert "| PyTorch |" in md and "| INT8 |" in md and "denoising MSE" in md
 
 
 def test_denoiser_dynamic_batch_refused(denoiser_checkpoint, tmp_path):

@@ -29,7 +29,7 @@ class DataConfig:
     train_subset: int = 0  # use only this many training images, balanced over classes (0 = all)
     test_subset: int = 0  # evaluate on this many test images, balanced (0 = all)
     val_fraction: float = 0.05  # held out from train to pick the best epoch; the test set never picks
-    augment: str = "crop_flip"  # crop_flip (pad+crop, flip) | rrc_flip (RandomResizedCrop, flip) | none
+    augment: str = "crop_flip"  # crop_flip (pad+crop, flip) | rrc_flip (RandomResizedCrop, flip) | flip | none
     batch_size: int = 128  # training batch size per process
     eval_batch_size: int = 256  # batch size for validation and test
     workers: int = 0  # DataLoader worker processes
@@ -50,6 +50,7 @@ class OptimConfig:
     milestones: List[float] = field(default_factory=lambda: [0.6, 0.8, 0.9])  # step: fractions of training
     gamma: float = 0.2  # step: lr multiplier at each milestone (the paper: lr / 5)
     warmup_epochs: float = 0.0  # linear warm-up, in epochs
+    grad_clip: float = 0.0  # clip the gradient norm to this (0 = off; DDPM: 1.0)
 
 
 @dataclass
@@ -81,8 +82,34 @@ class REDConfig:
 
 
 @dataclass
+class UNetConfig:
+    """The U-Net denoiser's options (architectures unet-A-R only)."""
+
+    ch: int = 128  # base channels (the paper: 128)
+    ch_mult: List[int] = field(default_factory=lambda: [1, 2, 2, 2])  # channels per level = ch * mult; one level per stride
+    attn: List[int] = field(default_factory=lambda: [1])  # levels with self-attention (level 1 = 16 px in the teacher)
+    num_res_blocks: int = 2  # residual blocks per level
+    dropout: float = 0.1  # dropout inside residual blocks
+    norm_groups: int = 32  # GroupNorm groups (fewer when channels are not divisible)
+
+
+@dataclass
+class DiffusionConfig:
+    """The denoiser's noise schedule and training options."""
+
+    schedule: str = "linear"  # linear (DDPM) | cosine
+    timesteps: int = 1000  # T
+    beta_start: float = 1e-4  # linear schedule: first beta
+    beta_end: float = 0.02  # linear schedule: last beta
+    ema_decay: float = 0.9999  # EMA of the weights (warmed up as min(decay, (1+n)/(10+n))); EMA weights are evaluated, sampled and exported
+    conditional: bool = False  # class-conditional on the data set's labels
+    p_uncond: float = 0.1  # conditional: fraction of labels dropped in training (classifier-free guidance)
+    eval_seed: int = 1234  # fixed noise and time steps of the validation/test denoising loss
+
+
+@dataclass
 class LossConfig:
-    w_ce: float = 0.5  # total = w_ce * CE + w_dist * mean(distillation losses)
+    w_ce: float = 0.5  # total = w_ce * task loss (CE, or the diffusion loss) + w_dist * mean(distillation losses)
     w_dist: float = 0.5  # weight of the mean distillation loss
     kd_temperature: float = 4.0  # Hinton KD temperature T
     label_smoothing: float = 0.0  # CE label smoothing
@@ -105,7 +132,17 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     red: REDConfig = field(default_factory=REDConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     log_every: int = 20  # progress-bar refresh, in steps
+
+    @property
+    def task(self) -> str:
+        """``classify`` or ``denoise``, from the architectures (a pair must share it)."""
+        from train.models import task_of
+
+        arch = self.teacher.arch or self.student.arch
+        return task_of(arch) if arch else "classify"
 
     @property
     def run_dir(self) -> Path:
@@ -236,7 +273,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     choice("method", cfg.method, METHODS)
     choice("optim.name", cfg.optim.name, ("sgd", "adam"))
     choice("optim.schedule", cfg.optim.schedule, ("cosine", "step"))
-    choice("data.augment", cfg.data.augment, ("crop_flip", "rrc_flip", "none"))
+    choice("data.augment", cfg.data.augment, ("crop_flip", "rrc_flip", "flip", "none"))
     choice("data.name", cfg.data.name, ("imagefolder", "cifar10", "stl10"))
     DISTANCES.get(cfg.red.distance)
     if not 32 <= cfg.data.image_size <= 224:
@@ -254,6 +291,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     for key, m in (("teacher.arch", cfg.teacher), ("student.arch", cfg.student)):
         if m.arch:
             parse_arch(m.arch)
+    _validate_task(cfg)
     if cfg.method in ("red", "red_kd"):
         if not cfg.red.sites:
             raise UserError(f"method={cfg.method} needs at least one red.sites entry (student layer + teacher layer)")
@@ -261,6 +299,47 @@ def validate(cfg: RunConfig) -> RunConfig:
             if not s.student or not s.teacher:
                 raise UserError(f"red.sites[{i}] needs both 'student' and 'teacher' layer names")
     return cfg
+
+
+def _validate_task(cfg: RunConfig) -> None:
+    from train.diffusion import SCHEDULES
+    from train.models import task_of
+
+    tasks = {task_of(m.arch) for m in (cfg.teacher, cfg.student) if m.arch}
+    if len(tasks) > 1:
+        raise UserError(f"teacher.arch {cfg.teacher.arch!r} and student.arch {cfg.student.arch!r} do different tasks "
+                        "(classifier vs denoiser): pair a unet with a unet, a classifier with a classifier")
+    if cfg.task != "denoise":
+        return
+    if cfg.method in ("kd", "red_kd"):
+        raise UserError(f"method={cfg.method} distils logits and applies to classifiers only; "
+                        "use method=red (or student/teacher) for a unet denoiser")
+    d, u = cfg.diffusion, cfg.unet
+    SCHEDULES.get(d.schedule)
+    if d.timesteps < 2 or not 0 < d.beta_start < d.beta_end < 1:
+        raise UserError("diffusion needs timesteps >= 2 and 0 < beta_start < beta_end < 1")
+    if not 0 <= d.ema_decay < 1 or not 0 <= d.p_uncond < 1:
+        raise UserError("diffusion.ema_decay and diffusion.p_uncond must be in [0, 1)")
+    if not u.ch_mult or any(m < 1 for m in u.ch_mult):
+        raise UserError("unet.ch_mult needs one positive multiplier per level, e.g. [1, 2, 2, 2]")
+    for key, m in (("teacher.arch", cfg.teacher), ("student.arch", cfg.student)):
+        if m.arch:
+            from train.models import parse_arch
+
+            digits = len(parse_arch(m.arch).strides)
+            if digits + 1 != len(u.ch_mult):
+                raise UserError(f"{key}={m.arch!r} has {digits} level strides after the head but unet.ch_mult has "
+                                f"{len(u.ch_mult)} levels: give {len(u.ch_mult) - 1} digits (e.g. unet-1-"
+                                f"{'2' * (len(u.ch_mult) - 1)}) or change unet.ch_mult")
+
+
+def build_kwargs(cfg: RunConfig, which: ModelConfig) -> Dict[str, Any]:
+    """Builder options of one network of the pair beyond its name."""
+    from train.models import model_kwargs, task_of
+
+    if task_of(which.arch) == "denoise":
+        return asdict(cfg.unet)
+    return model_kwargs(which.arch, which.width_mult)
 
 
 PRESET_DIR = Path(__file__).resolve().parent / "configs"

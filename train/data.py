@@ -153,6 +153,8 @@ def build_transform(image_size: int, mean, std, train: bool, augment: str) -> Ca
         ops.append(v2.Resize((image_size, image_size), antialias=True))
         if train and augment == "crop_flip":
             ops += [v2.RandomCrop(image_size, padding=image_size // 8, padding_mode="reflect"), v2.RandomHorizontalFlip()]
+        elif train and augment == "flip":
+            ops.append(v2.RandomHorizontalFlip())
     ops += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
     return v2.Compose(ops)
 

@@ -19,17 +19,17 @@ from typing import Any, Dict, List, Optional
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from redistill.errors import UserError
 from redistill.io import atomic_write_text
 from train.checkpoint import load_checkpoint, make_payload, model_from_checkpoint, save_checkpoint
-from train.config import RunConfig
+from train.config import RunConfig, build_kwargs
 from train.data import DataBundle, load_data
-from train.losses import METHODS, LossInputs, total_loss
-from train.models import build_model, model_kwargs
+from train.losses import METHODS
+from train.tasks import TASKS, evaluate  # noqa: F401 - evaluate stays importable from here
+from train.models import build_model
 from train.red import SitePlan, insert_red_blocks, plan_sites
 
 
@@ -76,7 +76,7 @@ class Dist:
 
 def build_student(cfg: RunConfig, num_classes: int, teacher: Optional[nn.Module]):
     """The student network with RED blocks inserted when the method uses RED; returns (model, plans)."""
-    model = build_model(cfg.student.arch, num_classes, cfg.data.image_size, **model_kwargs(cfg.student.arch, cfg.student.width_mult))
+    model = build_model(cfg.student.arch, num_classes, cfg.data.image_size, **build_kwargs(cfg, cfg.student))
     plans: List[SitePlan] = []
     if "red" in METHODS.get(cfg.method):
         sites = [asdict(s) for s in cfg.red.sites]
@@ -86,7 +86,7 @@ def build_student(cfg: RunConfig, num_classes: int, teacher: Optional[nn.Module]
 
 
 class TeacherTap:
-    """Frozen teacher that returns logits plus only the tensors RED sites are matched to."""
+    """Frozen teacher that returns its output plus only the tensors RED sites are matched to."""
 
     def __init__(self, teacher: nn.Module, plans: List[SitePlan]):
         self.teacher = teacher.eval().requires_grad_(False)
@@ -99,9 +99,9 @@ class TeacherTap:
             modules[p.teacher].register_forward_hook(hook)
 
     @torch.no_grad()
-    def __call__(self, x: torch.Tensor):
+    def __call__(self, *inputs: torch.Tensor):
         self.feats = {}
-        return self.teacher(x), self.feats
+        return self.teacher(*inputs), self.feats
 
 
 # --- optimisation -----------------------------------------------------------------------------
@@ -130,33 +130,6 @@ def lr_at(cfg: RunConfig, progress: float, epochs: int) -> float:
     return o.lr * o.gamma ** sum(frac >= m for m in o.milestones)
 
 
-def batch_mixer(cfg: RunConfig, num_classes: int):
-    from torchvision.transforms import v2
-
-    ops = []
-    if cfg.data.cutmix > 0:
-        ops.append(v2.CutMix(alpha=cfg.data.cutmix, num_classes=num_classes))
-    if cfg.data.mixup > 0:
-        ops.append(v2.MixUp(alpha=cfg.data.mixup, num_classes=num_classes))
-    if not ops:
-        return None
-    return ops[0] if len(ops) == 1 else v2.RandomChoice(ops)
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, dataset: Dataset, batch_size: int, device: torch.device) -> Dict[str, float]:
-    """Top-1 accuracy (%) and mean cross-entropy of ``model`` on ``dataset``."""
-    model.eval()
-    correct, loss, n = 0, 0.0, 0
-    for x, y in DataLoader(dataset, batch_size=batch_size, shuffle=False):
-        x, y = x.to(device), y.to(device)
-        logits = model(x)
-        loss += float(F.cross_entropy(logits, y, reduction="sum"))
-        correct += int((logits.argmax(1) == y).sum())
-        n += len(y)
-    return {"top1": 100.0 * correct / max(n, 1), "loss": loss / max(n, 1), "n": n}
-
-
 def _progress(iterable, total, desc, enabled):
     try:
         from tqdm import tqdm
@@ -165,7 +138,7 @@ def _progress(iterable, total, desc, enabled):
     return tqdm(iterable, total=total, desc=desc, disable=None if enabled else True, leave=False, dynamic_ncols=True)
 
 
-# --- one network ------------------------------------------------------------------------------
+# --- one network ---------------------------------------------------------------------------------
 
 
 def fit(
@@ -180,7 +153,10 @@ def fit(
     num_classes = len(data.classes)
     model.to(device)
     optimizer = make_optimizer(cfg, model)
-    start, history, best_val = 0, [], -1.0
+    blocks = {p.key: b for p, b in zip(plans, _blocks_in_plan_order(model, plans))}
+    task = TASKS.get(cfg.task)(cfg, method, teacher, plans, blocks, num_classes=num_classes)
+    task.attach(model)
+    start, history, best_val = 0, [], -math.inf
     if last_path.exists():
         if not resume:
             raise UserError(f"{stage_dir} already holds a run: pass --resume to continue it, or name=NEW for a new run")
@@ -188,18 +164,19 @@ def fit(
         (model.module if hasattr(model, "module") else model).load_state_dict(ck["model"])
         model.to(device)
         optimizer.load_state_dict(ck["optimizer"])
+        task.load_extra(ck)
         start, history, best_val = ck["epoch"], ck["history"], ck["best_val"]
         if ctx.main:
             print(f"[{role}] resuming from {last_path} at epoch {start}/{epochs}", flush=True)
 
-    meta = dict(arch=arch, role=role, method=method, num_classes=num_classes, image_size=cfg.data.image_size,
-                classes=data.classes, mean=data.mean, std=data.std, width_mult=width_mult, plans=plans,
-                red_distance=cfg.red.distance, config=cfg.to_dict())
+    cond = cfg.task == "classify" or cfg.diffusion.conditional
+    meta = dict(arch=arch, role=role, method=method, num_classes=num_classes if cond else 0,
+                image_size=cfg.data.image_size, classes=data.classes, mean=data.mean, std=data.std,
+                width_mult=width_mult, plans=plans, red_distance=cfg.red.distance, config=cfg.to_dict(),
+                build_kwargs=build_kwargs(cfg, cfg.teacher if role == "teacher" else cfg.student))
     net = model
     if ctx.world > 1:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    blocks = {p.key: b for p, b in zip(plans, _blocks_in_plan_order(model, plans))}
-    mixer = batch_mixer(cfg, num_classes)
     sampler = None
     if ctx.world > 1:
         sampler = torch.utils.data.distributed.DistributedSampler(data.train, ctx.world, ctx.rank, shuffle=True, seed=cfg.seed)
@@ -208,6 +185,7 @@ def fit(
     for epoch in range(start, epochs):
         torch.manual_seed(cfg.seed * 100_003 + epoch * 1_009 + ctx.rank)
         gen = torch.Generator().manual_seed(cfg.seed * 7_919 + epoch)
+        noise_gen = torch.Generator().manual_seed(cfg.seed * 15_485_863 + epoch * 104_729 + ctx.rank)
         if sampler is not None:
             sampler.set_epoch(epoch)
         loader = DataLoader(data.train, batch_size=cfg.data.batch_size, shuffle=sampler is None, sampler=sampler,
@@ -224,57 +202,58 @@ def fit(
             for g in optimizer.param_groups:
                 g["lr"] = lr
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            hard = y
-            if mixer is not None:
-                x, y = mixer(x, y)
-            t_logits, t_feats = teacher(x) if teacher is not None else (None, {})
-            logits = net(x)
-            ce = F.cross_entropy(logits, y, label_smoothing=cfg.loss.label_smoothing)
-            inputs = LossInputs(logits, t_logits, {k: b.last for k, b in blocks.items()}, t_feats, plans,
-                                cfg.red.distance, cfg.loss.kd_temperature)
-            loss, parts = total_loss(method, ce, inputs, cfg.loss.w_ce, cfg.loss.w_dist)
+            loss, parts, counts = task.batch_loss(net, x, y, noise_gen)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if cfg.optim.grad_clip > 0:
+                nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
             optimizer.step()
+            task.after_step(model)
             for b in blocks.values():
                 b.last = None
-            n = len(hard)
+            n = len(y)
             seen += n
-            correct += int((logits.argmax(1) == hard).sum())
+            correct += counts.get("correct", 0)
             parts["loss"] = float(loss.detach())
             for k, v in parts.items():
                 sums[k] = sums.get(k, 0.0) + v * n
             if ctx.main and hasattr(bar, "set_postfix") and step % max(cfg.log_every, 1) == 0:
-                bar.set_postfix(loss=f"{sums['loss'] / seen:.3f}", acc=f"{100 * correct / seen:.1f}", lr=f"{lr:.4f}")
+                shown = {"loss": f"{sums['loss'] / seen:.4f}", "lr": f"{lr:.2e}"}
+                if "correct" in counts:
+                    shown["acc"] = f"{100 * correct / seen:.1f}"
+                bar.set_postfix(**shown)
         for b in blocks.values():
             b.record = False
         train_time = time.perf_counter() - t0
         ctx.barrier()
         record = {"epoch": epoch + 1, "lr": lr, "train_time_s": round(train_time, 3),
-                  "train_images_per_s": round(seen * ctx.world / train_time, 1),
-                  "train_top1": round(100.0 * correct / max(seen, 1), 3)}
-        record.update({f"train_{k}": round(v / max(seen, 1), 5) for k, v in sums.items()})
+                  "train_images_per_s": round(seen * ctx.world / train_time, 1), "steps": (epoch + 1) * steps_per_epoch}
+        if cfg.task == "classify":
+            record["train_top1"] = round(100.0 * correct / max(seen, 1), 3)
+        record.update({f"train_{k}": round(v / max(seen, 1), 6) for k, v in sums.items()})
         if ctx.main:
+            score = float(epoch)  # no val split: the latest epoch is the best
             if data.val is not None:
-                v = evaluate(model, data.val, cfg.data.eval_batch_size, device)
-                record.update(val_top1=round(v["top1"], 3), val_loss=round(v["loss"], 5))
+                figures, score = task.validate(task.eval_model(model), data.val, device)
+                record.update(figures)
             history.append(record)
-            score = record.get("val_top1", float(epoch))  # no val split: the latest epoch is the best
             # best.pt before last.pt: a run killed between the two must not resume believing best.pt exists
             if score > best_val:
                 best_val = score
-                save_checkpoint(make_payload(model, epoch=epoch + 1, history=history, best_val=best_val, **meta), best_path)
+                save_checkpoint(make_payload(model, epoch=epoch + 1, history=history, best_val=best_val,
+                                             extra=task.extra_state(), **meta), best_path)
             save_checkpoint(make_payload(model, optimizer=optimizer.state_dict(), epoch=epoch + 1, history=history,
-                                         best_val=best_val, **meta), last_path)
+                                         best_val=best_val, extra=task.extra_state(), **meta), last_path)
             _write_metrics(stage_dir / "metrics.jsonl", history)
-            print(f"[{role}] epoch {epoch + 1}/{epochs} loss {record['train_loss']:.4f} train {record['train_top1']:.2f}% "
-                  + (f"val {record['val_top1']:.2f}% " if "val_top1" in record else "")
-                  + f"lr {lr:.4g} {record['train_images_per_s']:.0f} img/s {train_time:.1f}s", flush=True)
+            shown = " ".join(f"{k.replace('train_', '')} {v:.4g}" for k, v in record.items()
+                             if k.startswith(("train_", "val_")) and k not in ("train_time_s", "train_images_per_s"))
+            print(f"[{role}] epoch {epoch + 1}/{epochs} {shown} lr {lr:.4g} "
+                  f"{record['train_images_per_s']:.0f} img/s {train_time:.1f}s", flush=True)
         ctx.barrier()
 
     summary: Dict[str, Any] = {}
     if ctx.main:
-        summary = finish_stage(stage_dir, data, cfg, device, role)
+        summary = finish_stage(stage_dir, data, cfg, device, role, task)
     ctx.barrier()
     return summary
 
@@ -290,15 +269,16 @@ def _write_metrics(path: Path, history: List[dict]) -> None:
     atomic_write_text(path, "".join(json.dumps(h) + "\n" for h in history))
 
 
-def finish_stage(stage_dir: Path, data: DataBundle, cfg: RunConfig, device: torch.device, role: str) -> Dict[str, Any]:
-    """Test accuracy of the best (by validation) and the last epoch; written to ``summary.json``."""
-    out: Dict[str, Any] = {"role": role}
+def finish_stage(stage_dir: Path, data: DataBundle, cfg: RunConfig, device: torch.device, role: str,
+                 task=None) -> Dict[str, Any]:
+    """Test figures of the best (by validation) and the last epoch; written to ``summary.json``."""
+    task = task or TASKS.get(cfg.task)(cfg, role, None, [], {})
+    out: Dict[str, Any] = {"role": role, "task": cfg.task}
     for tag in ("best", "last"):
         ck = load_checkpoint(stage_dir / f"{tag}.pt")
         model = model_from_checkpoint(ck).to(device)
-        r = evaluate(model, data.test, cfg.data.eval_batch_size, device)
-        out[tag] = {"checkpoint": str(stage_dir / f"{tag}.pt"), "epoch": ck["epoch"], "test_top1": round(r["top1"], 3),
-                    "test_loss": round(r["loss"], 5), "test_images": r["n"]}
+        r = task.test(model, data.test, device)
+        out[tag] = {"checkpoint": str(stage_dir / f"{tag}.pt"), "epoch": ck["epoch"], **r}
         out.setdefault("arch", ck["arch"])
         out.setdefault("method", ck["method"])
         out["images_per_s"] = ck["history"][-1]["train_images_per_s"] if ck["history"] else None
@@ -306,8 +286,14 @@ def finish_stage(stage_dir: Path, data: DataBundle, cfg: RunConfig, device: torc
     from redistill.io import atomic_write_json
 
     atomic_write_json(stage_dir / "summary.json", out)
-    print(f"[{role}] test top-1: best {out['best']['test_top1']:.2f}% (epoch {out['best']['epoch']}), "
-          f"last {out['last']['test_top1']:.2f}% on {out['best']['test_images']} test images", flush=True)
+    b, last = out["best"], out["last"]
+    if cfg.task == "classify":
+        print(f"[{role}] test top-1: best {b['test_top1']:.2f}% (epoch {b['epoch']}), "
+              f"last {last['test_top1']:.2f}% on {b['test_images']} test images", flush=True)
+    else:
+        print(f"[{role}] test denoising loss (EMA weights, fixed noise): best {b['test_diffusion_loss']:.5f} "
+              f"(epoch {b['epoch']}), last {last['test_diffusion_loss']:.5f} on {b['test_images']} test images",
+              flush=True)
     return out
 
 
@@ -364,10 +350,12 @@ def run_distill(cfg: RunConfig, resume: bool = False) -> Dict[str, Any]:
     if ctx.main:
         _check_saved_config(cfg, run_dir, resume)
     ctx.barrier()
-    data = load_data(cfg.data)
+    # a denoiser works on images in [-1, 1]
+    data = load_data(cfg.data, **({"mean": (0.5,) * 3, "std": (0.5,) * 3} if cfg.task == "denoise" else {}))
     num_classes = cfg.num_classes or len(data.classes)
     if num_classes != len(data.classes):
         raise UserError(f"num_classes={cfg.num_classes} but the data set has {len(data.classes)} classes; drop num_classes")
+    labels = num_classes if cfg.task == "classify" or cfg.diffusion.conditional else 0  # a denoiser's label embedding
     if ctx.main:
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
@@ -380,13 +368,14 @@ def run_distill(cfg: RunConfig, resume: bool = False) -> Dict[str, Any]:
     if cfg.method != "student":
         if cfg.teacher.checkpoint:
             ck = load_checkpoint(cfg.teacher.checkpoint)
-            if ck["classes"] != data.classes or ck["image_size"] != cfg.data.image_size:
-                raise UserError(f"teacher {cfg.teacher.checkpoint} was trained on {ck['num_classes']} classes at "
-                                f"{ck['image_size']} px; this run has {num_classes} classes at {cfg.data.image_size} px")
+            if ck["classes"] != data.classes or ck["image_size"] != cfg.data.image_size or ck.get("task", "classify") != cfg.task:
+                raise UserError(f"teacher {cfg.teacher.checkpoint} is a {ck.get('task', 'classify')} network trained on "
+                                f"{len(ck['classes'])} classes at {ck['image_size']} px; this run is {cfg.task} with "
+                                f"{num_classes} classes at {cfg.data.image_size} px: give a matching teacher.checkpoint")
             teacher_model = model_from_checkpoint(ck)
             summary["teacher"] = {"checkpoint": cfg.teacher.checkpoint, "arch": ck["arch"], "reused": True}
         else:
-            tm = build_model(cfg.teacher.arch, num_classes, cfg.data.image_size, **model_kwargs(cfg.teacher.arch, cfg.teacher.width_mult))
+            tm = build_model(cfg.teacher.arch, labels, cfg.data.image_size, **build_kwargs(cfg, cfg.teacher))
             tdir = run_dir / "teacher"
             tsum = fit(cfg, role="teacher", method="teacher", arch=cfg.teacher.arch, width_mult=cfg.teacher.width_mult,
                        model=tm, data=data, stage_dir=tdir, epochs=cfg.teacher.epochs or cfg.epochs,
@@ -396,7 +385,7 @@ def run_distill(cfg: RunConfig, resume: bool = False) -> Dict[str, Any]:
         teacher_model.to(ctx.device)
 
     if cfg.method != "teacher":
-        student, plans = build_student(cfg, num_classes, teacher_model)
+        student, plans = build_student(cfg, labels, teacher_model)
         tap = TeacherTap(teacher_model, plans) if METHODS.get(cfg.method) else None
         ssum = fit(cfg, role="student", method=cfg.method, arch=cfg.student.arch, width_mult=cfg.student.width_mult,
                    model=student, data=data, stage_dir=run_dir / "student", epochs=cfg.student.epochs or cfg.epochs,

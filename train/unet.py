@@ -163,7 +163,7 @@ class UNet(nn.Module):
         if self.label is not None:
             if y is None:
                 y = torch.full((x.shape[0],), self.num_classes, dtype=torch.long, device=x.device)
-            temb = temb + self.label(y.long())
+            temb = temb + self.label(y)  # int32 (exported graphs) or int64 indices
         h = self.head(x)
         hs = [h]
         for level in self.down:

@@ -1,0 +1,214 @@
+"""What differs between training a classifier and a denoiser, behind one interface the trainer loop calls.
+
+A task computes one batch's loss (the student's task loss and, for distillation
+methods, the teacher-matched losses), keeps any extra state (a denoiser's EMA
+weights), validates a model (the score that picks the best epoch) and tests
+the saved checkpoints. Adding a task is one decorated class.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from redistill.registry import Registry
+from train.losses import LossInputs, total_loss
+from train.red import SitePlan
+
+TASKS: Registry = Registry("task")
+
+
+class Task:
+    """The base: no extra state; subclasses fill in the loss, validation and test."""
+
+    #: name of the task loss in the logs and metrics (``ce`` for classifiers)
+    loss_name = "loss"
+
+    def __init__(self, cfg, method: str, teacher, plans: List[SitePlan], blocks: Dict[str, nn.Module]):
+        self.cfg, self.method, self.teacher, self.plans, self.blocks = cfg, method, teacher, plans, blocks
+
+    def attach(self, model: nn.Module) -> None:
+        """Called once with the (unwrapped) model before training."""
+
+    def batch_loss(self, net, x, y, generator: torch.Generator) -> Tuple[torch.Tensor, Dict[str, float], Dict[str, int]]:
+        raise NotImplementedError
+
+    def after_step(self, model: nn.Module) -> None:
+        """Called after every optimizer step."""
+
+    def eval_model(self, model: nn.Module) -> nn.Module:
+        """The network that is validated, tested, sampled and exported."""
+        return model
+
+    def extra_state(self) -> Dict[str, Any]:
+        return {}
+
+    def load_extra(self, ck: Dict[str, Any]) -> None:
+        """Restore what ``extra_state`` saved (resume)."""
+
+    def validate(self, model: nn.Module, dataset: Dataset, device) -> Tuple[Dict[str, float], float]:
+        """Validation figures for the metrics and the score that picks the best epoch (higher is better)."""
+        raise NotImplementedError
+
+    def test(self, model: nn.Module, dataset: Dataset, device) -> Dict[str, Any]:
+        raise NotImplementedError
+
+    def distill(self, task_loss, student_out, teacher_out, t_feats) -> Tuple[torch.Tensor, Dict[str, float]]:
+        """``w_ce * task loss + w_dist * mean(distillation losses)`` (just the task loss without a teacher)."""
+        cfg = self.cfg
+        inputs = LossInputs(student_out, teacher_out, {k: b.last for k, b in self.blocks.items()}, t_feats,
+                            self.plans, cfg.red.distance, cfg.loss.kd_temperature)
+        loss, parts = total_loss(self.method, task_loss, inputs, cfg.loss.w_ce, cfg.loss.w_dist)
+        parts[self.loss_name] = parts.pop("ce")
+        return loss, parts
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, dataset: Dataset, batch_size: int, device: torch.device) -> Dict[str, float]:
+    """Top-1 accuracy (%) and mean cross-entropy of ``model`` on ``dataset``."""
+    model.eval()
+    correct, loss, n = 0, 0.0, 0
+    for x, y in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+        x, y = x.to(device), y.to(device)
+        logits = model(x)
+        loss += float(F.cross_entropy(logits, y, reduction="sum"))
+        correct += int((logits.argmax(1) == y).sum())
+        n += len(y)
+    return {"top1": 100.0 * correct / max(n, 1), "loss": loss / max(n, 1), "n": n}
+
+
+@TASKS.register("classify")
+class ClassifyTask(Task):
+    """Cross-entropy (with CutMix/MixUp when configured); the best epoch has the best validation top-1."""
+
+    loss_name = "ce"
+
+    def __init__(self, cfg, method, teacher, plans, blocks, num_classes: int = 0):
+        super().__init__(cfg, method, teacher, plans, blocks)
+        self.mixer = _batch_mixer(cfg, num_classes)
+
+    def batch_loss(self, net, x, y, generator):
+        hard = y
+        if self.mixer is not None:
+            x, y = self.mixer(x, y)
+        t_logits, t_feats = self.teacher(x) if self.teacher is not None else (None, {})
+        logits = net(x)
+        ce = F.cross_entropy(logits, y, label_smoothing=self.cfg.loss.label_smoothing)
+        loss, parts = self.distill(ce, logits, t_logits, t_feats)
+        return loss, parts, {"correct": int((logits.argmax(1) == hard).sum())}
+
+    def validate(self, model, dataset, device):
+        v = evaluate(model, dataset, self.cfg.data.eval_batch_size, device)
+        return {"val_top1": round(v["top1"], 3), "val_loss": round(v["loss"], 5)}, v["top1"]
+
+    def test(self, model, dataset, device):
+        r = evaluate(model, dataset, self.cfg.data.eval_batch_size, device)
+        return {"test_top1": round(r["top1"], 3), "test_loss": round(r["loss"], 5), "test_images": r["n"]}
+
+
+def _batch_mixer(cfg, num_classes: int):
+    from torchvision.transforms import v2
+
+    ops = []
+    if cfg.data.cutmix > 0:
+        ops.append(v2.CutMix(alpha=cfg.data.cutmix, num_classes=num_classes))
+    if cfg.data.mixup > 0:
+        ops.append(v2.MixUp(alpha=cfg.data.mixup, num_classes=num_classes))
+    if not ops:
+        return None
+    return ops[0] if len(ops) == 1 else v2.RandomChoice(ops)
+
+
+@TASKS.register("denoise")
+class DenoiseTask(Task):
+    """The DDPM loss at uniform random time steps, the teacher run on the same ``(x_t, t)``; EMA weights.
+
+    The best epoch has the lowest denoising loss of the EMA weights on the validation split, at noise and
+    time steps fixed by ``diffusion.eval_seed`` so that epochs are compared on identical inputs.
+    """
+
+    loss_name = "diffusion"
+
+    def __init__(self, cfg, method, teacher, plans, blocks, num_classes: int = 0):
+        super().__init__(cfg, method, teacher, plans, blocks)
+        from train.diffusion import Diffusion
+
+        d = cfg.diffusion
+        self.diffusion = Diffusion.make(d.schedule, d.timesteps, d.beta_start, d.beta_end)
+        self.conditional = d.conditional
+        self.ema: Optional[nn.Module] = None
+        self.updates = 0
+
+    def attach(self, model):
+        import copy
+
+        self.ema = copy.deepcopy(model).eval().requires_grad_(False)
+
+    def batch_loss(self, net, x, y, generator):
+        d = self.cfg.diffusion
+        labels = y if self.conditional else None
+        loss_d, xt, t, labels = self.diffusion.loss(net, x, labels, generator=generator, p_uncond=d.p_uncond)
+        t_feats: Dict[str, torch.Tensor] = {}
+        if self.teacher is not None and self.plans:
+            inputs = (xt, t.float()) + ((labels,) if labels is not None else ())
+            _, t_feats = self.teacher(*inputs)
+        loss, parts = self.distill(loss_d, None, None, t_feats)
+        return loss, parts, {}
+
+    @torch.no_grad()
+    def after_step(self, model):
+        self.updates += 1
+        decay = min(self.cfg.diffusion.ema_decay, (1 + self.updates) / (10 + self.updates))
+        src = model.module if hasattr(model, "module") else model
+        for e, p in zip(self.ema.state_dict().values(), src.state_dict().values()):
+            if e.dtype.is_floating_point:
+                e.mul_(decay).add_(p.detach(), alpha=1 - decay)
+            else:
+                e.copy_(p)
+
+    def eval_model(self, model):
+        return self.ema
+
+    def extra_state(self):
+        d = self.cfg.diffusion
+        return {"ema": self.ema.state_dict(), "ema_updates": self.updates,
+                "diffusion": {"schedule": d.schedule, "timesteps": d.timesteps, "beta_start": d.beta_start,
+                              "beta_end": d.beta_end}}
+
+    def load_extra(self, ck):
+        self.ema.load_state_dict(ck["ema"])
+        self.updates = int(ck.get("ema_updates", 0))
+
+    def _fixed_loss(self, model, dataset, device) -> Dict[str, float]:
+        return denoising_loss(model, self.diffusion, dataset, self.cfg.data.eval_batch_size, device,
+                              self.cfg.diffusion.eval_seed, self.conditional)
+
+    def validate(self, model, dataset, device):
+        v = self._fixed_loss(model, dataset, device)
+        return {"val_diffusion_loss": round(v["loss"], 6)}, -v["loss"]
+
+    def test(self, model, dataset, device):
+        r = self._fixed_loss(model, dataset, device)
+        return {"test_diffusion_loss": round(r["loss"], 6), "test_images": r["n"]}
+
+
+@torch.no_grad()
+def denoising_loss(model: nn.Module, diffusion, dataset: Dataset, batch_size: int, device, seed: int,
+                   conditional: bool = False) -> Dict[str, float]:
+    """Mean epsilon MSE over ``dataset`` with time steps and noise drawn from ``seed`` (the same for every model)."""
+    model.eval()
+    g = torch.Generator().manual_seed(seed)
+    total, n = 0.0, 0
+    for x, y in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+        t = torch.randint(0, diffusion.T, (len(x),), generator=g)
+        noise = torch.randn(x.shape, generator=g)
+        x, t, noise = x.to(device), t.to(device), noise.to(device)
+        xt = diffusion.q_sample(x, t, noise)
+        eps = model(xt, t.float(), y.to(device)) if conditional else model(xt, t.float())
+        total += float(F.mse_loss(eps, noise, reduction="sum")) / noise[0].numel()
+        n += len(x)
+    return {"loss": total / max(n, 1), "n": n}

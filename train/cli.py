@@ -48,7 +48,8 @@ def add_commands(sub) -> None:
         help="train a teacher, then distill a student (KD, RED, RED+KD)",
         description="Train the teacher (unless teacher.checkpoint is given), then the student with the configured "
         "method. CONFIG is a YAML file or a preset name (quick, mobilenetv2_x4, mobilenetv2_x8, "
-        "mobilenetv3_small_x4, resnext18_x4); key=value pairs override it, e.g. epochs=3 data.root=DIR.",
+        "mobilenetv3_small_x4, resnext18_x4; DDPM U-Net denoisers: ddpm_cifar10_x2, ddpm_bench); key=value pairs "
+        "override it, e.g. epochs=3 data.root=DIR.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=_describe_keys() + "\n\nmulti-GPU / multi-process: torchrun --nproc_per_node=N -m redistill.cli distill CONFIG",
     )
@@ -57,8 +58,10 @@ def add_commands(sub) -> None:
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")
     p.set_defaults(func=_distill)
 
-    e = sub.add_parser("evaluate", help="top-1 accuracy of a checkpoint on a data set",
-                       description="Evaluate a checkpoint written by `redistill distill` on the test split.")
+    e = sub.add_parser("evaluate", help="top-1 accuracy (classifier) or denoising loss (denoiser) of a checkpoint",
+                       description="Evaluate a checkpoint written by `redistill distill` on the test split: a classifier's "
+                       "top-1 accuracy, or a denoiser's epsilon MSE (EMA weights) at time steps and noise fixed by "
+                       "its diffusion.eval_seed.")
     e.add_argument("checkpoint")
     e.add_argument("--data-root", default=None, help="image folder (default: the one the checkpoint was trained on)")
     e.add_argument("--data-name", default=None, help="imagefolder | cifar10 | stl10")
@@ -97,8 +100,12 @@ def _print_summary(summary) -> None:
             print(f"{role:8s} {s['arch']}: reused {s['checkpoint']}")
             continue
         b = s["best"]
-        print(f"{role:8s} {s['arch']} ({s['method']}): test top-1 {b['test_top1']:.2f}% "
-              f"(best epoch {b['epoch']}, by {s['picked_by']}; last epoch {s['last']['test_top1']:.2f}%)  -> {b['checkpoint']}")
+        if "test_top1" in b:
+            print(f"{role:8s} {s['arch']} ({s['method']}): test top-1 {b['test_top1']:.2f}% "
+                  f"(best epoch {b['epoch']}, by {s['picked_by']}; last epoch {s['last']['test_top1']:.2f}%)  -> {b['checkpoint']}")
+        else:
+            print(f"{role:8s} {s['arch']} ({s['method']}): test denoising loss {b['test_diffusion_loss']:.5f} (EMA, "
+                  f"best epoch {b['epoch']}, by {s['picked_by']}; last epoch {s['last']['test_diffusion_loss']:.5f})  -> {b['checkpoint']}")
     mem = summary.get("memory")
     if mem:
         from bench.memory import fmt_bytes
@@ -128,7 +135,17 @@ def _evaluate(args) -> int:
 
         raise UserError(f"the data's classes {data.classes} differ from the checkpoint's {ck['classes']}; point --data-root at the right set")
     device = resolve_device(args.device)
-    r = evaluate(model_from_checkpoint(ck).to(device), data.test, dcfg.eval_batch_size, device)
+    model = model_from_checkpoint(ck).to(device)
+    if ck.get("task") == "denoise":
+        from train.diffusion import Diffusion
+        from train.tasks import denoising_loss
+
+        d = ck.get("config", {}).get("diffusion", {})
+        r = denoising_loss(model, Diffusion.make(**ck["diffusion"]), data.test, dcfg.eval_batch_size, device,
+                           d.get("eval_seed", 1234), conditional=ck["num_classes"] > 0)
+        r = {"diffusion_loss": r["loss"], "n": r["n"], "weights": "EMA"}
+    else:
+        r = evaluate(model, data.test, dcfg.eval_batch_size, device)
     out = {"checkpoint": args.checkpoint, "arch": ck["arch"], "method": ck["method"], "data": data.source, **r}
     print(json.dumps(out, indent=2))
     if args.json:

@@ -13,7 +13,7 @@ BUNDLES ?= bundles
 JETSON  ?=
 JETSON_PYTHON ?= python3
 
-.PHONY: setup data distill evaluate memory export deploy compare test test-slow clean-venv
+.PHONY: setup data distill evaluate memory export deploy compare sample diffusion-bench test test-slow clean-venv
 
 $(BIN)/redistill: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -63,3 +63,12 @@ deploy: setup
 COMPARE_ARGS ?=
 compare: setup
 	$(BIN)/redistill compare $(COMPARE_ARGS)
+
+# --- diffusion students (PRESET=ddpm_cifar10_x2 or ddpm_bench for the distill/export/deploy targets) ---
+SAMPLE_ARGS ?= --n 64
+sample: setup
+	$(BIN)/redistill sample $(CHECKPOINT) $(SAMPLE_ARGS)
+
+# The resumable 2.5 h CPU benchmark of issue 7 (teacher vs student alone vs student+RED); results in bench/results/diffusion.md
+diffusion-bench: setup data
+	$(BIN)/python -m bench.diffusion_bench --data-root $(DATA)

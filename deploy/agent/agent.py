@@ -151,13 +151,21 @@ def load_and_verify_bundle(bundle_dir):
     return manifest, hashlib.sha256(raw).hexdigest()
 
 
+def listed_file(bundle_dir, manifest, rel):
+    """The path of bundle file ``rel``, which must be one the manifest lists (so its sha256 was checked)."""
+    if rel not in (manifest.get("files") or {}):
+        raise AgentError("bad-bundle", "manifest.json names %s but does not list it with a sha256; re-export the bundle"
+                         % rel)
+    return os.path.join(bundle_dir, rel)
+
+
 def bundle_path(bundle_dir, manifest, key, default):
     ref = manifest.get("reference") or {}
-    return os.path.join(bundle_dir, ref.get(key) or default)
+    return listed_file(bundle_dir, manifest, ref.get(key) or default)
 
 
 def onnx_path(bundle_dir, manifest):
-    return os.path.join(bundle_dir, (manifest.get("onnx") or {}).get("file") or "model.onnx")
+    return listed_file(bundle_dir, manifest, (manifest.get("onnx") or {}).get("file") or "model.onnx")
 
 
 def is_qdq_onnx(path):
@@ -899,7 +907,7 @@ def load_reference(bundle_dir, manifest):
         name = spec["name"]
         if name not in ref:
             raise AgentError("bad-bundle", "the bundle has no reference data for input %r; re-export the bundle" % name)
-        a = np.load(os.path.join(bundle_dir, ref[name]), allow_pickle=False)
+        a = np.load(listed_file(bundle_dir, manifest, ref[name]), allow_pickle=False)
         want = [d for d in spec.get("shape") or []]
         if want and (a.ndim != len(want) or any(isinstance(d, int) and d != s for d, s in zip(want[1:], a.shape[1:]))):
             raise AgentError("bad-bundle", "reference input %r has shape %s, the manifest says %s per sample; re-export "

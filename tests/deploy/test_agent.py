@@ -196,6 +196,18 @@ def test_denoiser_reference_must_cover_every_input(agent, denoiser_bundle):
         agent.load_reference(str(denoiser_bundle), broken)
 
 
+def test_agent_opens_only_files_the_manifest_lists_with_a_sha256(agent, denoiser_bundle, tmp_path):
+    manifest, _ = agent.load_and_verify_bundle(str(denoiser_bundle))
+    outside = tmp_path / "t.npy"
+    outside.write_bytes((denoiser_bundle / manifest["reference"]["inputs"]["t"]).read_bytes())
+    sneaky = dict(manifest, reference=dict(manifest["reference"], inputs=dict(manifest["reference"]["inputs"],
+                                                                              t=str(outside))))
+    with pytest.raises(agent.AgentError, match="does not list it with a sha256"):
+        agent.load_reference(str(denoiser_bundle), sneaky)
+    with pytest.raises(agent.AgentError, match="does not list it with a sha256"):
+        agent.onnx_path(str(denoiser_bundle), dict(manifest, onnx={"file": "../model.onnx"}))
+
+
 def test_v1_only_agent_refuses_a_several_input_bundle_cleanly(agent, denoiser_bundle, monkeypatch):
     monkeypatch.setattr(agent, "BUNDLE_SCHEMA_VERSION", 1)  # what an agent from before schema 2 does
     with pytest.raises(agent.AgentError, match="schema version 2 is newer than this agent understands"):

@@ -48,9 +48,9 @@ def add_commands(sub) -> None:
     c = sub.add_parser(
         "compare",
         help="theory against measurement: accuracy, theoretical and measured peak memory, latency (tables and plots)",
-        description="Collect distillation runs (accuracy), bundles (theoretical peak memory, INT8 accuracy) and device "
-        "reports (measured memory, latency) and write compare.md/.csv/.json and three PNG plots. With no PATH the "
-        "default folders are scanned. See docs/compare.md.",
+        description="Collect distillation runs (accuracy, or a denoiser's test denoising loss), bundles (theoretical "
+        "peak memory, INT8 accuracy) and device reports (measured memory, latency) and write compare.md/.csv/.json and "
+        "PNG plots. With no PATH the default folders are scanned. See docs/compare.md.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n"
         "  redistill compare\n"
@@ -62,6 +62,8 @@ def add_commands(sub) -> None:
     c.add_argument("--bundles", default=None, help="folder of bundles (default with no PATH: bundles)")
     c.add_argument("--reports", default=None, help="folder of device reports (default with no PATH: reports)")
     c.add_argument("--out", default="bench/results/compare", help="output folder (default bench/results/compare)")
+    c.add_argument("--quality", nargs="+", default=(), metavar="FILE",
+                   help="`redistill quality --json` results (CFD, precision, recall) to join to the denoiser runs they scored")
     c.add_argument("--no-analyze", action="store_true",
                    help="do not rebuild checkpoints to size models that have no bundle (faster; fewer theory figures)")
     c.set_defaults(func=_compare)
@@ -71,7 +73,7 @@ def _compare(args) -> int:
     from bench.compare import compare
 
     files = compare(args.paths, runs=args.runs, bundles=args.bundles, reports=args.reports, out=args.out,
-                    analyze=not args.no_analyze)
+                    analyze=not args.no_analyze, quality=args.quality)
     for path in files.values():
         print(f"wrote {path}")
     return 0

@@ -75,6 +75,7 @@ def main(argv=None) -> int:
     ap.add_argument("--real", type=int, default=10000, help="real test images in the CFD reference")
     ap.add_argument("--results", default="bench/results/diffusion")
     ap.add_argument("--data-root", default="data/cifar10")
+    argv = list(sys.argv[1:] if argv is None else argv)
     a = ap.parse_args(argv)
 
     cli = [sys.executable, "-m", "redistill.cli"]
@@ -99,7 +100,7 @@ def main(argv=None) -> int:
             steps.run(f"sample {label} (DDPM)", cli + ["sample", str(ck), "--sampler", "ddpm", "--n", str(a.ddpm_n), "--seed", "0",
                                                        "--out", str(work / "samples" / f"{s}-ddpm")],
                       work / "logs" / f"sample-{s}-ddpm.log")
-    baseline = real_baseline(a, work / "samples" / "real-train")
+    baseline = real_baseline(a, work / "samples" / f"real-train-n{a.n}")
     for label, npz in [(label, work / "samples" / f"{slug(label)}-ddim" / "samples.npz") for label in cks] + [("real", baseline)]:
         steps.run(f"quality {label}", cli + ["quality", str(npz), "--classifier", a.classifier, "--real", str(a.real),
                                              "--data-root", a.data_root, "--cache", str(work / "quality-cache"),
@@ -113,6 +114,10 @@ def main(argv=None) -> int:
                   work / "logs" / f"export-{slug(label)}.log")
     steps.run("deploy (loopback)", [sys.executable, "-m", "deploy.loopback_bench", *bundles, "--reports", a.reports,
                                     "--out", a.results + "_deploy"], work / "logs" / "deploy.log")
+    steps.state.pop("compare", None)  # always refresh the tables
+    steps.run("compare", cli + ["compare", str(Path(a.runs) / a.name), str(Path(a.runs) / f"{a.name}-student"), *bundles,
+                                a.reports, "--quality", *[str(work / "quality" / f"{slug(label)}.json") for label in cks],
+                                "--out", str(Path(a.results) / "compare")], work / "logs" / "compare.log")
     total = sum(v["seconds"] for v in steps.state.values())
     print(f"[ddpm-bench] all steps done; {total / 60:.1f} min of step time (state: {steps.path})", flush=True)
     write_results(a, steps.state, argv, teacher_ckpt)
@@ -161,6 +166,7 @@ def write_results(a, state: Dict[str, dict], argv, teacher_ckpt: Path) -> None:
             "train_diffusion_loss": hist[-1].get("train_diffusion_loss") if hist else None,
             "train_red_loss": hist[-1].get("train_red") if hist else None,
             "test_diffusion_loss": summ["best"]["test_diffusion_loss"], "best_epoch": summ["best"]["epoch"],
+            "test_images": summ["best"]["test_images"],
             "cfd": q["cfd"], "precision": q["precision"], "recall": q["recall"],
             "theory_peak_bytes": (manifest.get("memory") or {}).get("peak_bytes"),
             "measured_activation_bytes": d.get("measured_activation_bytes"),
@@ -182,6 +188,11 @@ def write_results(a, state: Dict[str, dict], argv, teacher_ckpt: Path) -> None:
     }
     total_s = sum(v["seconds"] for v in state.values())
     cfd_name = real_q["cfd_name"]
+    import yaml
+
+    cfg = yaml.safe_load((Path(a.runs) / a.name / "config.yaml").read_text())
+    data, optim, dif, red_cfg = cfg["data"], cfg["optim"], cfg["diffusion"], cfg["red"]
+    subset = f"a {data['train_subset']:,}-image subset of the" if data["train_subset"] else "the"
     L = ["# Diffusion benchmark: DDPM U-Net teacher vs x2 student alone vs student+RED (CIFAR-10, 32 px)", "",
          f"Command: `python -m bench.diffusion_bench {' '.join(argv or [])}`".rstrip() + " (resumable; run in the background)", "",
          f"Machine: {machine_line()}", "",
@@ -191,21 +202,25 @@ def write_results(a, state: Dict[str, dict], argv, teacher_ckpt: Path) -> None:
          f"- Pair: the `{a.preset}` preset. Teacher `unet-1-222` (levels at 32/16/8/4 px), x2 student `unet-2-221` "
          "(its head downsamples: 16/8/4/4 px; the paper's strides [2,2,2,1] for [1,2,2,2]). The paper's U-Net layout "
          "(multipliers [1,2,2,2], attention at level 1, 2 residual blocks per level, T=1000, linear betas 1e-4..0.02, "
-         "epsilon prediction) at **width 32 instead of 128**: the paper's width trains about 16x slower per image, "
-         "which does not fit a 2-core CPU in 2.5 h.",
-         f"- Training: every network for the same {t['steps']} steps (3 epochs over 39,200 CIFAR-10 training images, "
-         "batch 64), Adam 5e-4 with cosine decay, gradient clipping 1.0, EMA 0.995 (evaluated, sampled and exported). "
-         "Student+RED: `0.5 * diffusion loss + 0.5 * RED loss`, 5 RED blocks (head output; last down and up blocks of the "
-         "student's 16 and 8 px levels), each matched to the frozen teacher's block of equal H x W, alpha 1, cosine distance. "
-         "The best epoch is picked by the denoising loss on 800 held-out training images at fixed noise; the test loss is on "
-         "2,000 test images at fixed noise.",
+         f"epsilon prediction) at **width {cfg['unet']['ch']} instead of 128**: the paper's width trains about 16x slower "
+         "per image, which does not fit a 2-core CPU in 2.5 h.",
+         f"- Training: every network for the same {t['steps']} steps ({cfg['epochs']} epoch(s) over {subset} CIFAR-10 "
+         f"training images, {data['val_fraction']:.0%} of them held out, batch {data['batch_size']}), {optim['name']} lr "
+         f"{optim['lr']} with {optim['schedule']} decay, gradient clipping {optim['grad_clip']}, EMA {dif['ema_decay']} "
+         "(evaluated, sampled and exported). "
+         f"Student+RED: `{cfg['loss']['w_ce']} * diffusion loss + {cfg['loss']['w_dist']} * RED loss`, "
+         f"{red['red_blocks']} RED blocks (head output; last down and up blocks of the student's two largest levels), each "
+         f"matched to the frozen teacher's block of equal H x W, alpha {red_cfg['alpha']}, {red_cfg['distance']} distance. "
+         "The best epoch is picked by the denoising loss on the held-out images at fixed noise; the test loss is on "
+         f"{t.get('test_images') or data['test_subset']:,} test images at fixed noise.",
          f"- Samples: {a.n} per network with DDIM ({a.steps} steps, eta 0, seed 0), plus {a.ddpm_n} with the "
-         "1000-step DDPM sampler for a grid.",
+         f"{dif['timesteps']}-step DDPM sampler for a grid.",
          f"- Quality: **{cfd_name}** (CFD) and k-NN precision/recall (k=3) on the same features, against "
          f"{real_q['n_real']} CIFAR-10 test images. This is the Frechet distance of the project's own classifier's "
          "penultimate features, **not FID** (no Inception weights can be fetched here; `redistill quality "
          "--inception-weights` adds FID where they are on disk). Its scale is this classifier's: compare rows with each "
-         f"other and with the real-image floor ({a.n} real training images scored the same way), not with published FIDs.",
+         f"other and with the real-image floor ({real_q['n_generated']} real training images scored the same way), not "
+         "with published FIDs.",
          "- Memory and latency: each network's EMA weights exported to an FP32 bundle for the TX2 target (TensorRT 8.2 "
          "pre-flight, ONNX verified against PyTorch), then one denoising step at batch 1 measured through the real deploy "
          "path (ssh to a loopback sshd, the on-device agent with ONNX Runtime's CPU backend). **Not a Jetson**: TensorRT "
@@ -220,8 +235,8 @@ def write_results(a, state: Dict[str, dict], argv, teacher_ckpt: Path) -> None:
                  f"{_fmt_b(r['theory_peak_bytes'])} | {_fmt_b(r['measured_activation_bytes'])} | {r['p50_ms'] or 0:.2f} ms |")
     L.append(f"| real training images (floor) | - | - | - | {real_q['cfd']:.2f} | {real_q['precision']:.3f} | "
              f"{real_q['recall']:.3f} | - | - | - |")
-    L += ["", "- *test denoising loss*: mean epsilon MSE of the EMA weights on 2,000 test images, time steps and noise "
-          "fixed by a seed (the same inputs for every network).",
+    L += ["", f"- *test denoising loss*: mean epsilon MSE of the EMA weights on {t['test_images']:,} test images, time "
+          "steps and noise fixed by a seed (the same inputs for every network).",
           "- *theoretical peak*: the liveness peak of the exported graph (`redistill memory`, FP32, batch 1, one step, "
           "inputs x and t), weights excluded.",
           "- *measured activation*: the agent's memory run in a fresh process (resident memory during inference minus "
@@ -243,6 +258,11 @@ def write_results(a, state: Dict[str, dict], argv, teacher_ckpt: Path) -> None:
              "every network's samples are far from real images (compare each CFD with the floor); the comparison "
              "between networks at equal steps is what this benchmark can show, and a single seed cannot tell small "
              "differences from noise.")
+    diffs = [r["verify_max_abs_diff"] for r in rows if r["verify_max_abs_diff"] is not None]
+    passed = all(r["trt82_preflight_passed"] for r in rows)
+    L.append(f"- Export: {'every' if passed else '**not every**'} bundle passed the TensorRT 8.2 pre-flight (opset 13, "
+             f"operator allow-list), and ONNX Runtime matched PyTorch's epsilon within max |diff| "
+             f"{max(diffs) if diffs else float('nan'):.1e} (tolerance 1e-4) on noisy test images at time steps 0 to 999.")
     L.append(f"- Latency of one step on this CPU: teacher {t['p50_ms'] or 0:.2f} ms, student+RED {red['p50_ms'] or 0:.2f} ms "
              f"({facts['latency_ratio_red'] or 0:.2f}x faster), student alone {alone['p50_ms'] or 0:.2f} ms.")
     L += ["", "## Samples", ""]
@@ -252,12 +272,13 @@ def write_results(a, state: Dict[str, dict], argv, teacher_ckpt: Path) -> None:
             src = work / "samples" / f"{s}-{kind}" / "grid.png"
             if src.is_file():
                 shutil.copyfile(src, res_dir / f"{s}-{kind}.png")
-        L.append(f"- {label}: DDIM {a.steps} steps `diffusion/{s}-ddim.png` (first 64 of {a.n})"
-                 + (f", DDPM 1000 steps `diffusion/{s}-ddpm.png` ({a.ddpm_n})" if (res_dir / f"{s}-ddpm.png").exists() else ""))
+        L.append(f"- {label}: DDIM {a.steps} steps `diffusion/{s}-ddim.png` (the first {min(64, a.n)} of {a.n})"
+                 + (f", DDPM {dif['timesteps']} steps `diffusion/{s}-ddpm.png` ({a.ddpm_n})" if (res_dir / f"{s}-ddpm.png").exists() else ""))
     for label in [r["network"] for r in rows]:
         L.append(f"\n**{label}** (DDIM, seed 0)\n\n![{label}](diffusion/{slug(label)}-ddim.png)")
     L += ["", "Files: `diffusion/` (grids, quality JSON, sample settings, each run's config, metrics and summaries, step "
-          "logs, state.json) and `diffusion_deploy.md/.json` (device measurements); every figure above is read from those."]
+          "logs, state.json), `diffusion/compare/` (`redistill compare` over the three runs, bundles and device reports) "
+          "and `diffusion_deploy.md/.json` (device measurements); every figure above is read from those."]
     atomic_write_text(a.results + ".md", "\n".join(L) + "\n")
     atomic_write_json(a.results + ".json", {"rows": rows, "real_floor": real_q, "facts": facts, "targets": TARGETS,
                                            "steps": state, "command": "python -m bench.diffusion_bench " + " ".join(argv or [])})

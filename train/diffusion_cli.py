@@ -39,6 +39,7 @@ def add_commands(sub) -> None:
     s.add_argument("checkpoint", help="denoiser checkpoint (best.pt / last.pt of a unet run)")
     _add_sampling_args(s, 64)
     s.add_argument("--nrow", type=int, default=8, help="images per grid row (default 8)")
+    s.add_argument("--grid", type=int, default=64, help="images in grid.png: the first GRID of --n (default 64)")
     s.add_argument("--out", default=None, help="output folder (default: samples/ beside the checkpoint)")
     s.set_defaults(func=_sample)
 
@@ -123,8 +124,8 @@ def _sample(args) -> int:
     buf = io.BytesIO()
     np.savez(buf, **arrays)
     atomic_write(out / "samples.npz", lambda f: f.write(buf.getvalue()))
-    save_grid(images, out / "grid.png", nrow=args.nrow)
-    atomic_write_json(out / "sample.json", {**settings, "seconds": round(secs, 3),
+    save_grid(images[:max(args.grid, 1)], out / "grid.png", nrow=args.nrow)
+    atomic_write_json(out / "sample.json", {**settings, "seconds": round(secs, 3), "grid_images": min(args.grid, args.n),
                                             "files": {"grid": "grid.png", "samples": "samples.npz"}})
     print(f"{args.n} images ({args.sampler}, {settings['steps']} steps, seed {args.seed}) in {secs:.1f} s -> {out}/grid.png, "
           f"samples.npz, sample.json")

@@ -163,8 +163,9 @@ def write_results(a, state: Dict[str, dict], argv, teacher_ckpt: Path) -> None:
             "params": sum(v.numel() for k, v in ck["model"].items() if v.is_floating_point() and "running_" not in k),
             "red_blocks": len(ck["red"]["sites"]), "steps": hist[-1]["steps"] if hist else None,
             "train_s": round(sum(h["train_time_s"] for h in hist), 1),
-            "train_diffusion_loss": hist[-1].get("train_diffusion_loss") if hist else None,
+            "train_diffusion_loss": hist[-1].get("train_diffusion") if hist else None,
             "train_red_loss": hist[-1].get("train_red") if hist else None,
+            "first_epoch_losses": {k: hist[0].get(k) for k in ("train_diffusion", "train_red")} if hist else None,
             "test_diffusion_loss": summ["best"]["test_diffusion_loss"], "best_epoch": summ["best"]["epoch"],
             "test_images": summ["best"]["test_images"],
             "cfd": q["cfd"], "precision": q["precision"], "recall": q["recall"],
@@ -186,7 +187,8 @@ def write_results(a, state: Dict[str, dict], argv, teacher_ckpt: Path) -> None:
         "latency_ratio_red": ratio(t["p50_ms"], red["p50_ms"]),
         "cfd_real_floor": real_q["cfd"],
     }
-    total_s = sum(v["seconds"] for v in state.values())
+    train_s = sum(r["train_s"] for r in rows)
+    other_s = sum(v["seconds"] for k, v in state.items() if not k.startswith("train"))
     cfd_name = real_q["cfd_name"]
     import yaml
 
@@ -196,8 +198,10 @@ def write_results(a, state: Dict[str, dict], argv, teacher_ckpt: Path) -> None:
     L = ["# Diffusion benchmark: DDPM U-Net teacher vs x2 student alone vs student+RED (CIFAR-10, 32 px)", "",
          f"Command: `python -m bench.diffusion_bench {' '.join(argv or [])}`".rstrip() + " (resumable; run in the background)", "",
          f"Machine: {machine_line()}", "",
-         f"Wall time: **{total_s / 60:.1f} min** of step time (`runs/{a.name}-work/state.json`; budget 2.5 h). Part of the "
-         "training shared the two cores with other work (tests, export), so steps are slower than on an idle machine.", "",
+         f"Wall time: **{(train_s + other_s) / 60:.1f} min** (budget 2.5 h): training {train_s / 60:.1f} min (the sum of "
+         "every epoch's time in the runs' `metrics.jsonl`: " + ", ".join(f"{r['network']} {r['train_s'] / 60:.1f}" for r in rows)
+         + f"), the other steps {other_s / 60:.1f} min (`runs/{a.name}-work/state.json`). Part of the training shared the "
+         "two cores with other work (tests, exports), so steps are slower than on an idle machine.", "",
          "## Setup and why", "",
          f"- Pair: the `{a.preset}` preset. Teacher `unet-1-222` (levels at 32/16/8/4 px), x2 student `unet-2-221` "
          "(its head downsamples: 16/8/4/4 px; the paper's strides [2,2,2,1] for [1,2,2,2]). The paper's U-Net layout "
@@ -254,6 +258,15 @@ def write_results(a, state: Dict[str, dict], argv, teacher_ckpt: Path) -> None:
              + ("RED lowered the student's CFD" if red["cfd"] < alone["cfd"] else "RED did not lower the student's CFD")
              + f" and its test denoising loss is {red['test_diffusion_loss']:.5f} vs {alone['test_diffusion_loss']:.5f} "
              f"alone (teacher {t['test_diffusion_loss']:.5f}).")
+    if red["first_epoch_losses"] and red["first_epoch_losses"].get("train_red") is not None:
+        f0 = red["first_epoch_losses"]
+        L.append(f"- The RED term: in the first epoch the student+RED's mean RED loss was {f0['train_red']:.4f} against a "
+                 f"diffusion loss of {f0['train_diffusion']:.4f} (student alone: "
+                 f"{(alone['first_epoch_losses'] or {}).get('train_diffusion') or 0:.4f}); by the last epoch "
+                 f"{red['train_red_loss']:.4f} against {red['train_diffusion_loss']:.4f} ({alone['train_diffusion_loss']:.4f} alone). "
+                 f"alpha = {red_cfg['alpha']} was set once before any result (the paper's ImageNet value; the issue gives "
+                 "none for DDPM) and not tuned, so this run cannot say whether a smaller alpha or a RED warm-down would "
+                 "let the matched features help instead of competing with the denoising objective.")
     L.append(f"- Scale: {t['steps']} steps of a width-32 U-Net is a small fraction of DDPM's 800k steps at width 128, so "
              "every network's samples are far from real images (compare each CFD with the floor); the comparison "
              "between networks at equal steps is what this benchmark can show, and a single seed cannot tell small "

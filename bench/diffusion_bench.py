@@ -75,6 +75,8 @@ def main(argv=None) -> int:
     ap.add_argument("--real", type=int, default=10000, help="real test images in the CFD reference")
     ap.add_argument("--results", default="bench/results/diffusion")
     ap.add_argument("--data-root", default="data/cifar10")
+    ap.add_argument("--remarks", default=None, help="a Markdown file of remarks written after looking at the results, "
+                    "added to the page under its own heading (the rest of the page is generated)")
     argv = list(sys.argv[1:] if argv is None else argv)
     a = ap.parse_args(argv)
 
@@ -196,7 +198,7 @@ def write_results(a, state: Dict[str, dict], argv, teacher_ckpt: Path) -> None:
     data, optim, dif, red_cfg = cfg["data"], cfg["optim"], cfg["diffusion"], cfg["red"]
     subset = f"a {data['train_subset']:,}-image subset of the" if data["train_subset"] else "the"
     L = ["# Diffusion benchmark: DDPM U-Net teacher vs x2 student alone vs student+RED (CIFAR-10, 32 px)", "",
-         f"Command: `python -m bench.diffusion_bench {' '.join(argv or [])}`".rstrip() + " (resumable; run in the background)", "",
+         "Command: `" + " ".join(["python -m bench.diffusion_bench", *(argv or [])]) + "` (resumable; run in the background)", "",
          f"Machine: {machine_line()}", "",
          f"Wall time: **{(train_s + other_s) / 60:.1f} min** (budget 2.5 h): training {train_s / 60:.1f} min (the sum of "
          "every epoch's time in the runs' `metrics.jsonl`: " + ", ".join(f"{r['network']} {r['train_s'] / 60:.1f}" for r in rows)
@@ -278,6 +280,15 @@ def write_results(a, state: Dict[str, dict], argv, teacher_ckpt: Path) -> None:
              f"{max(diffs) if diffs else float('nan'):.1e} (tolerance 1e-4) on noisy test images at time steps 0 to 999.")
     L.append(f"- Latency of one step on this CPU: teacher {t['p50_ms'] or 0:.2f} ms, student+RED {red['p50_ms'] or 0:.2f} ms "
              f"({facts['latency_ratio_red'] or 0:.2f}x faster), student alone {alone['p50_ms'] or 0:.2f} ms.")
+    first = work / "logs" / "red-first-launch.log"
+    if first.is_file():
+        L.append("- The teacher and student+RED were started before this command, as `redistill distill "
+                 f"{a.preset} out_dir={a.runs} --resume` with the same configuration, and this command resumed the finished "
+                 "run; that log is `diffusion/logs/red-first-launch.log`, and their training time above is read from "
+                 "the runs' metrics.")
+    if a.remarks:
+        L += ["", "## Remarks (written by hand after looking at the grids and tables)", "",
+              Path(a.remarks).read_text().strip()]
     L += ["", "## Samples", ""]
     for label in [r["network"] for r in rows]:
         s = slug(label)

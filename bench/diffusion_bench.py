@@ -18,9 +18,8 @@ import argparse
 import json
 import shutil
 import sys
-import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 from bench.reproduce import Steps
 from redistill.io import atomic_write_json, atomic_write_text
@@ -126,12 +125,6 @@ def main(argv=None) -> int:
     return 0
 
 
-def _fmt_b(n) -> str:
-    from bench.memory import fmt_bytes
-
-    return "n/a" if n is None else fmt_bytes(n)
-
-
 def _summary(run_dir: Path, stage: str) -> dict:
     return json.loads((run_dir / stage / "summary.json").read_text())
 
@@ -143,6 +136,7 @@ def _history(run_dir: Path, stage: str) -> List[dict]:
 
 def write_results(a, state: Dict[str, dict], argv, teacher_ckpt: Path) -> None:
     """``<results>.md/.json`` and ``<results>/`` (grids, run files): every figure read from the step outputs."""
+    from bench.memory import fmt_bytes
     from redistill.sysinfo import machine_line
     from train.checkpoint import load_checkpoint
 
@@ -238,7 +232,7 @@ def write_results(a, state: Dict[str, dict], argv, teacher_ckpt: Path) -> None:
     for r in rows:
         L.append(f"| {r['network']} (`{r['arch']}`) | {r['params'] / 1e6:.2f} M | {r['red_blocks']} | "
                  f"{r['test_diffusion_loss']:.5f} | {r['cfd']:.2f} | {r['precision']:.3f} | {r['recall']:.3f} | "
-                 f"{_fmt_b(r['theory_peak_bytes'])} | {_fmt_b(r['measured_activation_bytes'])} | {r['p50_ms'] or 0:.2f} ms |")
+                 f"{fmt_bytes(r['theory_peak_bytes'])} | {fmt_bytes(r['measured_activation_bytes'])} | {r['p50_ms'] or 0:.2f} ms |")
     L.append(f"| real training images (floor) | - | - | - | {real_q['cfd']:.2f} | {real_q['precision']:.3f} | "
              f"{real_q['recall']:.3f} | - | - | - |")
     L += ["", f"- *test denoising loss*: mean epsilon MSE of the EMA weights on {t['test_images']:,} test images, time "

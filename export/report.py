@@ -134,18 +134,26 @@ def _denoise_result(f: Dict[str, Any], q: Dict[str, Any], rows: Dict[str, Any]) 
     }
 
 
-def _render_denoise(r: Dict[str, Any]) -> str:
-    f, q = r["fp32"], r["int8"]
-    lines = [
-        f"# Export: FP32 vs INT8 denoiser ({r['model']['arch']}, {r['model']['method']})", "",
+def _header(r: Dict[str, Any], kind: str, data: str, unit: str) -> list:
+    """The lines every export report opens with: title, provenance, machine, data and how latency was taken."""
+    lat = r["fp32"]["latency"]
+    return [
+        f"# Export: FP32 vs INT8 {kind}({r['model']['arch']}, {r['model']['method']})", "",
         f"- created: {r['created']}",
         f"- command: `{r['command']}`",
         *[f"- export {k}: `{c}`" for k, c in r["export_commands"].items() if c],
         f"- machine: {r['machine']['cpu']}, {r['machine']['cores']} cores, {r['machine']['os']}, "
         f"Python {r['machine']['python']}, onnxruntime {r['machine']['onnxruntime']}",
-        f"- data: {r['data']} ({r['samples']} noisy test images, time steps {r['timesteps']})",
-        f"- latency: ONNX Runtime CPU, one denoising step at batch 1, median of {f['latency']['runs']} runs after "
-        f"{f['latency']['warmup']} warm-up, intra-op threads {f['latency']['threads']}", "",
+        f"- data: {r['data']} ({data})",
+        f"- latency: ONNX Runtime CPU, {unit}, median of {lat['runs']} runs after {lat['warmup']} warm-up, "
+        f"intra-op threads {lat['threads']}", "",
+    ]
+
+
+def _render_denoise(r: Dict[str, Any]) -> str:
+    f, q = r["fp32"], r["int8"]
+    lines = _header(r, "denoiser ", f"{r['samples']} noisy test images, time steps {r['timesteps']}",
+                    "one denoising step at batch 1") + [
         "| precision | denoising MSE | median latency (ms) | p10-p90 (ms) |",
         "|---|---|---|---|",
         f"| PyTorch | {r['pytorch_mse']:.5f} | - | - |",
@@ -165,16 +173,7 @@ def render(r: Dict[str, Any]) -> str:
     if r.get("task") == "denoise":
         return _render_denoise(r)
     f, q = r["fp32"], r["int8"]
-    lines = [
-        f"# Export: FP32 vs INT8 ({r['model']['arch']}, {r['model']['method']})", "",
-        f"- created: {r['created']}",
-        f"- command: `{r['command']}`",
-        *[f"- export {k}: `{c}`" for k, c in r["export_commands"].items() if c],
-        f"- machine: {r['machine']['cpu']}, {r['machine']['cores']} cores, {r['machine']['os']}, "
-        f"Python {r['machine']['python']}, onnxruntime {r['machine']['onnxruntime']}",
-        f"- data: {r['data']} ({r['test_images']} test images{'' if r['full_test_set'] else ', a SUBSET'})",
-        f"- latency: ONNX Runtime CPU, batch 1, median of {f['latency']['runs']} runs after {f['latency']['warmup']} "
-        f"warm-up, intra-op threads {f['latency']['threads']}", "",
+    lines = _header(r, "", f"{r['test_images']} test images{'' if r['full_test_set'] else ', a SUBSET'}", "batch 1") + [
         "| precision | top-1 (%) | median latency (ms) | p10-p90 (ms) |",
         "|---|---|---|---|",
     ]

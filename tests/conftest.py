@@ -36,6 +36,17 @@ def tiny_images(tmp_path_factory) -> Path:
     return make_imagefolder(tmp_path_factory.mktemp("data") / "tiny")
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module: its networks are tiny, and on a shared 2-core machine more threads only contend."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def cli_env() -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")

@@ -123,7 +123,8 @@ def _evaluate(args) -> int:
     from train.checkpoint import load_checkpoint, model_from_checkpoint
     from train.config import DataConfig
     from train.data import load_data
-    from train.trainer import evaluate, resolve_device
+    from train.tasks import evaluate
+    from train.trainer import resolve_device
 
     ck = load_checkpoint(args.checkpoint)
     saved = ck.get("config", {}).get("data", {})
@@ -140,9 +141,11 @@ def _evaluate(args) -> int:
         from train.diffusion import Diffusion
         from train.tasks import denoising_loss
 
-        d = ck.get("config", {}).get("diffusion", {})
+        from train.config import DiffusionConfig
+
+        seed = ck.get("config", {}).get("diffusion", {}).get("eval_seed", DiffusionConfig.eval_seed)
         r = denoising_loss(model, Diffusion.make(**ck["diffusion"]), data.test, dcfg.eval_batch_size, device,
-                           d.get("eval_seed", 1234), conditional=ck["num_classes"] > 0)
+                           seed, conditional=ck["num_classes"] > 0)
         r = {"diffusion_loss": r["loss"], "n": r["n"], "weights": "EMA"}
     else:
         r = evaluate(model, data.test, dcfg.eval_batch_size, device)

@@ -69,11 +69,12 @@ class Diffusion:
         xt = self.q_sample(x0, t, noise)
         if y is not None and p_uncond > 0:
             drop = torch.rand(b, generator=generator).to(x0.device) < p_uncond
-            y = torch.where(drop, torch.full_like(y, _null_label(model)), y)
+            y = torch.where(drop, torch.full_like(y, null_label(model)), y)
         eps = model(xt, t.float(), y) if y is not None else model(xt, t.float())
         return F.mse_loss(eps, noise), xt, t, y
 
 
-def _null_label(model) -> int:
+def null_label(model) -> int:
+    """The "no label" token of a conditional denoiser (classifier-free guidance): its ``num_classes``."""
     m = model.module if hasattr(model, "module") else model
     return int(getattr(m, "num_classes", 0))

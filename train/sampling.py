@@ -22,7 +22,7 @@ from torch import nn
 
 from redistill.errors import UserError
 from redistill.registry import Registry
-from train.diffusion import Diffusion
+from train.diffusion import Diffusion, null_label
 
 SAMPLERS: Registry = Registry("sampler")
 
@@ -61,11 +61,6 @@ def _sample_seed(seed: int, index: int) -> int:
     return (z ^ (z >> 31)) & 0x7FFFFFFFFFFFFFFF
 
 
-def _null_label(model: nn.Module) -> int:
-    m = model.module if hasattr(model, "module") else model
-    return int(getattr(m, "num_classes", 0))
-
-
 def predict_eps(model: nn.Module, x: torch.Tensor, t: int, y: Optional[torch.Tensor], guidance: float) -> torch.Tensor:
     """The network's epsilon at integer step ``t``; with labels and ``guidance`` w != 0, the guided mix."""
     tt = torch.full((x.shape[0],), float(t), device=x.device)
@@ -73,7 +68,7 @@ def predict_eps(model: nn.Module, x: torch.Tensor, t: int, y: Optional[torch.Ten
         return model(x, tt)
     if guidance == 0:
         return model(x, tt, y)
-    null = torch.full_like(y, _null_label(model))
+    null = torch.full_like(y, null_label(model))
     e = model(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([y, null]))
     cond, uncond = e.chunk(2)
     return (1 + guidance) * cond - guidance * uncond
@@ -141,7 +136,7 @@ def ddim_sample(model: nn.Module, diffusion: Diffusion, x: torch.Tensor, y: Opti
 
 def resolve_labels(model: nn.Module, n: int, labels, guidance: float = 0.0) -> Optional[torch.Tensor]:
     """The [n] label tensor a sampler conditions on (None for an unconditional model), checking the input."""
-    nc = _null_label(model)
+    nc = null_label(model)
     if nc == 0:
         if labels is not None:
             raise UserError("this denoiser is unconditional (num_classes=0): drop --label")

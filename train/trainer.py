@@ -28,7 +28,7 @@ from train.checkpoint import load_checkpoint, make_payload, model_from_checkpoin
 from train.config import RunConfig, build_kwargs
 from train.data import DataBundle, load_data
 from train.losses import METHODS
-from train.tasks import TASKS, evaluate  # noqa: F401 - evaluate stays importable from here
+from train.tasks import TASKS
 from train.models import build_model
 from train.red import SitePlan, insert_red_blocks, plan_sites
 
@@ -270,9 +270,8 @@ def _write_metrics(path: Path, history: List[dict]) -> None:
 
 
 def finish_stage(stage_dir: Path, data: DataBundle, cfg: RunConfig, device: torch.device, role: str,
-                 task=None) -> Dict[str, Any]:
-    """Test figures of the best (by validation) and the last epoch; written to ``summary.json``."""
-    task = task or TASKS.get(cfg.task)(cfg, role, None, [], {})
+                 task) -> Dict[str, Any]:
+    """Test figures of the best (by validation) and the last epoch (by ``task``); written to ``summary.json``."""
     out: Dict[str, Any] = {"role": role, "task": cfg.task}
     for tag in ("best", "last"):
         ck = load_checkpoint(stage_dir / f"{tag}.pt")

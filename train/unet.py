@@ -108,8 +108,6 @@ class Up(nn.Module):
 class UNet(nn.Module):
     """DDPM epsilon-prediction U-Net; ``strides[0]`` is the head's, ``strides[i]`` opens level i."""
 
-    task = "denoise"
-
     def __init__(self, strides: Sequence[int], ch: int = 128, ch_mult: Sequence[int] = (1, 2, 2, 2),
                  attn: Sequence[int] = (1,), num_res_blocks: int = 2, dropout: float = 0.1,
                  num_classes: int = 0, in_ch: int = 3, norm_groups: int = 32):

@@ -80,7 +80,7 @@ def _compare(args) -> int:
 
 
 def _memory(args) -> int:
-    from bench import memory as M
+    from redistill import memory as M
 
     sources = sum(bool(x) for x in (args.models, args.arch, args.pair, args.checkpoint))
     if sources != 1:
@@ -92,8 +92,11 @@ def _memory(args) -> int:
         for path in args.models:
             reports.append(M.analyze_onnx(path, batch=args.batch, dtype=args.dtype, inplace=args.inplace))
     else:
+        from train.design import analyze_model
+
         for label, model in _designs(args):
-            reports.append(_analyze_model(M, model, args, label))
+            reports.append(analyze_model(model, args.image_size, batch=args.batch, dtype=args.dtype,
+                                         inplace=args.inplace, name=label))
     print(format_summary(reports))
     for r in reports:
         if args.nodes:
@@ -110,7 +113,7 @@ def _memory(args) -> int:
         })
         print(f"wrote {args.json}")
     if args.plot:
-        from bench.memory_plot import plot_reports
+        from redistill.memory.plot import plot_reports
 
         plot_reports(reports, args.plot)
         print(f"wrote {args.plot}")
@@ -139,21 +142,17 @@ def command_line(args) -> str:
 
 
 def _designs(args) -> List[Tuple[str, object]]:
-    from bench import memory as M
+    from train.design import build_design, checkpoint_design, pair_designs
 
     if args.pair:
-        designs, _ = M.pair_designs(args.pair, args.image_size)
+        designs, _ = pair_designs(args.pair, args.image_size)
         return designs
     if args.checkpoint:
-        model, size = M.checkpoint_design(args.checkpoint)
+        model, size = checkpoint_design(args.checkpoint)
         args.image_size = size
         return [(model.arch_name, model)]
     label = f"{args.arch}+RED" if args.red_config else args.arch
-    return [(label, M.build_design(args.arch, args.image_size, args.red_config))]
-
-
-def _analyze_model(M, model, args, label):
-    return M.analyze_model(model, args.image_size, batch=args.batch, dtype=args.dtype, inplace=args.inplace, name=label)
+    return [(label, build_design(args.arch, args.image_size, args.red_config))]
 
 
 def reductions(reports) -> List[dict]:
@@ -185,7 +184,7 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]], right: Sequence
 
 def format_summary(reports) -> str:
     """One row per model: liveness, in-place and layer-wise peaks, weights, reduction vs the first model."""
-    from bench.memory import fmt_bytes
+    from redistill.memory import fmt_bytes
 
     inplace = any(r.inplace_peak_bytes is not None for r in reports)
     header = ["model", "liveness peak"] + (["in-place peak"] if inplace else []) + ["layer-wise (paper)", "weights", "peak node"]
@@ -211,7 +210,7 @@ def format_summary(reports) -> str:
 
 def format_nodes(report) -> str:
     """The per-node table: index, node, op, live memory (and in-place), the tensors alive."""
-    from bench.memory import fmt_bytes
+    from redistill.memory import fmt_bytes
 
     inplace = report.inplace_peak_bytes is not None
     header = ["#", "node", "op", "live"] + (["in-place"] if inplace else []) + ["tensors alive"]

@@ -443,8 +443,8 @@ def _share_theory(models: Dict[ModelKey, Dict[str, Any]]) -> None:
 
 
 def analyze_checkpoint(path: str, name: Optional[str] = None):
-    """bench.memory analysis (in-place included) of a checkpoint's network, rebuilt with its RED blocks."""
-    from bench.memory import analyze_model
+    """redistill.memory analysis (in-place included) of a checkpoint's network, rebuilt with its RED blocks."""
+    from train.design import analyze_model
     from train.checkpoint import load_checkpoint, model_from_checkpoint
 
     ck = load_checkpoint(path)
@@ -511,7 +511,7 @@ def _fmt(v, spec=".2f", suffix="") -> str:
 
 
 def _mem(v) -> str:
-    from bench.memory import fmt_bytes
+    from redistill.memory import fmt_bytes
 
     return "" if v is None else fmt_bytes(v)
 
@@ -896,7 +896,7 @@ def _plot_quality(res: Dict[str, Any], path, metric: str) -> Path:
 def footprint_reports(res: Dict[str, Any]):
     """[(label, MemoryReport)] for the first pair with a teacher and a RED student: FP32 bundles' graphs first,
     else analyses of the checkpoints. Returns ([], note) when there is no such pair."""
-    from bench.memory import analyze_onnx
+    from redistill.memory import analyze_onnx
 
     by_key = {_mkey(m): m for m in res["models"]}
     candidates = []
@@ -936,8 +936,8 @@ def footprint_reports(res: Dict[str, Any]):
 
 
 def plot_footprint(res: Dict[str, Any], path) -> Path:
-    """Per-node live memory of teacher vs student+RED, via bench.memory_plot (the `redistill memory --plot` figure)."""
-    from bench.memory_plot import plot_reports
+    """Per-node live memory of teacher vs student+RED, via redistill.memory.plot (the `redistill memory --plot` figure)."""
+    from redistill.memory.plot import plot_reports
 
     title = "Per-layer footprint: teacher vs student+RED"  # the first pair: classifiers before denoisers
     pairs, note = footprint_reports(res)

@@ -136,7 +136,7 @@ def _history(run_dir: Path, stage: str) -> List[dict]:
 
 def write_results(a, state: Dict[str, dict], argv, teacher_ckpt: Path) -> None:
     """``<results>.md/.json`` and ``<results>/`` (grids, run files): every figure read from the step outputs."""
-    from bench.memory import fmt_bytes
+    from redistill.memory import fmt_bytes
     from redistill.sysinfo import machine_line
     from train.checkpoint import load_checkpoint
 

@@ -31,7 +31,7 @@ PAPER_MB = {
 
 def run_pair(preset: str, image_size: int, dtype: Optional[str] = None):
     """(cfg, {label: MemoryReport}) for a preset's teacher, student and student+RED."""
-    from bench.memory import analyze_model, pair_designs
+    from train.design import analyze_model, pair_designs
 
     designs, cfg = pair_designs(preset, image_size)
     reports = {label: analyze_model(m, image_size, dtype=dtype, inplace=True, name=label) for label, m in designs}
@@ -74,7 +74,7 @@ def _mib(n) -> str:
 
 
 def render_markdown(rows: List[Dict[str, Any]], command: str, image_size: int, where: str) -> str:
-    from bench.memory import DEFINITION
+    from redistill.memory import DEFINITION
 
     lines = [
         "# Theoretical peak activation memory of the paper pairs",
@@ -82,7 +82,7 @@ def render_markdown(rows: List[Dict[str, Any]], command: str, image_size: int, w
         f"Command: `{command}`",
         "",
         f"Machine: {where}. Untrained models built by name (`train/models.py`, `train/trainer.build_student`), "
-        f"exported with the legacy exporter (opset 13, BatchNorm folded), analysed by `bench/memory.py`; "
+        f"exported with the legacy exporter (opset 13, BatchNorm folded), analysed by `redistill/memory/analysis.py`; "
         f"{image_size} px, FP32, batch 1. Sizes in MiB (2^20 bytes); exact bytes in the `.json` beside this file.",
         "",
         "## Peaks (MiB)",
@@ -187,7 +187,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         "summaries": {p: {k: v.summary() for k, v in reps.items()} for p, reps in all_reports.items()},
     })
     if args.plot_preset and args.plot_preset in all_reports:
-        from bench.memory_plot import plot_reports
+        from redistill.memory.plot import plot_reports
 
         reps = all_reports[args.plot_preset]
         cfg_row = next(r for r in rows if r["preset"] == args.plot_preset)

@@ -151,7 +151,7 @@ TARGETS = {
 
 
 def _fmt_b(n) -> str:
-    from bench.memory import fmt_bytes
+    from redistill.memory import fmt_bytes
 
     return "n/a" if n is None else fmt_bytes(n)
 

@@ -22,7 +22,7 @@ from redistill.sysinfo import cpu_model
 
 
 def _mib(b) -> str:
-    from bench.memory import fmt_bytes
+    from redistill.memory import fmt_bytes
 
     return "n/a" if b is None else fmt_bytes(b)
 
@@ -68,7 +68,7 @@ def render_md(doc: dict) -> str:
         "|---|---|---|---|---|---|---|---|---|---|",
         *rows,
         "",
-        "- *theoretical peak*: `memory.peak_bytes` from the bundle manifest (bench.memory's largest live set of "
+        "- *theoretical peak*: `memory.peak_bytes` from the bundle manifest (redistill.memory's largest live set of "
         "activation tensors).",
         "- *measured activation*: the agent's memory run, a fresh process: peak resident memory during inference "
         "minus resident memory after the session was created, with ONNX Runtime's CPU memory arena and memory "

@@ -14,6 +14,7 @@ from typing import Any, Dict, Optional, Tuple
 import numpy as np
 
 from redistill.errors import UserError
+from redistill.memory import manifest_entry
 
 #: what a device should allow between its runtime and the bundle's reference outputs (see docs/export.md)
 DEVICE_ATOL_FP32 = 1e-3
@@ -92,18 +93,14 @@ def _versions() -> Dict[str, str]:
 
 
 def _memory(onnx_bytes: bytes) -> Tuple[Optional[dict], Optional[str]]:
-    """``bench.memory.manifest_entry`` for the bundled graph, or (None, why) when it is not available."""
-    try:
-        from bench.memory import manifest_entry
-    except ImportError as e:
-        return None, f"bench.memory.manifest_entry is not available yet ({e}); re-export once it is"
+    """``redistill.memory.manifest_entry`` for the bundled graph, or (None, why) when the analysis failed."""
     with tempfile.TemporaryDirectory(prefix="redistill-mem-") as tmp:
         p = Path(tmp) / "model.onnx"
         p.write_bytes(onnx_bytes)
         try:
             return manifest_entry(p), None
         except Exception as e:  # a report figure must not sink a verified export
-            return None, f"bench.memory.manifest_entry failed: {type(e).__name__}: {e}"
+            return None, f"redistill.memory.manifest_entry failed: {type(e).__name__}: {e}"
 
 
 def load_sets(ck: Dict[str, Any], o: ExportOptions, need_calib: bool):

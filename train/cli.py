@@ -108,7 +108,7 @@ def _print_summary(summary) -> None:
                   f"best epoch {b['epoch']}, by {s['picked_by']}; last epoch {s['last']['test_diffusion_loss']:.5f})  -> {b['checkpoint']}")
     mem = summary.get("memory")
     if mem:
-        from bench.memory import fmt_bytes
+        from redistill.memory import fmt_bytes
 
         print(f"theoretical peak activation memory ({mem['definition']}, {mem['image_size']} px): teacher "
               f"{fmt_bytes(mem['teacher_peak_bytes'])}, student {fmt_bytes(mem['student_peak_bytes'])}: "

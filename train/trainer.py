@@ -13,7 +13,6 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -27,10 +26,11 @@ from redistill.io import atomic_write_text
 from train.checkpoint import load_checkpoint, make_payload, model_from_checkpoint, save_checkpoint
 from train.config import RunConfig, build_kwargs
 from train.data import DataBundle, load_data
+from train.design import build_student, theoretical_reduction
 from train.losses import METHODS
 from train.tasks import TASKS
 from train.models import build_model
-from train.red import SitePlan, insert_red_blocks, plan_sites
+from train.red import SitePlan
 
 
 # --- environment ------------------------------------------------------------------------------
@@ -72,17 +72,6 @@ class Dist:
 
 
 # --- building ---------------------------------------------------------------------------------
-
-
-def build_student(cfg: RunConfig, num_classes: int, teacher: Optional[nn.Module]):
-    """The student network with RED blocks inserted when the method uses RED; returns (model, plans)."""
-    model = build_model(cfg.student.arch, num_classes, cfg.data.image_size, **build_kwargs(cfg, cfg.student))
-    plans: List[SitePlan] = []
-    if "red" in METHODS.get(cfg.method):
-        sites = [asdict(s) for s in cfg.red.sites]
-        plans = plan_sites(model, teacher, sites, cfg.data.image_size, cfg.red.alpha)
-        insert_red_blocks(model, plans)
-    return model, plans
 
 
 class TeacherTap:
@@ -296,18 +285,6 @@ def finish_stage(stage_dir: Path, data: DataBundle, cfg: RunConfig, device: torc
     return out
 
 
-def theoretical_reduction(teacher: nn.Module, student_ckpt: Path, image_size: int) -> Dict[str, Any]:
-    """Liveness peak activation memory (FP32, batch 1) of teacher and student, from ``bench.memory``."""
-    from bench.memory import analyze_model
-
-    student = model_from_checkpoint(load_checkpoint(student_ckpt))
-    t = analyze_model(teacher.cpu().eval(), image_size)
-    s = analyze_model(student, image_size)
-    return {"teacher_peak_bytes": t.peak_bytes, "student_peak_bytes": s.peak_bytes,
-            "reduction": round(t.peak_bytes / s.peak_bytes, 2), "image_size": image_size,
-            "definition": "liveness peak of the exported ONNX graph, FP32, batch 1 (redistill memory)"}
-
-
 # --- the whole run ----------------------------------------------------------------------------
 
 _RESUME_MAY_CHANGE = {"epochs", "device", "log_every", "data.workers", "data.eval_batch_size", "teacher.epochs", "student.epochs"}
@@ -385,7 +362,7 @@ def run_distill(cfg: RunConfig, resume: bool = False) -> Dict[str, Any]:
 
     if cfg.method != "teacher":
         student, plans = build_student(cfg, labels, teacher_model)
-        tap = TeacherTap(teacher_model, plans) if METHODS.get(cfg.method) else None
+        tap = TeacherTap(teacher_model, plans) if METHODS.get(cfg.method).needs_teacher else None
         ssum = fit(cfg, role="student", method=cfg.method, arch=cfg.student.arch, width_mult=cfg.student.width_mult,
                    model=student, data=data, stage_dir=run_dir / "student", epochs=cfg.student.epochs or cfg.epochs,
                    resume=resume, ctx=ctx, teacher=tap, plans=plans)

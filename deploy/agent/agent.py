@@ -1112,7 +1112,7 @@ def iso_now():
 def theoretical_peak(manifest):
     mem = manifest.get("memory") or {}
     value = mem.get("peak_bytes") if isinstance(mem, dict) else None
-    return {"bytes": value, "what": "theoretical peak activation memory from the export stage (bench.memory)",
+    return {"bytes": value, "what": "theoretical peak activation memory from the export stage (redistill.memory)",
             "how": "copied from the bundle manifest's memory.peak_bytes", "detail": mem or None}
 
 

@@ -9,7 +9,7 @@ from redistill import registry
 from redistill.errors import UserError
 
 # importing the stages fills the registries
-for mod in ("train.models", "train.red", "train.losses", "train.data", "train.diffusion", "train.sampling", "bench.memory", "export.targets",
+for mod in ("train.models", "train.red", "train.losses", "train.data", "train.diffusion", "train.sampling", "redistill.memory", "export.targets",
             "export.quantize"):
     importlib.import_module(mod)
 
@@ -45,21 +45,22 @@ def _check_distance(name, fn):
     assert fn(y, y).abs().item() < 1e-5 and fn(y, -y).item() > 0
 
 
-def _check_loss(name, fn):
+def _check_loss(name, loss):
     from train.losses import LossInputs
     from train.red import SitePlan
 
     s, t = torch.randn(2, 3), torch.randn(2, 3)
     f = torch.rand(2, 2, 4, 4)
     b = LossInputs(s, t, {"a:out": f}, {"a:out": f.flip(-1)}, [SitePlan("a", "out", "b", "out", 1.0)])
-    assert torch.isfinite(fn(b))
+    assert loss.name == name and torch.isfinite(loss.fn(b))
 
 
-def _check_method(name, losses):
+def _check_method(name, method):
     from train.losses import DISTILL_LOSSES
 
-    for n in losses:
-        DISTILL_LOSSES.get(n)
+    assert method.name == name and method.label and method.marker
+    for n in method.losses:
+        assert DISTILL_LOSSES.get(n).name == n
 
 
 def _check_dataset(name, fn):

@@ -93,7 +93,7 @@ def test_mismatched_red_site_names_both_shapes():
 
 def test_paper_pair_theoretical_peak_is_at_least_3_5x_lower():
     """The issue's acceptance: student+RED vs teacher, one denoising step, 32 px, FP32, batch 1, paper width 128."""
-    from bench.memory import analyze_model, pair_designs
+    from train.design import analyze_model, pair_designs
 
     designs, _ = pair_designs("ddpm_cifar10_x2", 32)
     peaks = {label: analyze_model(m, 32).peak_bytes for label, m in designs}

@@ -8,7 +8,7 @@ from typing import Optional, Sequence, Union
 
 from redistill.io import atomic_write
 
-from bench.memory import MemoryReport, fmt_bytes
+from redistill.memory.analysis import MemoryReport, fmt_bytes
 
 _MIB = float(1 << 20)
 

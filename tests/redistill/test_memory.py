@@ -9,9 +9,10 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from bench import memory as M
+from redistill import memory as M
 from redistill.cli import main
 from redistill.errors import UserError
+from train.design import analyze_model
 
 F32, F16, I8 = TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.INT8
 
@@ -215,7 +216,7 @@ def test_analyze_model_exports_folds_batchnorm_and_restores_mode():
     torch = pytest.importorskip("torch")
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.BatchNorm2d(4), torch.nn.ReLU())
     model.train()
-    r = M.analyze_model(model, 32)
+    r = analyze_model(model, 32)
     assert model.training
     assert [n.op for n in r.nodes] == ["Conv", "Relu"]  # BatchNorm folded into the conv
     # input 3x32x32x4 = 12288 B, conv output 4x32x32x4 = 16384 B
@@ -324,8 +325,8 @@ def test_analyze_model_unet_two_inputs():
     from train.models import build_model
 
     kw = dict(ch=16, ch_mult=[1, 2, 2, 2], attn=[1], num_res_blocks=1)
-    student = M.analyze_model(build_model("unet-2-221", 0, 32, **kw), 32, inplace=True)
-    teacher = M.analyze_model(build_model("unet-1-222", 0, 32, **kw), 32)
+    student = analyze_model(build_model("unet-2-221", 0, 32, **kw), 32, inplace=True)
+    teacher = analyze_model(build_model("unet-1-222", 0, 32, **kw), 32)
     assert student.model == "unet-2-221"
     # the inputs: x [1,3,32,32] float32 + t [1] float32; the output eps [1,3,32,32]
     assert student.input_bytes == 3 * 32 * 32 * 4 + 4 and student.output_bytes == 3 * 32 * 32 * 4

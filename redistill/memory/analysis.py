@@ -9,14 +9,11 @@ Weights and constants are reported separately and never count towards a peak.
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import os
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Set
 
 from redistill.errors import UserError, did_you_mean
 from redistill.registry import Registry
@@ -460,43 +457,6 @@ def _inplace_live(nodes, tensors: Dict[str, TensorInfo], graph_inputs: Set[str])
     return [sum(size for b, size in buf_size.items() if buf_start[b] <= idx <= buf_end[b]) for idx in range(len(nodes))]
 
 
-# --- models, manifests ------------------------------------------------------------------------------
-
-
-def export_for_analysis(model, image_size: int, path: Union[str, os.PathLike], batch: int = 1) -> Path:
-    """Export a torch model to ONNX (legacy exporter, opset 13, BatchNorm folded) for analysis only.
-
-    Inputs are the model's own (``train.models.example_inputs``): one image for a classifier, ``x, t[, y]``
-    for a denoiser, named by ``input_names``/``output_names`` as in an exported bundle.
-    """
-    import torch
-
-    from train.models import example_inputs, input_names, output_names
-
-    was_training = model.training
-    try:
-        param = next(model.parameters(), None)
-        device = param.device if param is not None else torch.device("cpu")
-        dummy = tuple(x.to(device) for x in example_inputs(model, image_size, batch=batch))
-        model.eval()
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(model, dummy, str(path), dynamo=False, opset_version=13, input_names=input_names(model),
-                              output_names=output_names(model), do_constant_folding=True)
-    finally:
-        model.train(was_training)
-    return Path(path)
-
-
-def analyze_model(model, image_size: int, batch: int = 1, dtype: Optional[str] = None, inplace: bool = False,
-                  name: Optional[str] = None) -> MemoryReport:
-    """Export ``model`` to a temporary ONNX file and analyse it (no training or checkpoint needed)."""
-    with tempfile.TemporaryDirectory(prefix="redistill-memory-") as tmp:
-        path = export_for_analysis(model, image_size, Path(tmp) / "model.onnx")
-        return analyze_onnx(path, batch=batch, dtype=dtype, inplace=inplace,
-                            name=name or getattr(model, "arch_name", type(model).__name__))
-
-
 def manifest_entry(onnx_path, batch: int = 1, dtype: Optional[str] = None) -> Dict[str, Any]:
     """Small JSON-ready summary of an exported graph's theoretical memory, for a bundle manifest."""
     r = analyze_onnx(onnx_path, batch=batch, dtype=dtype, inplace=True)
@@ -512,57 +472,3 @@ def manifest_entry(onnx_path, batch: int = 1, dtype: Optional[str] = None) -> Di
         "activation_types": r.activation_types,
         "definition": DEFINITION,
     }
-
-
-# --- building designs from names -------------------------------------------------------------------
-
-
-def build_design(arch: str, image_size: int, red_config: Optional[str] = None, num_classes: Optional[int] = None,
-                 **build_kwargs):
-    """The plain model ``arch``, or with ``red_config`` (a preset or YAML) that model with the config's RED blocks.
-
-    ``num_classes`` defaults to 10 for a classifier and 0 (unconditional) for a denoiser; ``build_kwargs``
-    go to the builder (a U-Net's ``ch``, ``ch_mult``, ...).
-    """
-    from train.models import build_model, task_of
-
-    if num_classes is None:
-        num_classes = 0 if task_of(arch) == "denoise" else 10
-    if not red_config:
-        return build_model(arch, num_classes, image_size, **build_kwargs)
-    from train.config import build_kwargs, load_config
-    from train.trainer import build_student
-
-    cfg = load_config(red_config, [f"student.arch={arch}", f"data.image_size={image_size}", "method=red"])
-    if not cfg.red.sites:
-        raise UserError(f"config {red_config!r} has no red.sites; give a config with RED sites (e.g. mobilenetv2_x4)")
-    teacher = (build_model(cfg.teacher.arch, num_classes, image_size, **build_kwargs(cfg, cfg.teacher))
-               if cfg.teacher.arch else None)
-    with contextlib.redirect_stdout(open(os.devnull, "w")):
-        model, _ = build_student(cfg, num_classes, teacher)
-    model.arch_name = f"{arch}+RED"
-    return model
-
-
-def checkpoint_design(path: Union[str, os.PathLike]):
-    """(model, image size) rebuilt from a checkpoint: its architecture, builder options and RED blocks."""
-    from train.checkpoint import load_checkpoint, model_from_checkpoint
-
-    ck = load_checkpoint(path)
-    model = model_from_checkpoint(ck)
-    model.arch_name = ck["arch"] + ("+RED" if ck["red"]["sites"] else "")
-    return model, ck["image_size"]
-
-
-def pair_designs(preset: str, image_size: int, num_classes: Optional[int] = None):
-    """[(label, model)] for a preset's teacher, student and student+RED (built with the preset's builder options)."""
-    from train.config import build_kwargs, load_config
-    from train.models import build_model, task_of
-
-    cfg = load_config(preset, [f"data.image_size={image_size}"])
-    if num_classes is None:
-        num_classes = 0 if task_of(cfg.student.arch) == "denoise" else 10
-    teacher = build_model(cfg.teacher.arch, num_classes, image_size, **build_kwargs(cfg, cfg.teacher))
-    student = build_model(cfg.student.arch, num_classes, image_size, **build_kwargs(cfg, cfg.student))
-    red = build_design(cfg.student.arch, image_size, preset, num_classes)
-    return [("teacher", teacher), ("student", student), ("student+RED", red)], cfg

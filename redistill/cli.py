@@ -15,7 +15,7 @@ from typing import List, Optional
 from redistill import __version__
 from redistill.errors import UserError, did_you_mean
 
-STAGE_CLIS = ("train.cli", "train.diffusion_cli", "bench.cli", "export.cli", "deploy.cli")
+STAGE_CLIS = ("train.cli", "train.diffusion_cli", "bench.quality_cli", "bench.cli", "export.cli", "deploy.cli")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,4 +1,4 @@
-"""``redistill sample`` and ``redistill quality``: draw images from a denoiser checkpoint and score them."""
+"""``redistill sample``: draw images from a denoiser checkpoint (``redistill quality``, in bench/, scores them)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 from redistill.errors import UserError
 
 
-def _add_sampling_args(p, n_default: int) -> None:
+def add_sampling_args(p, n_default: int) -> None:
     g = p.add_argument_group("sampling")
     g.add_argument("--sampler", default="ddim", help="ddim (default) or ddpm (ancestral, all T steps)")
     g.add_argument("--steps", type=int, default=50, help="DDIM steps, evenly spaced over the schedule (default 50)")
@@ -37,37 +37,11 @@ def add_commands(sub) -> None:
         "  redistill sample runs/ddpm/student/best.pt --sampler ddpm --n 16 --seed 1 --out /tmp/s",
     )
     s.add_argument("checkpoint", help="denoiser checkpoint (best.pt / last.pt of a unet run)")
-    _add_sampling_args(s, 64)
+    add_sampling_args(s, 64)
     s.add_argument("--nrow", type=int, default=8, help="images per grid row (default 8)")
     s.add_argument("--grid", type=int, default=64, help="images in grid.png: the first GRID of --n (default 64)")
     s.add_argument("--out", default=None, help="output folder (default: samples/ beside the checkpoint)")
     s.set_defaults(func=_sample)
-
-    q = sub.add_parser(
-        "quality", help="sample quality: classifier-feature Frechet distance (CFD), precision/recall, FID with local weights",
-        description="Score generated images against real test images, downloading nothing: CFD (the Frechet distance "
-        "of the project's own classifier's penultimate features; not FID), k-NN precision and recall on the same "
-        "features, and FID only with --inception-weights on disk. INPUT is a samples.npz written by `redistill sample` "
-        "or a denoiser checkpoint (then --n images are sampled first). See docs/diffusion.md.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="examples:\n  redistill quality samples/teacher/samples.npz --classifier runs/quick/teacher/best.pt --json q.json\n"
-        "  redistill quality runs/ddpm/student/best.pt --n 1000 --classifier runs/quick/teacher/best.pt "
-        "--inception-weights pt_inception-2015-12-05-6726825d.pth",
-    )
-    q.add_argument("input", metavar="SAMPLES.npz|CHECKPOINT")
-    q.add_argument("--classifier", required=True, metavar="CKPT",
-                   help="classifier checkpoint whose penultimate features define CFD (e.g. runs/quick/teacher/best.pt)")
-    q.add_argument("--real", type=int, default=10000, help="real test images for the reference (default 10000, capped at the set)")
-    q.add_argument("--real-seed", type=int, default=0, help="seed of the class-balanced real subset (default 0)")
-    q.add_argument("--k", type=int, default=3, help="k of the k-NN precision/recall (default 3)")
-    q.add_argument("--inception-weights", default=None, metavar="PATH",
-                   help="local Inception-v3 weights (torchvision or pytorch-fid pt_inception .pth): adds FID")
-    q.add_argument("--data-root", default=None, help="real image folder (default: the one the denoiser/classifier was trained on)")
-    q.add_argument("--data-name", default=None, help="imagefolder | cifar10 | stl10")
-    q.add_argument("--cache", default=None, metavar="DIR", help="reference-statistics cache folder (default: beside the classifier)")
-    q.add_argument("--json", default=None, metavar="OUT", help="also write the result to this JSON file")
-    _add_sampling_args(q, 1000)
-    q.set_defaults(func=_quality)
 
 
 def _sample_settings(args, ck, checkpoint: str, diffusion) -> dict:
@@ -84,7 +58,7 @@ def _sample_settings(args, ck, checkpoint: str, diffusion) -> dict:
     }
 
 
-def _draw(args, checkpoint: str):
+def draw_samples(args, checkpoint: str):
     """Load, validate and sample; returns (images [-1,1], labels or None, settings, seconds)."""
     import time
 
@@ -117,7 +91,7 @@ def _sample(args) -> int:
     from train.sampling import save_grid, to_uint8
 
     out = Path(args.out) if args.out else Path(args.checkpoint).parent / "samples"
-    images, labels, settings, secs = _draw(args, args.checkpoint)
+    images, labels, settings, secs = draw_samples(args, args.checkpoint)
     arrays = {"images": to_uint8(images).numpy(), "settings": np.array(json.dumps(settings, sort_keys=True))}
     if labels is not None:
         arrays["labels"] = labels.numpy()
@@ -132,7 +106,7 @@ def _sample(args) -> int:
     return 0
 
 
-def _load_samples(path: Path):
+def load_samples(path: Path):
     import json
 
     import numpy as np
@@ -148,33 +122,3 @@ def _load_samples(path: Path):
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
         raise UserError(f"{path}: 'images' must be uint8 N x H x W x 3, got {images.dtype} {images.shape}")
     return from_uint8(images), settings
-
-
-def _quality(args) -> int:
-    from bench.quality import ClassifierFeatures, evaluate_quality, format_report
-    from redistill.io import atomic_write_json
-    from train.trainer import resolve_device
-
-    src = Path(args.input)
-    if not src.is_file():
-        raise UserError(f"{src} not found: give a samples.npz written by `redistill sample` or a denoiser checkpoint")
-    device = resolve_device(args.device)
-    fx = ClassifierFeatures(args.classifier, device)
-    if src.suffix == ".npz":
-        images, settings = _load_samples(src)
-    else:
-        images, _, settings, _ = _draw(args, str(src))
-    cdata = fx.data_config
-    sdata = settings.get("data") or {}
-    root = args.data_root or sdata.get("root") or cdata.get("root")
-    if not root:
-        raise UserError("no real-image folder known for these samples: give --data-root DIR (train/ and test/ class folders)")
-    name = args.data_name or sdata.get("name") or cdata.get("name") or "imagefolder"
-    r = evaluate_quality(images, fx, root, real=args.real, data_name=name, seed=args.real_seed, k=args.k,
-                         inception_weights=args.inception_weights, cache_dir=args.cache, device=device)
-    r = {"input": str(src), "samples": settings, **r}
-    print(format_report(r))
-    if args.json:
-        atomic_write_json(args.json, r)
-        print(f"-> {args.json}")
-    return 0

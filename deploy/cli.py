@@ -6,6 +6,8 @@ import argparse
 import os
 import sys
 
+from deploy.agent.contract import add_measure_options, measure_argv, measure_option_error
+
 
 def add_commands(sub) -> None:
     p = sub.add_parser("deploy", help="copy a bundle to devices over ssh, measure it there, save the reports",
@@ -16,16 +18,7 @@ def add_commands(sub) -> None:
     p.add_argument("--host", required=True, help="user@host[:port] or ssh config alias; comma-separated for several")
     p.add_argument("--python", default=os.environ.get("JETSON_PYTHON") or "python3",
                    help="interpreter on the device (default $JETSON_PYTHON or python3)")
-    p.add_argument("--backend", default="auto", choices=["auto", "tensorrt", "onnxruntime"])
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "int8"],
-                   help="auto = the bundle's precision; fp16 is the TX2's fast path (TensorRT only)")
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--warmup", type=int, default=20)
-    p.add_argument("--iters", type=int, default=200, help="timed latency iterations")
-    p.add_argument("--mem-iters", type=int, default=20, help="inferences in the separate memory run")
-    p.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0 = default)")
-    p.add_argument("--workspace-mb", type=int, default=256, help="TensorRT builder workspace")
-    p.add_argument("--min-top1", type=float, default=0.9, help="top-1 agreement the output check needs")
+    add_measure_options(p)  # the agent's measurement options, passed through to it
     p.add_argument("--remote-dir", default=".cache/redistill/deploy", help="base folder on the device (relative = under home)")
     p.add_argument("--reports", default="reports", help="local folder for reports")
     p.add_argument("--copy", default="auto", choices=["auto", "rsync", "scp"], help="auto = rsync when both ends have it")
@@ -46,13 +39,14 @@ def run(args: argparse.Namespace) -> int:
     from deploy.ssh import SshOptions, parse_hosts
     from redistill.errors import UserError
 
-    for name in ("batch", "iters", "mem_iters", "connect_timeout", "copy_timeout", "run_timeout"):
+    error = measure_option_error(args)
+    if error:
+        raise UserError(error)
+    for name in ("connect_timeout", "copy_timeout", "run_timeout"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1")
     hosts = parse_hosts(args.host)
-    agent_args = ["--backend", args.backend, "--precision", args.precision, "--batch", str(args.batch),
-                  "--warmup", str(args.warmup), "--iters", str(args.iters), "--mem-iters", str(args.mem_iters),
-                  "--threads", str(args.threads), "--workspace-mb", str(args.workspace_mb), "--min-top1", str(args.min_top1)]
+    agent_args = measure_argv(args)
     ssh = SshOptions(config=args.ssh_config, identity=args.identity, options=args.ssh_option,
                      connect_timeout=args.connect_timeout)
     opts = DeployOptions(python=args.python, remote_dir=args.remote_dir, reports=args.reports, copy=args.copy,

@@ -1,15 +1,15 @@
 """Deploy a bundle to one or more devices over ssh, run the bench agent there, and save its report.
 
 Per device: one ssh preflight (interpreter, numpy, rsync, free disk, remote dir), one copy of the
-agent and the bundle into ``<remote-dir>/<bundle id>/`` (rsync copies nothing the second time),
-one ssh run of the agent whose progress is streamed, and the report written atomically to
-``reports/<host>/<bundle>/<timestamp>.json``. Every failure is one ``UserError`` line with the fix.
+agent folder and the bundle into ``<remote-dir>/<bundle id>/`` (rsync copies nothing the second time),
+one ssh run of the agent folder (``python3 agent ...``) whose progress is streamed, and the report
+written atomically to ``reports/<host>/<bundle>/<timestamp>.json``. Every failure is one ``UserError``
+line with the fix. Markers, exit codes and the agent's hash come from the agent's own modules.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
 import os
 import re
@@ -26,13 +26,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
+from deploy.agent import fingerprint
+from deploy.agent.contract import ERROR_PREFIX, EXIT_REFUSED, REPORT_BEGIN, REPORT_END
 from deploy.ssh import Host, SshOptions, classify, require_client
+from export.bundle import bundle_id, verify_bundle
 from redistill.errors import UserError
+from redistill.io import atomic_write_json
 
-AGENT_DIR = Path(__file__).resolve().parent / "agent"
-REPORT_BEGIN = "===REDISTILL-REPORT-BEGIN==="
-REPORT_END = "===REDISTILL-REPORT-END==="
-AGENT_ERROR = "REDISTILL-AGENT-ERROR:"
+AGENT_DIR = Path(fingerprint.AGENT_DIR)
 _SAFE_DIR = re.compile(r"^[A-Za-z0-9._/][A-Za-z0-9._/-]*$")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _print_lock = threading.Lock()
@@ -83,17 +84,17 @@ def validate_python(py: str) -> str:
 
 
 def agent_files() -> Dict[str, Path]:
-    files = {p.name: p for p in sorted(AGENT_DIR.glob("*.py"))}
-    if "agent.py" not in files:
+    """The agent folder's files (relative path -> file), as copied to the device and hashed."""
+    files = {rel: AGENT_DIR / rel for rel in fingerprint.agent_files(str(AGENT_DIR))}
+    if "__main__.py" not in files:
         raise UserError(f"the agent is missing from {AGENT_DIR}: reinstall redistill-edge")
     return files
 
 
 def agent_sha256() -> str:
-    h = hashlib.sha256()
-    for name, path in agent_files().items():
-        h.update(name.encode() + b"\0" + path.read_bytes())
-    return h.hexdigest()
+    """The agent folder's sha256, computed by the agent's own function (the report carries the device's)."""
+    agent_files()
+    return fingerprint.agent_sha256(str(AGENT_DIR))
 
 
 def sh_c(script: str) -> str:
@@ -127,8 +128,6 @@ class Deployer:
     """Deploys one verified bundle; ``run(hosts)`` handles a fleet in parallel."""
 
     def __init__(self, bundle: str, opts: DeployOptions):
-        from export.bundle import bundle_id, verify_bundle
-
         self.bundle = Path(bundle)
         self.manifest = verify_bundle(self.bundle)
         self.bundle_id = bundle_id(self.bundle)
@@ -192,13 +191,15 @@ class Deployer:
         require_client(method)
         with tempfile.TemporaryDirectory(prefix="redistill-deploy-") as tmp:
             staging = Path(tmp)
-            (staging / "agent").mkdir()
-            for name, path in agent_files().items():
-                os.symlink(path, staging / "agent" / name)
+            for rel, path in agent_files().items():
+                link = staging / "agent" / rel
+                link.parent.mkdir(parents=True, exist_ok=True)
+                os.symlink(path, link)
             os.symlink(self.bundle.resolve(), staging / "bundle")
             sources = [str(staging / "agent"), str(staging / "bundle")]
             if method == "rsync":
-                argv = self.opts.ssh.rsync(host, sources, self.remote, checksum=self.opts.recopy)
+                # --delete: a file an older agent had must not stay in the folder the device runs and hashes
+                argv = self.opts.ssh.rsync(host, sources, self.remote, checksum=self.opts.recopy, delete=True)
             else:
                 argv = self.opts.ssh.scp(host, sources, self.remote)
             t0 = time.monotonic()
@@ -208,14 +209,15 @@ class Deployer:
             if method == "rsync" and ("command not found" in p.stderr or p.returncode == 127):
                 fallback = "rsync is not installed on the device: sudo apt install rsync there, or pass --copy scp"
             raise _fail(host, p.stderr, "copying the bundle", fallback)
-        copied = [ln for ln in p.stdout.splitlines() if ln and not ln.endswith("/")] if method == "rsync" else ["(scp: all files)"]
+        copied = ([ln for ln in p.stdout.splitlines() if ln and not ln.endswith("/") and not ln.startswith("deleting ")]
+                  if method == "rsync" else ["(scp: all files)"])
         say(host, f"copy ({method}): {len(copied)} file(s) in {time.monotonic() - t0:.1f} s"
                   + ("" if copied else ", already on the device"), self.opts.quiet)
         return copied
 
     def run_agent(self, host: Host, facts: Dict[str, str], stamp: str) -> dict:
         q = shlex.quote
-        argv = [self.opts.python, "agent/agent.py", "--bundle", "bundle", "--json-out", f"reports/{stamp}-{uuid.uuid4().hex[:8]}.json",
+        argv = [self.opts.python, "agent", "--bundle", "bundle", "--json-out", f"reports/{stamp}-{uuid.uuid4().hex[:8]}.json",
                 *self.opts.agent_args]
         env = "OPENBLAS_CORETYPE=ARMV8 " if facts.get("machine") == "aarch64" else ""
         script = f"cd {q(self.remote)} && {env}exec " + " ".join(q(a) for a in argv)
@@ -259,9 +261,9 @@ class Deployer:
             raise _fail(host, stderr, "running the agent", f"ssh failed while running the agent: {_last_line(stderr)}")
         if rc == 127:
             raise UserError(f"{host.spec}: the device could not start {self.opts.python!r}: set JETSON_PYTHON to a python3 there")
-        refusal = [ln for ln in err_lines if ln.startswith(AGENT_ERROR)]
-        if rc == 3 and refusal:
-            msg = refusal[-1][len(AGENT_ERROR):].strip()
+        refusal = [ln for ln in err_lines if ln.startswith(ERROR_PREFIX)]
+        if rc == EXIT_REFUSED and refusal:
+            msg = refusal[-1][len(ERROR_PREFIX):].strip()
             msg = msg.split(": ", 1)[1] if ": " in msg else msg
             raise UserError(f"{host.spec}: {msg}")
         if rc != 0:
@@ -280,8 +282,6 @@ class Deployer:
 
     # -- one host / many hosts ---------------------------------------------------------------------
     def deploy_one(self, host: Host) -> DeployResult:
-        from redistill.io import atomic_write_json
-
         t0 = time.monotonic()
         say(host, f"preflight ({self.opts.python}, {self.remote})", self.opts.quiet)
         facts = self.preflight(host)

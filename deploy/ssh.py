@@ -86,12 +86,16 @@ class SshOptions:
     def ssh(self, host: Host, remote_command: str) -> List[str]:
         return ["ssh", *self.common(host), host.destination, remote_command]
 
-    def rsync(self, host: Host, sources: Sequence[str], remote_dir: str, checksum: bool = False) -> List[str]:
+    def rsync(self, host: Host, sources: Sequence[str], remote_dir: str, checksum: bool = False,
+              delete: bool = False) -> List[str]:
+        """``delete``: remove files the sources no longer have from the copied folders (not from ``remote_dir``)."""
         # rsync splits -e itself and understands single quotes, which is what shlex.quote emits
         rsh = " ".join(shlex.quote(a) for a in ["ssh", *self.common(host)])
         argv = ["rsync", "-rtL", "--chmod=u+rwX", "--exclude=__pycache__", "--exclude=*.pyc", "--out-format=%n", "-e", rsh]
         if checksum:
             argv.append("--checksum")
+        if delete:
+            argv.append("--delete")
         return [*argv, *sources, f"{host.destination}:{remote_dir}/"]
 
     def scp(self, host: Host, sources: Sequence[str], remote_dir: str) -> List[str]:

@@ -16,7 +16,8 @@ no ``input`` key): an agent that reads only version 1 refuses it instead of feed
 
 The bundle id is the sha256 of ``manifest.json``; since the manifest holds every
 file's sha256, it identifies the whole bundle. The on-device agent
-(``deploy/agent``) re-verifies every hash with the standard library only.
+(``deploy/agent``) re-verifies every hash with the standard library only. The schema name and
+version are the server-agent contract's (``deploy/agent/contract.py``).
 """
 
 from __future__ import annotations
@@ -29,11 +30,9 @@ import tarfile
 from pathlib import Path
 from typing import Any, Dict, Mapping, Union
 
+from deploy.agent.contract import BUNDLE_SCHEMA, BUNDLE_SCHEMA_VERSION
 from redistill.errors import UserError
 from redistill.io import atomic_dir, atomic_write, sha256_file
-
-SCHEMA = "redistill-bundle"
-SCHEMA_VERSION = 2  # the newest this code reads and writes; see manifest_version
 MANIFEST = "manifest.json"
 
 Content = Union[bytes, str, os.PathLike]
@@ -65,7 +64,7 @@ def write_bundle(out_dir: Union[str, os.PathLike], files: Mapping[str, Content],
             else:
                 shutil.copyfile(content, dst)
             entries[rel] = {"sha256": sha256_file(dst), "bytes": dst.stat().st_size}
-        full = {"schema": SCHEMA, "schema_version": manifest_version(manifest), **manifest, "files": entries}
+        full = {"schema": BUNDLE_SCHEMA, "schema_version": manifest_version(manifest), **manifest, "files": entries}
         (tmp / MANIFEST).write_text(json.dumps(full, indent=2) + "\n")
     if tarball:
         def write_tar(f):
@@ -84,10 +83,10 @@ def read_manifest(bundle: Union[str, os.PathLike]) -> Dict[str, Any]:
         m = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise UserError(f"{path} is not valid JSON ({e}); re-export the bundle") from None
-    if m.get("schema") != SCHEMA:
-        raise UserError(f"{path} is not a {SCHEMA} manifest; re-export the bundle")
-    if m.get("schema_version", 0) > SCHEMA_VERSION:
-        raise UserError(f"{path} has schema version {m['schema_version']}, newer than this redistill ({SCHEMA_VERSION}); upgrade")
+    if m.get("schema") != BUNDLE_SCHEMA:
+        raise UserError(f"{path} is not a {BUNDLE_SCHEMA} manifest; re-export the bundle")
+    if m.get("schema_version", 0) > BUNDLE_SCHEMA_VERSION:
+        raise UserError(f"{path} has schema version {m['schema_version']}, newer than this redistill ({BUNDLE_SCHEMA_VERSION}); upgrade")
     return m
 
 

@@ -1,4 +1,4 @@
-"""The server-agent contract, defined once: schema names and versions, report markers, exit codes.
+"""The server-agent contract, defined once: schema names and versions, report markers, exit codes, options.
 
 The agent (on the device) and the server (export writes bundles, deploy reads reports, compare joins
 them) both import this module. It imports nothing, so it stays Python 3.6 and is copied with the agent.
@@ -23,3 +23,75 @@ ERROR_PREFIX = "REDISTILL-AGENT-ERROR:"
 EXIT_OK = 0
 EXIT_CRASHED = 1
 EXIT_REFUSED = 3
+
+#: the agent's backends (its registry refuses any other name); ``auto`` picks one on the device
+BACKEND_NAMES = ("onnxruntime", "tensorrt")
+PRECISIONS = ("auto", "fp32", "fp16", "int8")
+
+
+class Option(object):
+    """One measurement option of the agent; the agent, ``redistill deploy`` and the loopback bench all take it."""
+
+    __slots__ = ("flag", "type", "default", "help", "choices", "minimum")
+
+    def __init__(self, flag, type, default, help, choices=None, minimum=None):
+        self.flag = flag
+        self.type = type
+        self.default = default
+        self.help = help
+        self.choices = choices
+        self.minimum = minimum
+
+    @property
+    def dest(self):
+        return self.flag[2:].replace("-", "_")
+
+
+#: the measurement options, defined once: parsers are generated from them and their values passed through
+MEASURE_OPTIONS = (
+    Option("--backend", str, "auto", "auto = tensorrt when tensorrt and pycuda/cuda-python import, else onnxruntime",
+           choices=("auto",) + BACKEND_NAMES),
+    Option("--precision", str, "auto", "auto = the bundle's precision; fp16 is the TX2's fast path (TensorRT only)",
+           choices=PRECISIONS),
+    Option("--batch", int, 1, "batch size for latency and memory (dynamic-batch bundles)", minimum=1),
+    Option("--warmup", int, 20, "discarded warm-up calls before the timed ones", minimum=0),
+    Option("--iters", int, 200, "timed latency iterations", minimum=1),
+    Option("--mem-iters", int, 20, "inferences in the separate memory run", minimum=1),
+    Option("--sample-ms", int, 100, "system RAM sampling interval in ms during the memory run", minimum=1),
+    Option("--threads", int, 0, "onnxruntime intra-op threads (0 = its default)"),
+    Option("--ort-device", str, "auto", "onnxruntime execution provider (auto = CUDA when onnxruntime has it)",
+           choices=("auto", "cpu", "cuda")),
+    Option("--workspace-mb", int, 256, "TensorRT builder workspace in MiB"),
+    Option("--min-top1", float, 0.9, "top-1 agreement the output check needs"),
+)
+
+
+def add_measure_options(parser, defaults=None, exclude=()):
+    """Add the measurement options to an argparse parser: ``defaults`` overrides defaults by dest name, ``exclude``
+    leaves options out (the caller then sets their values, e.g. with ``parser.set_defaults``)."""
+    defaults = defaults or {}
+    unknown = sorted((set(defaults) | set(exclude)) - set(o.dest for o in MEASURE_OPTIONS))
+    if unknown:
+        raise ValueError("no measurement option %s; see MEASURE_OPTIONS" % ", ".join(unknown))
+    for o in MEASURE_OPTIONS:
+        if o.dest in exclude:
+            continue
+        default = defaults.get(o.dest, o.default)
+        parser.add_argument(o.flag, type=o.type, default=default, choices=o.choices,
+                            help="%s (default: %s)" % (o.help, default))
+
+
+def measure_option_error(namespace):
+    """The first measurement option below its minimum as one line, or None when all are valid."""
+    for o in MEASURE_OPTIONS:
+        if o.minimum is not None and getattr(namespace, o.dest) < o.minimum:
+            return "%s must be at least %s" % (o.flag, o.minimum)
+    return None
+
+
+def measure_argv(namespace):
+    """Every measurement option of a parsed namespace as agent arguments (``--flag value`` pairs, table order)."""
+    argv = []
+    for o in MEASURE_OPTIONS:
+        argv += [o.flag, str(getattr(namespace, o.dest))]
+    return argv

@@ -1,20 +1,15 @@
-"""Shared fixtures for the deploy tests: tiny FP32/INT8 bundles and a two-server loopback sshd fleet."""
-
-import importlib.util
-import sys
-from pathlib import Path
+"""Shared fixtures for the deploy tests: tiny FP32/INT8 bundles, a two-server loopback sshd fleet, a denoiser bundle,
+and the agent folder copied elsewhere (as on a device)."""
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-AGENT_PATH = REPO / "deploy" / "agent" / "agent.py"
-VENV_PYTHON = str(Path(sys.executable))
+from tests.support.agent import copy_agent
 
 
 @pytest.fixture(scope="session")
 def bundles(tmp_path_factory):
     """``{"fp32": path, "int8": path}``, written with export.bundle.write_bundle under one folder."""
-    from deploy.fixtures import tiny_bundle
+    from tests.support.fixtures import tiny_bundle
 
     root = tmp_path_factory.mktemp("bundles")
     return {"fp32": tiny_bundle(root / "tiny-fp32"), "int8": tiny_bundle(root / "tiny-int8", int8=True)}
@@ -33,19 +28,16 @@ def fleet(tmp_path_factory):
 
 
 @pytest.fixture
-def agent():
-    """A fresh import of the standalone agent file (it is not a package module on the device)."""
-    spec = importlib.util.spec_from_file_location("redistill_agent_under_test", AGENT_PATH)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def agent_copy(tmp_path):
+    """The agent folder copied under another name, as the deploy copies it to a device."""
+    return copy_agent(tmp_path / "device" / "copied-agent")
 
 
 @pytest.fixture(scope="session")
 def denoiser_bundle(tmp_path_factory, tiny_images):
     """A real FP32 bundle of a tiny U-Net denoiser (inputs x, t; output eps) written by `redistill export`."""
-    from deploy.fixtures import tiny_denoiser_checkpoint
     from export.pipeline import ExportOptions, run_export
+    from tests.support.fixtures import tiny_denoiser_checkpoint
 
     root = tmp_path_factory.mktemp("ddpm")
     ck = tiny_denoiser_checkpoint(root / "best.pt", tiny_images, ["cat", "dog", "ship", "truck"])

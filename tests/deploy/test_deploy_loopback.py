@@ -1,7 +1,7 @@
 """End to end over a real OpenSSH server on 127.0.0.1: `make deploy` to a two-sshd fleet, then the failure modes.
 
 Both servers share this machine's filesystem, so they stand in for two devices on the network
-path (ssh, copy, remote run, report) but not for two separate disks.
+path (ssh, copy, remote run of the copied agent folder, report) but not for two separate disks.
 """
 
 import json
@@ -11,7 +11,10 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
+
+from deploy.agent.contract import REPORT_SCHEMA, REPORT_SCHEMA_VERSION
+from deploy.agent.fingerprint import agent_files
+from deploy.deployer import agent_sha256
 
 REPO = Path(__file__).resolve().parents[2]
 VENV_PYTHON = sys.executable
@@ -41,8 +44,10 @@ def assert_one_line_error(p, *needles):
 
 def check_report(path, bundle_id):
     r = json.loads(Path(path).read_text())
-    assert r["schema"] == "redistill-device-report" and r["schema_version"] == 1
+    assert r["schema"] == REPORT_SCHEMA and r["schema_version"] == REPORT_SCHEMA_VERSION
     assert r["bundle"]["id"] == bundle_id and r["deploy"]["bundle_id"] == bundle_id
+    # the agent hashed the folder it ran from on the device; the server hashed the one it copied
+    assert r["agent"]["sha256"] == r["deploy"]["agent_sha256"] == agent_sha256()
     assert r["backend"]["name"] == "onnxruntime"
     assert r["output_check"]["passed"] and r["output_check"]["top1_agreement"] == 1.0
     lat = r["latency"]
@@ -82,9 +87,13 @@ def test_second_deploy_copies_nothing_and_int8_runs(fleet, bundles, tmp_path):
 
     first = run_deploy(bundles["fp32"], "loop0", fleet.config, tmp_path)
     assert first.returncode == 0, first.stderr
+    copied_agent = tmp_path / "device" / bundle_id(bundles["fp32"]) / "agent"
+    assert agent_files(str(copied_agent)) == agent_files()  # the whole folder, subfolders included
+    (copied_agent / "agent.py").write_text("raise SystemExit('a file an older agent left')\n")
     second = run_deploy(bundles["fp32"], "loop0", fleet.config, tmp_path)
     assert second.returncode == 0, second.stderr
     assert "copy (rsync): 0 file(s)" in second.stderr and "already on the device" in second.stderr
+    assert not (copied_agent / "agent.py").exists()  # removed, so the device runs and hashes the server's folder
     reps = reports_in(tmp_path)
     assert len(reps) == 2
     newest = check_report(reps[-1], bundle_id(bundles["fp32"]))
@@ -179,22 +188,3 @@ def test_agent_crash_reports_remote_traceback(fleet, bundles, tmp_path):
     last = assert_one_line_error(p, "the agent crashed", "ValueError", "remote traceback is printed above")
     assert "Traceback (most recent call last)" in p.stderr and "[loop0]" in p.stderr
     assert reports_in(tmp_path) == [], last
-
-
-def test_loopback_bench_writes_results(bundles, tmp_path):
-    from deploy.loopback import sshd_available
-    from deploy.loopback_bench import main
-
-    if sshd_available():
-        pytest.skip(sshd_available())
-    out = tmp_path / "res" / "deploy_loopback"
-    rc = main([str(bundles["fp32"]), str(bundles["int8"]), "--out", str(out), "--reports", str(tmp_path / "reports"),
-               "--iters", "10", "--warmup", "1", "--mem-iters", "2"])
-    assert rc == 0
-    doc = json.loads(out.with_suffix(".json").read_text())
-    assert [r["precision"] for r in doc["results"]] == ["fp32", "int8"]
-    for r in doc["results"]:
-        assert r["measured_activation_bytes"] > 0 and r["theoretical_peak_bytes"] > 0 and r["latency_ms"]["p50_ms"] > 0
-        assert r["output_check"]["passed"]
-    md = out.with_suffix(".md").read_text()
-    assert "not a Jetson" in md and "tiny-int8" in md and doc["command"].startswith("python -m deploy.loopback_bench")

@@ -1,5 +1,6 @@
 """The Docker files cannot be built here (no Jetson, no docker); check they parse and reference files that exist."""
 
+import json
 import re
 from pathlib import Path
 
@@ -38,10 +39,16 @@ def test_dockerfile_parses_and_copies_existing_files(name):
     assert entry and entry[0].startswith("[")
 
 
-def test_jetson_image_is_l4t_r32_7_with_agent():
+def test_jetson_image_is_l4t_r32_7_and_runs_the_agent_folder():
+    ins = instructions(REPO / "docker" / "Dockerfile.jetson")
     text = (REPO / "docker" / "Dockerfile.jetson").read_text()
     assert "nvcr.io/nvidia/l4t-tensorrt:r8.2.1-runtime" in text and "pycuda" in text
-    assert "/opt/redistill/agent/agent.py" in text and (REPO / "deploy" / "agent" / "agent.py").exists()
+    copies = {dst.rstrip("/"): src.rstrip("/") for word, rest in ins if word == "COPY" for src, dst in [rest.split()[-2:]]}
+    assert copies.get("/opt/redistill/agent") == "deploy/agent", copies
+    entry = json.loads([rest for word, rest in ins if word == "ENTRYPOINT"][0])
+    # the entry point runs the copied folder itself (its __main__.py), as the deploy does on a device
+    assert entry[0] == "python3" and entry[1].rstrip("/") == "/opt/redistill/agent", entry
+    assert (REPO / "deploy" / "agent" / "__main__.py").is_file()
 
 
 def test_deploy_guide_exists_and_is_honest():

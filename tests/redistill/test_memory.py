@@ -335,7 +335,7 @@ def test_analyze_model_unet_two_inputs():
 
 
 def test_memory_cli_checkpoint_of_a_denoiser(tmp_path, tiny_images, capsys):
-    from deploy.fixtures import tiny_denoiser_checkpoint
+    from tests.support.fixtures import tiny_denoiser_checkpoint
 
     ck = tiny_denoiser_checkpoint(tmp_path / "best.pt", tiny_images, ["cat", "dog", "ship", "truck"])
     out = tmp_path / "mem.json"

@@ -1,4 +1,4 @@
-"""Tiny bundles (FP32 and Q/DQ INT8) for tests and the loopback bench dry run: a 3-layer conv net, seconds to build;
+"""Tiny bundles (FP32 and Q/DQ INT8) for the tests: a 3-layer conv net, seconds to build;
 and a tiny DDPM U-Net denoiser checkpoint (exported with the real pipeline by the tests)."""
 
 from __future__ import annotations

@@ -1,9 +1,10 @@
 """Loopback deploy bench: start a throwaway sshd on 127.0.0.1, deploy each bundle with the ONNX Runtime backend,
 and write ``bench/results/deploy_loopback.{md,json}`` (measured activation memory next to the manifest's theory).
 
-    python -m deploy.loopback_bench bundles/quick-fp32 bundles/quick-int8
+    python -m bench.loopback_bench bundles/quick-fp32 bundles/quick-int8
 
 This is the full deploy path (ssh, rsync, remote agent, report) on this machine's CPU, not a Jetson.
+The measurement options are the agent's (deploy/agent/contract.py), with one intra-op thread by default.
 """
 
 from __future__ import annotations
@@ -18,12 +19,22 @@ import tempfile
 from pathlib import Path
 from typing import List, Optional
 
+from deploy.agent.contract import add_measure_options, measure_argv, measure_option_error
+from deploy.deployer import Deployer, DeployOptions
+from deploy.loopback import LoopbackSshd
+from deploy.ssh import SshOptions, parse_hosts
+from redistill.errors import UserError
+from redistill.io import atomic_write_json, atomic_write_text
+from redistill.memory import fmt_bytes
 from redistill.sysinfo import cpu_model
+
+PROG = "python -m bench.loopback_bench"
+#: the backend is fixed (this machine is not a Jetson); one intra-op thread is steadier on a shared box
+FIXED = {"backend": "onnxruntime"}
+DEFAULTS = {"threads": 1}
 
 
 def _mib(b) -> str:
-    from redistill.memory import fmt_bytes
-
     return "n/a" if b is None else fmt_bytes(b)
 
 
@@ -83,33 +94,30 @@ def render_md(doc: dict) -> str:
     ])
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m deploy.loopback_bench", description=__doc__.split("\n\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     p.add_argument("bundles", nargs="+")
     p.add_argument("--out", default="bench/results/deploy_loopback", help="writes OUT.md and OUT.json")
     p.add_argument("--reports", default="reports/loopback")
-    p.add_argument("--iters", type=int, default=200)
-    p.add_argument("--warmup", type=int, default=20)
-    p.add_argument("--mem-iters", type=int, default=20)
-    p.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads (1 = steady on a shared box)")
-    args = p.parse_args(argv)
+    add_measure_options(p, defaults=DEFAULTS, exclude=tuple(FIXED))
+    p.set_defaults(**FIXED)
+    return p
 
-    from deploy.deployer import Deployer, DeployOptions
-    from deploy.loopback import LoopbackSshd
-    from deploy.ssh import SshOptions
-    from redistill.errors import UserError
-    from redistill.io import atomic_write_json, atomic_write_text
-    import onnxruntime
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = build_parser()
+    args = p.parse_args(argv)
+    error = measure_option_error(args)
+    if error:
+        p.error(error)
+    import onnxruntime  # only for its version on the page
 
     results = []
     with tempfile.TemporaryDirectory(prefix="redistill-loopback-") as tmp, LoopbackSshd(Path(tmp) / "sshd") as sshd:
-        host = __import__("deploy.ssh", fromlist=["parse_hosts"]).parse_hosts(sshd.aliases[0])[0]
+        host = parse_hosts(sshd.aliases[0])[0]
         for bundle in args.bundles:
             opts = DeployOptions(python=sys.executable, remote_dir=str(Path(tmp) / "device"), reports=args.reports,
-                                 agent_args=["--backend", "onnxruntime", "--iters", str(args.iters), "--warmup",
-                                             str(args.warmup), "--mem-iters", str(args.mem_iters), "--threads",
-                                             str(args.threads)],
-                                 ssh=SshOptions(config=str(sshd.config)))
+                                 agent_args=measure_argv(args), ssh=SshOptions(config=str(sshd.config)))
             try:
                 res = Deployer(bundle, opts).deploy_one(host)
             except UserError as e:
@@ -120,7 +128,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     doc = {
         "schema": "redistill-deploy-loopback", "schema_version": 1,
         "created": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "command": "python -m deploy.loopback_bench " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
+        "command": PROG + " " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
         "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "platform": platform.platform(),
                     "python": platform.python_version(), "onnxruntime": onnxruntime.__version__},
         "json": str(out.with_suffix(".json")), "reports": args.reports,

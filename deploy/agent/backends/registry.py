@@ -1,0 +1,77 @@
+"""The backend registry and the interface every backend implements.
+
+Adding a backend = one class decorated with ``@register_backend("name")`` in a module imported by
+``backends/__init__.py``, and its name in ``contract.BACKEND_NAMES`` (the choices the server offers).
+"""
+
+import sys
+
+from ..common import AgentError
+from ..contract import BACKEND_NAMES
+
+BACKENDS = {}
+
+
+def register_backend(name):
+    """Class decorator: register a Backend subclass under ``name``."""
+    def deco(cls):
+        if name in BACKENDS:
+            raise ValueError("backend %r registered twice" % name)
+        if name not in BACKEND_NAMES:
+            raise ValueError("backend %r is not in contract.BACKEND_NAMES; add it there" % name)
+        cls.name = name
+        BACKENDS[name] = cls
+        return cls
+    return deco
+
+
+def get_backend(name):
+    if name not in BACKENDS:
+        raise AgentError("bad-argument", "unknown backend %r; valid: %s" % (name, ", ".join(sorted(BACKENDS))))
+    return BACKENDS[name]
+
+
+def choose_backend(requested):
+    """``auto``: TensorRT when its bindings and a CUDA buffer library are importable, else ONNX Runtime."""
+    if requested != "auto":
+        return get_backend(requested)
+    for name in ("tensorrt", "onnxruntime"):
+        if BACKENDS[name].available():
+            return BACKENDS[name]
+    raise AgentError("no-backend", "neither TensorRT (with pycuda or cuda-python) nor onnxruntime is importable "
+                     "by %s; on a Jetson: pip3 install pycuda (see docs/deploy.md), elsewhere: pip install onnxruntime"
+                     % sys.executable)
+
+
+class Backend(object):
+    """One loaded model. ``infer(feeds)`` takes ``{input name: array}`` (every input of the bundle) and returns the
+    first output as numpy; ``bench(feeds)`` returns a no-argument callable to time."""
+
+    name = None
+
+    @classmethod
+    def available(cls):
+        return False
+
+    def __init__(self, bundle_dir, manifest, bundle_id, args):
+        self.bundle_dir = bundle_dir
+        self.manifest = manifest
+        self.bundle_id = bundle_id
+        self.args = args
+        self.info = {}
+
+    def load(self):
+        raise NotImplementedError
+
+    def infer(self, feeds):
+        raise NotImplementedError
+
+    def bench(self, feeds):
+        return lambda: self.infer(feeds)
+
+    def activation_memory(self):
+        """A dict with bytes/what/how, or None when this backend cannot tell."""
+        return None
+
+    def close(self):
+        pass

@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 
+from deploy.agent.backends import backend_choices
 from deploy.agent.contract import add_measure_options, measure_argv, measure_option_error
 
 
@@ -18,7 +19,7 @@ def add_commands(sub) -> None:
     p.add_argument("--host", required=True, help="user@host[:port] or ssh config alias; comma-separated for several")
     p.add_argument("--python", default=os.environ.get("JETSON_PYTHON") or "python3",
                    help="interpreter on the device (default $JETSON_PYTHON or python3)")
-    add_measure_options(p)  # the agent's measurement options, passed through to it
+    add_measure_options(p, choices={"backend": backend_choices()})  # the agent's options, passed through to it
     p.add_argument("--remote-dir", default=".cache/redistill/deploy", help="base folder on the device (relative = under home)")
     p.add_argument("--reports", default="reports", help="local folder for reports")
     p.add_argument("--copy", default="auto", choices=["auto", "rsync", "scp"], help="auto = rsync when both ends have it")

@@ -10,6 +10,7 @@ import json
 import sys
 import traceback
 
+from .backends import backend_choices
 from .bundle import load_and_verify_bundle
 from .common import AgentError, PhaseCrashed, atomic_write_bytes, log
 from .contract import (ERROR_PREFIX, EXIT_CRASHED, EXIT_OK, EXIT_REFUSED, REPORT_BEGIN, REPORT_END, add_measure_options,
@@ -24,7 +25,7 @@ def build_parser():
     p = argparse.ArgumentParser(prog="agent", usage=USAGE, description="ReDistill on-device bench agent: verify a "
                                 "bundle, run it, measure latency and memory, print a JSON report")
     p.add_argument("--bundle", required=True, help="bundle folder (manifest.json, model.onnx, reference/)")
-    add_measure_options(p)
+    add_measure_options(p, choices={"backend": backend_choices()})
     p.add_argument("--cache-dir", default=None, help="TensorRT engine cache (default: engines/ next to the bundle)")
     p.add_argument("--json-out", default=None, help="also write the report here (atomically)")
     p.add_argument("--verify-only", action="store_true", help="only check the bundle's sha256s")

@@ -24,8 +24,6 @@ EXIT_OK = 0
 EXIT_CRASHED = 1
 EXIT_REFUSED = 3
 
-#: the agent's backends (its registry refuses any other name); ``auto`` picks one on the device
-BACKEND_NAMES = ("onnxruntime", "tensorrt")
 PRECISIONS = ("auto", "fp32", "fp16", "int8")
 
 
@@ -49,8 +47,9 @@ class Option(object):
 
 #: the measurement options, defined once: parsers are generated from them and their values passed through
 MEASURE_OPTIONS = (
-    Option("--backend", str, "auto", "auto = tensorrt when tensorrt and pycuda/cuda-python import, else onnxruntime",
-           choices=("auto",) + BACKEND_NAMES),
+    # choices: "auto" + the agent's backend registry (backends.registry.backend_choices), given by each parser
+    Option("--backend", str, "auto", "auto = the first importable backend: tensorrt (with pycuda or cuda-python), "
+           "else onnxruntime"),
     Option("--precision", str, "auto", "auto = the bundle's precision; fp16 is the TX2's fast path (TensorRT only)",
            choices=PRECISIONS),
     Option("--batch", int, 1, "batch size for latency and memory (dynamic-batch bundles)", minimum=1),
@@ -66,18 +65,20 @@ MEASURE_OPTIONS = (
 )
 
 
-def add_measure_options(parser, defaults=None, exclude=()):
-    """Add the measurement options to an argparse parser: ``defaults`` overrides defaults by dest name, ``exclude``
-    leaves options out (the caller then sets their values, e.g. with ``parser.set_defaults``)."""
+def add_measure_options(parser, choices=None, defaults=None, exclude=()):
+    """Add the measurement options to an argparse parser: ``choices`` and ``defaults`` override an option's by dest
+    name (``choices={"backend": backend_choices()}``), ``exclude`` leaves options out (the caller then sets their
+    values, e.g. with ``parser.set_defaults``)."""
+    choices = choices or {}
     defaults = defaults or {}
-    unknown = sorted((set(defaults) | set(exclude)) - set(o.dest for o in MEASURE_OPTIONS))
+    unknown = sorted((set(choices) | set(defaults) | set(exclude)) - set(o.dest for o in MEASURE_OPTIONS))
     if unknown:
         raise ValueError("no measurement option %s; see MEASURE_OPTIONS" % ", ".join(unknown))
     for o in MEASURE_OPTIONS:
         if o.dest in exclude:
             continue
         default = defaults.get(o.dest, o.default)
-        parser.add_argument(o.flag, type=o.type, default=default, choices=o.choices,
+        parser.add_argument(o.flag, type=o.type, default=default, choices=choices.get(o.dest, o.choices),
                             help="%s (default: %s)" % (o.help, default))
 
 

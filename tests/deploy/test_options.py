@@ -8,6 +8,7 @@ import pytest
 from bench import loopback_bench
 from deploy import cli as deploy_cli
 from deploy.agent import cli as agent_cli
+from deploy.agent.backends import backend_choices
 from deploy.agent.contract import MEASURE_OPTIONS, measure_argv
 from redistill.errors import UserError
 
@@ -34,7 +35,8 @@ def test_every_contract_option_is_in_the_parser_with_its_default(which):
         a = actions[o.flag]
         assert a.dest == o.dest and a.type is o.type, (which, o.flag)
         assert a.default == overrides.get(o.dest, o.default), (which, o.flag)
-        assert (tuple(a.choices) if a.choices else None) == o.choices, (which, o.flag)
+        expected = backend_choices() if o.dest == "backend" else o.choices
+        assert (tuple(a.choices) if a.choices else None) == expected, (which, o.flag)
     own = {a.dest for a in build()._actions} & {o.dest for o in MEASURE_OPTIONS}
     assert own == {o.dest for o in MEASURE_OPTIONS} - set(fixed)
 

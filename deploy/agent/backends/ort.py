@@ -9,6 +9,8 @@ from .registry import Backend, register_backend
 class OnnxRuntimeBackend(Backend):
     """ONNX Runtime on CPU (CUDA when present), with the memory arena and pattern off so RSS follows real allocations."""
 
+    auto_rank = 10
+
     @classmethod
     def available(cls):
         return module_available("onnxruntime")

@@ -1,13 +1,12 @@
 """The backend registry and the interface every backend implements.
 
 Adding a backend = one class decorated with ``@register_backend("name")`` in a module imported by
-``backends/__init__.py``, and its name in ``contract.BACKEND_NAMES`` (the choices the server offers).
+``backends/__init__.py``; the agent's and the server's ``--backend`` choices come from this registry.
 """
 
 import sys
 
 from ..common import AgentError
-from ..contract import BACKEND_NAMES
 
 BACKENDS = {}
 
@@ -17,12 +16,15 @@ def register_backend(name):
     def deco(cls):
         if name in BACKENDS:
             raise ValueError("backend %r registered twice" % name)
-        if name not in BACKEND_NAMES:
-            raise ValueError("backend %r is not in contract.BACKEND_NAMES; add it there" % name)
         cls.name = name
         BACKENDS[name] = cls
         return cls
     return deco
+
+
+def backend_choices():
+    """``auto`` and every registered backend, in the order ``auto`` tries them."""
+    return ("auto",) + tuple(n for n, _ in sorted(BACKENDS.items(), key=lambda kv: (kv[1].auto_rank, kv[0])))
 
 
 def get_backend(name):
@@ -35,7 +37,7 @@ def choose_backend(requested):
     """``auto``: TensorRT when its bindings and a CUDA buffer library are importable, else ONNX Runtime."""
     if requested != "auto":
         return get_backend(requested)
-    for name in ("tensorrt", "onnxruntime"):
+    for name in backend_choices()[1:]:
         if BACKENDS[name].available():
             return BACKENDS[name]
     raise AgentError("no-backend", "neither TensorRT (with pycuda or cuda-python) nor onnxruntime is importable "
@@ -48,6 +50,8 @@ class Backend(object):
     first output as numpy; ``bench(feeds)`` returns a no-argument callable to time."""
 
     name = None
+    #: ``--backend auto`` tries backends in increasing rank
+    auto_rank = 100
 
     @classmethod
     def available(cls):

@@ -31,6 +31,8 @@ class TensorRTBackend(Backend):
     vs ``device_memory_size``), so 8.4-8.6 take whichever path they support.
     """
 
+    auto_rank = 0
+
     @classmethod
     def available(cls):
         return module_available("tensorrt") and (module_available("pycuda") or module_available("cuda"))

@@ -3,11 +3,15 @@
 A task computes one batch's loss (the student's task loss and, for distillation
 methods, the teacher-matched losses), keeps any extra state (a denoiser's EMA
 weights), validates a model (the score that picks the best epoch) and tests
-the saved checkpoints. Adding a task is one decorated class.
+the saved checkpoints. Each task also carries the record of its quality figure (``TaskMetric``: which
+summary key, better direction, format, column and plot titles) that ``redistill compare`` reads.
+Adding a task is one decorated class.
 """
 
 from __future__ import annotations
 
+import copy
+from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
@@ -15,11 +19,73 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from redistill.records import DEFAULT_TASK
 from redistill.registry import Registry
+from train.diffusion import Diffusion
 from train.losses import LossInputs, total_loss
 from train.red import SitePlan
 
 TASKS: Registry = Registry("task")
+
+
+@dataclass(frozen=True)
+class OnnxFigures:
+    """Where a bundle's manifest keeps the task's figure measured with ONNX Runtime at export, and its names."""
+
+    section: str  # manifest section: ``accuracy``
+    fp32: str  # key of the FP32 graph's figure in it: ``fp32_top1``
+    int8: str  # key of the INT8 graph's figure: ``int8_top1``
+    name: str  # compare's fields onnx_fp32_NAME / onnx_int8_NAME and CSV columns onnx_fp32_NAME / int8_NAME
+    title: str  # table headers "ONNX FP32 TITLE" / "INT8 TITLE"
+
+
+@dataclass(frozen=True)
+class TaskMetric:
+    """A task's quality figure: what is read from the run summary and the bundle, which way is better,
+    and how compare's tables and plots name it. ``key`` names it in compare.csv / compare.json."""
+
+    key: str  # ``top1``: compare's field and CSV column (with _std, _min, _max; teacher_KEY, student_alone_KEY)
+    summary_key: str  # the test figure in a stage's summary.json ``best`` / ``last``: ``test_top1``
+    higher_is_better: bool
+    fmt: str  # format spec of the figure in tables: ``.2f``
+    title: str  # "top-1": runs table "(best)"/"(last)" columns, pairs table figure column
+    column: str  # models table column: "top-1 (%)"
+    short: str  # pairs table "teacher SHORT" / "student-alone SHORT" columns
+    gap_unit: str  # pairs table "gap (UNIT)"
+    noun: str  # in notes: "no distillation run found (NOUN from the bundle only)"
+    plural: str  # "classifiers", in the plots' notes and list
+    intro: str  # what the figure is, in compare.md's opening paragraph
+    label_suffix: str  # appended to model labels ("denoiser": "RED (unet-2-221, 32 px, denoiser)"); "" for none
+    onnx: OnnxFigures
+    plot_file: str  # the figure of this metric against theoretical peak memory
+    plot_title: str
+    plot_ylabel: str
+    plot_what: str  # "a test accuracy": the empty plot says "no model with both WHAT and a theoretical peak"
+    models_heading: str = ""  # above this task's models table when another task's table precedes it
+    runs_heading: str = ""  # likewise above its runs table
+    generative: bool = False  # its checkpoints draw samples that `redistill quality` scores (CFD column)
+
+    @property
+    def sign(self) -> float:
+        """+1 when higher is better, -1 when lower is: ``sign * (a - b) > 0`` means a is better than b."""
+        return 1.0 if self.higher_is_better else -1.0
+
+    def gap(self, teacher: Optional[float], alone: Optional[float]) -> Optional[float]:
+        """How much better the teacher is than the student trained alone (in the figure's units)."""
+        return self.sign * (teacher - alone) if teacher is not None and alone is not None else None
+
+    def recovered(self, method: Optional[float], alone: Optional[float], gap: Optional[float]) -> Optional[float]:
+        """The fraction of the gap a method closes: 0 no better than the student alone, 1 matches the teacher."""
+        return self.sign * (method - alone) / gap if gap and method is not None and alone is not None else None
+
+    @property
+    def rule(self) -> str:
+        """The gap-recovered rule in this figure's direction, spelled out when lower is better (the surprising one)."""
+        if self.higher_is_better:
+            return ""
+        s = self.short
+        return (f"{self.plural.capitalize()}: gap = student-alone {s} - teacher {s}; "
+                f"recovered = (student-alone {s} - method {s}) / gap.")
 
 
 class Task:
@@ -27,6 +93,8 @@ class Task:
 
     #: name of the task loss in the logs and metrics (``ce`` for classifiers)
     loss_name = "loss"
+    #: the quality figure of this task's models (set by every registered task)
+    metric: TaskMetric
 
     def __init__(self, cfg, method: str, teacher, plans: List[SitePlan], blocks: Dict[str, nn.Module]):
         self.cfg, self.method, self.teacher, self.plans, self.blocks = cfg, method, teacher, plans, blocks
@@ -67,6 +135,17 @@ class Task:
         return loss, parts
 
 
+def task_metrics() -> Dict[str, TaskMetric]:
+    """Every registered task's quality figure, by task name; the default task (classifiers) first."""
+    names = sorted(TASKS, key=lambda n: (n != DEFAULT_TASK, n))
+    return {n: TASKS.get(n).metric for n in names}
+
+
+def metric_of(task: Optional[str]) -> TaskMetric:
+    """The quality figure of ``task``'s models; a task this code does not know is read as the default task."""
+    return TASKS.get(task if task in TASKS else DEFAULT_TASK).metric
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, dataset: Dataset, batch_size: int, device: torch.device) -> Dict[str, float]:
     """Top-1 accuracy (%) and mean cross-entropy of ``model`` on ``dataset``."""
@@ -86,6 +165,13 @@ class ClassifyTask(Task):
     """Cross-entropy (with CutMix/MixUp when configured); the best epoch has the best validation top-1."""
 
     loss_name = "ce"
+    metric = TaskMetric(
+        key="top1", summary_key="test_top1", higher_is_better=True, fmt=".2f", title="top-1", column="top-1 (%)",
+        short="top-1", gap_unit="points", noun="accuracy", plural="classifiers",
+        intro="accuracy in % test top-1 (mean ± sample std [min-max] over seeds)", label_suffix="",
+        onnx=OnnxFigures("accuracy", "fp32_top1", "int8_top1", "top1", "top-1"),
+        plot_file="accuracy_vs_peak_memory.png", plot_title="Accuracy vs theoretical peak activation memory (FP32, batch 1)",
+        plot_ylabel="test top-1 (%), mean ± std over seeds", plot_what="a test accuracy")
 
     def __init__(self, cfg, method, teacher, plans, blocks, num_classes: int = 0):
         super().__init__(cfg, method, teacher, plans, blocks)
@@ -132,11 +218,19 @@ class DenoiseTask(Task):
     """
 
     loss_name = "diffusion"
+    metric = TaskMetric(
+        key="diffusion_loss", summary_key="test_diffusion_loss", higher_is_better=False, fmt=".4f",
+        title="denoising loss", column="test denoising loss (lower is better)", short="loss", gap_unit="loss",
+        noun="denoising MSE", plural="denoisers",
+        intro="denoisers: test denoising loss, the mean squared error of the predicted noise (lower is better)",
+        label_suffix="denoiser", onnx=OnnxFigures("denoising", "fp32_onnx_mse", "int8_onnx_mse", "mse", "MSE"),
+        plot_file="denoising_loss_vs_peak_memory.png",
+        plot_title="Denoising loss vs theoretical peak activation memory (one denoising step, FP32, batch 1)",
+        plot_ylabel="test denoising loss (lower is better), mean ± std over seeds", plot_what="a test denoising loss",
+        models_heading="Denoisers (one denoising step: inputs x and t):", runs_heading="Denoiser runs:", generative=True)
 
     def __init__(self, cfg, method, teacher, plans, blocks, num_classes: int = 0):
         super().__init__(cfg, method, teacher, plans, blocks)
-        from train.diffusion import Diffusion
-
         d = cfg.diffusion
         self.diffusion = Diffusion.make(d.schedule, d.timesteps, d.beta_start, d.beta_end)
         self.conditional = d.conditional
@@ -144,8 +238,6 @@ class DenoiseTask(Task):
         self.updates = 0
 
     def attach(self, model):
-        import copy
-
         self.ema = copy.deepcopy(model).eval().requires_grad_(False)
 
     def batch_loss(self, net, x, y, generator):

@@ -1,318 +1,337 @@
-"""`redistill compare` on small generated runs, bundles and device reports written to the real schemas."""
+"""`redistill compare` on what the real stages write: tiny training runs (run_distill), their exports (run_export),
+device reports of the agent run locally on each bundle, and a `redistill quality` result. Expected figures are read
+back from those files, so every assertion checks a join, an aggregate or a ratio against its source."""
 
 from __future__ import annotations
 
 import csv
 import json
 import statistics
+import subprocess
+import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
+from bench.compare import build, collect
+from bench.compare.tables import csv_columns, render_markdown
+from export.bundle import read_manifest
+from export.pipeline import ExportOptions, run_export
 from redistill.cli import main
-from redistill.io import atomic_write_json, atomic_write_text
+from tests.conftest import REPO, cli_env
+from train.config import load_config
+from train.tasks import TASKS, ClassifyTask, OnnxFigures, TaskMetric, metric_of
+from train.trainer import run_distill
 
-T_ARCH, S_ARCH = "tinyteacher-1-22", "tinystudent-4-11"
-
-
-def _tiny_onnx(path: Path, channels: int, stride: int) -> None:
-    import warnings
-
-    import torch
-    from torch import nn
-
-    net = nn.Sequential(nn.Conv2d(3, channels, 3, stride, 1), nn.ReLU(), nn.Conv2d(channels, channels, 3, 1, 1),
-                        nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, 10)).eval()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(net, torch.zeros(1, 3, 16, 16), str(path), dynamo=False, opset_version=13,
-                          input_names=["input"], output_names=["logits"])
+AGENT = REPO / "deploy" / "agent"
+TINY = ["data.batch_size=8", "data.eval_batch_size=16", "data.val_fraction=0.1", "optim.warmup_epochs=0"]
+DDPM = ["unet.ch=8", "unet.num_res_blocks=2", "unet.norm_groups=4", "unet.dropout=0.0", "diffusion.timesteps=50",
+        "data.train_subset=0", "data.test_subset=0", "data.batch_size=16", "data.val_fraction=0.1"]
 
 
-def _stage(role, arch, method, top1):
-    best = {"checkpoint": f"runs/x/{role}/best.pt", "epoch": 3, "test_top1": top1, "test_loss": 1.0, "test_images": 100}
-    return {"role": role, "best": best, "arch": arch, "method": method, "images_per_s": 100.0,
-            "last": dict(best), "picked_by": "validation split"}
+def _distill(preset: str, data: Path, runs: Path, name: str, *extra: str) -> Path:
+    run_distill(load_config(preset, [f"data.root={data}", f"out_dir={runs}", f"name={name}", "epochs=1", "device=cpu",
+                                     *extra]))
+    return runs / name
 
 
-def _run(root: Path, name: str, method: str, seed: int, teacher_top1=None, student_top1=None, reused=False):
-    d = root / name
-    summary = {"name": name, "method": method, "run_dir": f"runs/{name}"}
-    if reused:
-        summary["teacher"] = {"checkpoint": "runs/r0/teacher/best.pt", "arch": T_ARCH, "reused": True}
-    elif teacher_top1 is not None:
-        summary["teacher"] = _stage("teacher", T_ARCH, "teacher", teacher_top1)
-    if student_top1 is not None:
-        summary["student"] = _stage("student", S_ARCH, method, student_top1)
-    atomic_write_json(d / "summary.json", summary)
-    atomic_write_text(d / "config.yaml", f"name: {name}\nmethod: {method}\nseed: {seed}\nteacher:\n  arch: {T_ARCH}\n"
-                                         f"student:\n  arch: {S_ARCH}\ndata:\n  image_size: 16\n")
+def _export(ck: Path, out: Path, **kw) -> Path:
+    path, _ = run_export(ExportOptions(str(ck), out=str(out), verify_images=8, reference_images=4, quiet=True, **kw))
+    return path
 
 
-def _bundle(root: Path, name: str, arch: str, method: str, precision: str, memory: dict, acc: dict, onnx=None):
-    from export.bundle import bundle_id
-
-    d = root / name
-    d.mkdir(parents=True)
-    if onnx:
-        _tiny_onnx(d / "model.onnx", *onnx)
-    manifest = {"schema": "redistill-bundle", "schema_version": 1, "name": name, "created": "2025-01-01T00:00:00Z",
-                "model": {"arch": arch, "method": method, "role": "teacher" if method == "teacher" else "student",
-                          "num_classes": 10, "image_size": 16, "red_blocks": 0,
-                          "checkpoint": {"file": "best.pt", "sha256": "0" * 64, "epoch": 3}},
-                "precision": precision, "target": "orin", "onnx": {"file": "model.onnx", "opset": 13},
-                "accuracy": acc, "memory": memory, "files": {}}
-    atomic_write_json(d / "manifest.json", manifest)
-    return manifest, bundle_id(d)
+def _measure(bundle: Path, reports: Path, stamp: str) -> Path:
+    """The agent run on ``bundle`` here (as on a device), its report filed like deploy's: reports/HOST/BUNDLE/STAMP.json."""
+    out = reports / "loop0" / bundle.name / f"{stamp}.json"
+    r = subprocess.run([sys.executable, str(AGENT), "--bundle", str(bundle), "--json-out", str(out), "--warmup", "1",
+                        "--iters", "5", "--mem-iters", "2", "--sample-ms", "10", "--threads", "1"],
+                       env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return out
 
 
-def _report(root: Path, host: str, bundle: str, bid: str, manifest: dict, stamp: str, act: int, p50: float):
-    report = {"schema": "redistill-device-report", "schema_version": 1, "created": stamp,
-              "bundle": {"id": bid, "name": bundle, "precision": manifest["precision"], "model": manifest["model"]},
-              "device": {"model": "NVIDIA Jetson TX2", "machine": "aarch64"},
-              "backend": {"name": "tensorrt", "precision": "fp16"},
-              "output_check": {"passed": True, "max_abs_diff": 1e-3, "top1_agreement": 1.0},
-              "latency": {"mean_ms": p50, "p50_ms": p50, "p90_ms": p50 * 1.1, "p99_ms": p50 * 1.5},
-              "memory": {"activation": {"bytes": act}, "process_peak": {"bytes": 300 << 20},
-                         "theoretical_peak": {"bytes": manifest["memory"]["peak_bytes"]}},
-              "deploy": {"host": host, "bundle_id": bid, "server_time": stamp}}
-    atomic_write_json(root / host / bundle / f"{stamp}.json", report)
+def _json(path: Path) -> dict:
+    return json.loads(Path(path).read_text())
+
+
+def _best(run: Path, role: str, key: str):
+    return _json(run / "summary.json")[role]["best"][key]
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory):
-    root = tmp_path_factory.mktemp("compare")
+def cls(tmp_path_factory, tiny_images, one_thread):
+    """Classifiers: RED with its teacher (seeds 0 and 1), student alone, KD reusing seed 0's teacher; the teacher and
+    the RED student exported (RED also as INT8); both FP32 bundles measured, the RED one twice."""
+    root = tmp_path_factory.mktemp("cls")
     runs, bundles, reports = root / "runs", root / "bundles", root / "reports"
-    _run(runs, "red_s0", "red", 0, teacher_top1=80.0, student_top1=70.0)
-    _run(runs, "red_s1", "red", 1, teacher_top1=82.0, student_top1=73.0)
-    _run(runs, "alone_s0", "student", 0, student_top1=60.0)
-    _run(runs, "kd_s0", "kd", 0, student_top1=65.0, reused=True)
-    tm, tid = _bundle(bundles, "teacher-fp32", T_ARCH, "teacher", "fp32",
-                      {"peak_bytes": 40960, "inplace_peak_bytes": 32768, "layerwise_peak_bytes": 30720},
-                      {"fp32_top1": 80.5}, onnx=(16, 1))
-    rm, rid = _bundle(bundles, "red-fp32", S_ARCH, "red", "fp32",
-                      {"peak_bytes": 4096, "inplace_peak_bytes": 3072, "layerwise_peak_bytes": 2048},
-                      {"fp32_top1": 70.1}, onnx=(16, 4))
-    _bundle(bundles, "red-int8", S_ARCH, "red", "int8", {"peak_bytes": 5000}, {"fp32_top1": 70.1, "int8_top1": 69.6})
-    _report(reports, "tx2", "red-fp32", rid, rm, "20250101T000000Z", act=999999, p50=9.0)  # older: ignored
-    _report(reports, "tx2", "red-fp32", rid, rm, "20250102T000000Z", act=10240, p50=2.0)
-    _report(reports, "tx2", "teacher-fp32", tid, tm, "20250102T000000Z", act=81920, p50=5.0)
+    red0 = _distill("quick", tiny_images, runs, "red_s0", *TINY, "seed=0")
+    _distill("quick", tiny_images, runs, "red_s1", *TINY, "seed=1")
+    _distill("quick", tiny_images, runs, "alone_s0", *TINY, "method=student")
+    _distill("quick", tiny_images, runs, "kd_s0", *TINY, "method=kd", f"teacher.checkpoint={red0 / 'teacher' / 'best.pt'}")
+    t32 = _export(red0 / "teacher" / "best.pt", bundles / "teacher-fp32")
+    r32 = _export(red0 / "student" / "best.pt", bundles / "red-fp32")
+    _export(red0 / "student" / "best.pt", bundles / "red-int8", target="orin-int8", calib_images=8)
+    _measure(t32, reports, "1")
+    _measure(r32, reports, "1")
+    _measure(r32, reports, "2")  # the newer report: the one compare keeps
     out = root / "out"
-    rc = main(["compare", "--runs", str(runs), "--bundles", str(bundles), "--reports", str(reports), "--out", str(out)])
-    assert rc == 0
+    assert main(["compare", "--runs", str(runs), "--bundles", str(bundles), "--reports", str(reports), "--out", str(out)]) == 0
     return root, out
 
 
-def _model(doc, method):
-    return next(m for m in doc["models"] if m["method"] == method)
+def _model(doc, method, task="classify"):
+    return next(m for m in doc["models"] if m["method"] == method and m["task"] == task)
 
 
-def test_outputs_exist(project):
-    _, out = project
+def _pair(doc, method, task="classify"):
+    return next(p for p in doc["pairs"] if p["method"] == method and p["task"] == task)
+
+
+def test_outputs_exist(cls):
+    _, out = cls
     for name in ("compare.md", "compare.csv", "compare.json", "memory_theory_vs_measured.png",
                  "accuracy_vs_peak_memory.png", "footprint_teacher_vs_student_red.png"):
-        p = out / name
-        assert p.is_file() and p.stat().st_size > 0, name
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     assert (out / "footprint_teacher_vs_student_red.png").read_bytes()[:4] == b"\x89PNG"
+    assert not (out / "denoising_loss_vs_peak_memory.png").exists()  # no denoiser among the inputs
 
 
-def test_figures_match_inputs(project):
-    _, out = project
-    doc = json.loads((out / "compare.json").read_text())
+def test_models_aggregate_the_runs_summaries(cls):
+    root, out = cls
+    doc = _json(out / "compare.json")
+    runs = root / "runs"
+    t_top1 = [_best(runs / r, "teacher", "test_top1") for r in ("red_s0", "red_s1")]
     t = _model(doc, "teacher")
-    assert t["top1"]["n"] == 2 and t["top1"]["mean"] == pytest.approx(81.0)
-    assert t["top1"]["std"] == pytest.approx(statistics.stdev([80.0, 82.0]))
-    assert (t["top1"]["min"], t["top1"]["max"]) == (80.0, 82.0)
-    red = _model(doc, "red")
-    assert red["top1"]["mean"] == pytest.approx(71.5) and red["top1"]["n"] == 2
-    assert red["theory"] == {"peak_bytes": 4096, "inplace_peak_bytes": 3072, "layerwise_peak_bytes": 2048}
-    assert red["onnx_int8_top1"] == 69.6
-    (dep,) = red["deployments"]  # the newest report only
-    assert dep["activation_bytes"] == 10240 and dep["latency_p50_ms"] == 2.0
-    assert dep["ratio_measured_theoretical"] == pytest.approx(10240 / 4096)
-    pair = next(p for p in doc["pairs"] if p["method"] == "red")
-    assert pair["gap"] == pytest.approx(21.0)
-    assert pair["recovered"] == pytest.approx((71.5 - 60.0) / 21.0)
-    assert pair["theory_ratio"] == pytest.approx(10.0)
-    (meas,) = pair["measured"]
-    assert meas["activation_ratio"] == pytest.approx(8.0) and meas["latency_p50_ratio"] == pytest.approx(2.5)
-    assert "2.50x" in (out / "compare.md").read_text()
-
-
-def test_missing_report_gives_empty_cells_with_note(project):
-    _, out = project
-    doc = json.loads((out / "compare.json").read_text())
+    assert t["top1"]["n"] == 2 and t["seeds"] == [0, 1]  # KD's reused teacher is not counted again
+    assert t["top1"]["mean"] == pytest.approx(statistics.fmean(t_top1))
+    assert t["top1"]["std"] == pytest.approx(statistics.stdev(t_top1))
+    assert (t["top1"]["min"], t["top1"]["max"]) == (min(t_top1), max(t_top1))
+    assert t["diffusion_loss"]["n"] == 0  # a classifier is never given a denoising loss
     kd = _model(doc, "kd")
-    assert kd["deployments"] == [] and any("not deployed" in n for n in kd["notes"])
+    assert kd["top1"]["mean"] == _best(runs / "kd_s0", "student", "test_top1") and kd["label"].startswith("KD (")
+    assert [r["run"] for r in kd["runs"]] == ["kd_s0"]
+
+
+def test_bundles_and_newest_report_join_their_model(cls):
+    root, out = cls
+    doc = _json(out / "compare.json")
+    fp32, int8 = read_manifest(root / "bundles" / "red-fp32"), read_manifest(root / "bundles" / "red-int8")
+    red = _model(doc, "red")
+    assert red["theory"] == {k: fp32["memory"][k] for k in ("peak_bytes", "inplace_peak_bytes", "layerwise_peak_bytes")}
+    assert red["theory_source"] == "bundle red-fp32 manifest"
+    assert red["onnx_fp32_top1"] == fp32["accuracy"]["fp32_top1"] and red["onnx_int8_top1"] == int8["accuracy"]["int8_top1"]
+    assert {b["name"]: b["from_run"] for b in red["bundles"]} == {"red-fp32": "red_s0 (seed 0)", "red-int8": "red_s0 (seed 0)"}
+    newest = _json(root / "reports" / "loop0" / "red-fp32" / "2.json")
+    (dep,) = red["deployments"]
+    assert dep["report"].endswith("2.json") and dep["host"] == "loop0" and dep["backend"] == "onnxruntime"
+    assert dep["activation_bytes"] == newest["memory"]["activation"]["bytes"]
+    assert dep["latency_p50_ms"] == newest["latency"]["p50_ms"] and dep["bundle_id"] == newest["bundle"]["id"]
+    assert dep["ratio_measured_theoretical"] == pytest.approx(dep["activation_bytes"] / fp32["memory"]["peak_bytes"])
+    for method in ("kd", "student"):  # no bundle: sized by analysing the run's checkpoint
+        m = _model(doc, method)
+        assert m["theory_source"].startswith("analysis of ") and m["theory"]["inplace_peak_bytes"]
+        assert "not deployed (no device report)" in m["notes"] and m["deployments"] == []
+
+
+def test_pairs_gap_recovered_and_ratios(cls):
+    root, out = cls
+    doc = _json(out / "compare.json")
+    t, alone, red = _model(doc, "teacher"), _model(doc, "student"), _model(doc, "red")
+    p = _pair(doc, "red")
+    gap = t["top1"]["mean"] - alone["top1"]["mean"]
+    assert p["gap"] == pytest.approx(gap) and (p["teacher_top1"], p["top1"]) == (t["top1"]["mean"], red["top1"]["mean"])
+    assert p["recovered"] == (pytest.approx((red["top1"]["mean"] - alone["top1"]["mean"]) / gap) if gap else None)
+    assert p["theory_ratio"] == pytest.approx(t["theory"]["peak_bytes"] / red["theory"]["peak_bytes"])
+    (meas,) = p["measured"]
+    td, rd = t["deployments"][0], red["deployments"][0]
+    assert meas["activation_ratio"] == pytest.approx(td["activation_bytes"] / rd["activation_bytes"])
+    assert meas["latency_p50_ratio"] == pytest.approx(td["latency_p50_ms"] / rd["latency_p50_ms"])
+    assert _pair(doc, "student")["recovered"] is None
+    assert "teacher and student not measured on the same device/backend" in _pair(doc, "kd")["notes"]
+    assert f"{p['theory_ratio']:.2f}x" in (out / "compare.md").read_text()
+
+
+def test_csv_rows(cls):
+    _, out = cls
     rows = list(csv.DictReader((out / "compare.csv").open()))
-    kd_row = next(r for r in rows if r["kind"] == "model" and r["method"] == "kd")
-    assert kd_row["top1"] == "65.0" and kd_row["activation_bytes"] == "" and kd_row["latency_p50_ms"] == ""
-    assert "not deployed" in kd_row["notes"]
-    red_row = next(r for r in rows if r["kind"] == "model" and r["method"] == "red")
-    assert float(red_row["theoretical_peak_bytes"]) == 4096 and float(red_row["activation_bytes"]) == 10240
-    assert float(red_row["ratio_measured_theoretical"]) == pytest.approx(2.5)
-    seeds = sorted(r["seed"] for r in rows if r["kind"] == "run" and r["method"] == "teacher")
-    assert seeds == ["0", "1"]
-    assert "not deployed (no device report)" in (out / "compare.md").read_text()
+    assert list(rows[0]) == csv_columns()
+    kd = next(r for r in rows if r["kind"] == "model" and r["method"] == "kd")
+    assert kd["activation_bytes"] == "" and kd["latency_p50_ms"] == "" and "not deployed" in kd["notes"]
+    doc = _json(out / "compare.json")
+    red_model = _model(doc, "red")
+    red = next(r for r in rows if r["kind"] == "model" and r["method"] == "red")
+    assert int(red["theoretical_peak_bytes"]) == red_model["theory"]["peak_bytes"]
+    assert int(red["activation_bytes"]) == red_model["deployments"][0]["activation_bytes"]
+    assert sorted(r["seed"] for r in rows if r["kind"] == "run" and r["method"] == "teacher") == ["0", "1"]
+    assert red["diffusion_loss"] == "" and red["task"] == "classify"
 
 
-def test_paths_and_bad_path(project, tmp_path, capsys):
-    root, _ = project
+def test_without_analysis_the_run_summary_sizes_the_model(cls, tmp_path):
+    root, _ = cls
+    assert main(["compare", str(root / "runs" / "kd_s0"), "--out", str(tmp_path), "--no-analyze"]) == 0
+    kd = _model(_json(tmp_path / "compare.json"), "kd")
+    assert kd["theory_source"] == "run summary.json (liveness only)"
+    assert kd["theory"]["peak_bytes"] == _json(root / "runs" / "kd_s0" / "summary.json")["memory"]["student_peak_bytes"]
+
+
+def test_paths_and_bad_path(cls, tmp_path, capsys):
+    root, _ = cls
     out = tmp_path / "o"
-    rc = main(["compare", str(root / "runs" / "alone_s0"), str(root / "reports" / "tx2" / "red-fp32"),
+    rc = main(["compare", str(root / "runs" / "alone_s0"), str(root / "reports" / "loop0" / "red-fp32"),
                "--out", str(out), "--no-analyze"])
-    assert rc == 0 and (out / "compare.md").is_file()
+    assert rc == 0
+    doc = _json(out / "compare.json")
+    assert {m["method"] for m in doc["models"]} == {"student", "red"}  # the report alone makes the RED model
     assert main(["compare", str(tmp_path / "nope")]) == 2
     assert "not found" in capsys.readouterr().err
 
 
-# --- denoisers (DDPM U-Nets): their quality figure is the test denoising loss, lower is better -----------------
-
-DT_ARCH, DS_ARCH = "unet-1-222", "unet-2-221"
-
-
-def _dstage(role, arch, method, loss, run_dir):
-    best = {"checkpoint": f"{run_dir}/{role}/best.pt", "epoch": 3, "test_diffusion_loss": loss, "test_images": 64}
-    return {"role": role, "task": "denoise", "best": best, "last": dict(best, test_diffusion_loss=loss + 0.001),
-            "arch": arch, "method": method, "images_per_s": 50.0, "picked_by": "validation split"}
-
-
-def _denoiser_run(root: Path, name: str, method: str, seed: int, teacher_loss=None, student_loss=None,
-                  archs=(DT_ARCH, DS_ARCH), checkpoint=False):
-    """A denoiser run as `redistill distill ddpm_*` writes it; ``checkpoint``: a stand-in student/best.pt file."""
-    d = root / name
-    summary = {"name": name, "method": method, "run_dir": str(d)}
-    if teacher_loss is not None:
-        summary["teacher"] = _dstage("teacher", archs[0], "teacher", teacher_loss, d)
-    if student_loss is not None:
-        summary["student"] = _dstage("student", archs[1], method, student_loss, d)
-    atomic_write_json(d / "summary.json", summary)
-    atomic_write_text(d / "config.yaml", f"name: {name}\nmethod: {method}\nseed: {seed}\nteacher:\n  arch: {archs[0]}\n"
-                                         f"student:\n  arch: {archs[1]}\ndata:\n  image_size: 16\n")
-    if checkpoint:
-        (d / "student").mkdir(parents=True, exist_ok=True)
-        (d / "student" / "best.pt").write_bytes(f"stand-in checkpoint of {name}".encode())
-        return d / "student" / "best.pt"
-
-
-def _denoiser_bundle(root: Path, name: str, arch: str, method: str, peak: int, mse: float, sha: str):
-    from export.bundle import bundle_id
-
-    d = root / name
-    d.mkdir(parents=True)
-    manifest = {"schema": "redistill-bundle", "schema_version": 2, "name": name, "created": "2025-01-01T00:00:00Z",
-                "task": "denoise",
-                "model": {"arch": arch, "method": method, "role": "teacher" if method == "teacher" else "student",
-                          "num_classes": 0, "image_size": 16, "red_blocks": 5,
-                          "checkpoint": {"file": "best.pt", "sha256": sha, "epoch": 3}},
-                "inputs": [{"name": "x", "shape": [1, 3, 16, 16], "dtype": "float32"},
-                           {"name": "t", "shape": [1], "dtype": "float32"}],
-                "precision": "fp32", "target": "tx2", "onnx": {"file": "model.onnx", "opset": 13},
-                "accuracy": None, "denoising": {"samples": 16, "pytorch_mse": mse, "fp32_onnx_mse": mse},
-                "memory": {"peak_bytes": peak, "inplace_peak_bytes": peak, "layerwise_peak_bytes": peak // 2},
-                "files": {}}
-    atomic_write_json(d / "manifest.json", manifest)
-    return manifest, bundle_id(d)
-
-
-def _denoiser_report(root: Path, host: str, bundle: str, bid: str, manifest: dict, act: int, p50: float):
-    _report(root, host, bundle, bid, manifest, "20250102T000000Z", act=act, p50=p50)
-    path = root / host / bundle / "20250102T000000Z.json"
-    r = json.loads(path.read_text())
-    r["bundle"]["task"] = "denoise"
-    r["output_check"]["top1_agreement"] = None  # no argmax for a denoiser's eps
-    atomic_write_json(path, r)
+# --- denoisers (DDPM U-Nets): their quality figure is the test denoising loss, lower is better ------------------
 
 
 @pytest.fixture(scope="module")
-def mixed(tmp_path_factory):
-    """Classifier and denoiser runs, bundles and reports in the same folders, plus a quality.json."""
-    from redistill.io import sha256_file
-
-    root = tmp_path_factory.mktemp("mixed")
+def mixed(cls, tmp_path_factory, tiny_images):
+    """Denoisers beside the classifiers: RED with its teacher, student alone, both FP32 exports measured, and a
+    quality result of the RED student's samples; compare scans both folders."""
+    croot, _ = cls
+    root = tmp_path_factory.mktemp("ddpm")
     runs, bundles, reports = root / "runs", root / "bundles", root / "reports"
-    _run(runs, "red_s0", "red", 0, teacher_top1=80.0, student_top1=70.0)
-    _run(runs, "alone_s0", "student", 0, student_top1=60.0)
-    ck = _denoiser_run(runs, "ddpm_red", "red", 0, teacher_loss=0.050, student_loss=0.060, checkpoint=True)
-    _denoiser_run(runs, "ddpm_alone", "student", 0, student_loss=0.080)
-    sha = sha256_file(ck)
-    tm, tid = _denoiser_bundle(bundles, "ddpm-teacher-fp32", DT_ARCH, "teacher", 8192, 0.0501, "1" * 64)
-    rm, rid = _denoiser_bundle(bundles, "ddpm-red-fp32", DS_ARCH, "red", 2048, 0.0613, sha)
-    _denoiser_report(reports, "tx2", "ddpm-teacher-fp32", tid, tm, act=16384, p50=4.0)
-    _denoiser_report(reports, "tx2", "ddpm-red-fp32", rid, rm, act=4096, p50=1.0)
-    atomic_write_json(runs / "ddpm_red" / "student" / "quality.json", {
-        "input": str(ck.parent / "samples" / "samples.npz"), "cfd": 12.5, "cfd_name": "classifier-feature Frechet "
-        "distance (CFD) on tinyteacher", "classifier": {"arch": T_ARCH}, "precision": 0.8, "recall": 0.7, "k": 3,
-        "n_generated": 100, "n_real": 100, "samples": {"checkpoint": str(ck), "checkpoint_sha256": sha,
-                                                       "sampler": "ddim", "steps": 50, "n": 100}})
-    out = root / "out"
-    rc = main(["compare", "--runs", str(runs), "--bundles", str(bundles), "--reports", str(reports), "--out", str(out)])
-    assert rc == 0
+    red = _distill("ddpm_bench", tiny_images, runs, "ddpm_red", *DDPM)
+    _distill("ddpm_bench", tiny_images, runs, "ddpm_alone", *DDPM, "method=student")
+    _measure(_export(red / "teacher" / "best.pt", bundles / "ddpm-teacher-fp32"), reports, "1")
+    _measure(_export(red / "student" / "best.pt", bundles / "ddpm-red-fp32"), reports, "1")
+    assert main(["quality", str(red / "student" / "best.pt"), "--steps", "2", "--n", "8", "--classifier",
+                 str(croot / "runs" / "red_s0" / "teacher" / "best.pt"), "--real", "8",
+                 "--cache", str(tmp_path_factory.mktemp("qcache")), "--json", str(red / "student" / "quality.json")]) == 0
+    out = tmp_path_factory.mktemp("mixed-out")
+    assert main(["compare", str(croot / "runs"), str(croot / "bundles"), str(croot / "reports"), str(root),
+                 "--out", str(out), "--no-analyze"]) == 0
     return root, out
 
 
-def _dmodel(doc, method, task="denoise"):
-    return next(m for m in doc["models"] if m["method"] == method and m["task"] == task)
-
-
 def test_denoiser_figures_in_json(mixed):
-    _, out = mixed
-    doc = json.loads((out / "compare.json").read_text())
-    red = _dmodel(doc, "red")
-    assert red["diffusion_loss"]["n"] == 1 and red["diffusion_loss"]["mean"] == pytest.approx(0.060)
+    root, out = mixed
+    doc = _json(out / "compare.json")
+    red_run = root / "runs" / "ddpm_red"
+    red = _model(doc, "red", "denoise")
+    loss = _best(red_run, "student", "test_diffusion_loss")
+    assert red["diffusion_loss"]["n"] == 1 and red["diffusion_loss"]["mean"] == loss
     assert red["top1"]["n"] == 0 and red["onnx_fp32_top1"] is None  # never presented as a top-1
-    assert red["onnx_fp32_mse"] == pytest.approx(0.0613) and "denoiser" in red["label"]
-    assert red["theory"]["peak_bytes"] == 2048
+    manifest = read_manifest(root / "bundles" / "ddpm-red-fp32")
+    assert red["onnx_fp32_mse"] == manifest["denoising"]["fp32_onnx_mse"] and red["label"].endswith(", denoiser)")
+    assert red["theory"]["peak_bytes"] == manifest["memory"]["peak_bytes"]
+    q = _json(red_run / "student" / "quality.json")
     (g,) = red["generation"]
-    assert (g["cfd"], g["precision"], g["recall"], g["sampler"]) == (12.5, 0.8, 0.7, "ddim")
+    assert (g["cfd"], g["precision"], g["recall"], g["sampler"], g["steps"]) == (q["cfd"], q["precision"], q["recall"],
+                                                                                 "ddim", 2)
     (dep,) = red["deployments"]
-    assert dep["activation_bytes"] == 4096 and dep["task"] == "denoise"
+    report = _json(root / "reports" / "loop0" / "ddpm-red-fp32" / "1.json")
+    assert dep["activation_bytes"] == report["memory"]["activation"]["bytes"] and dep["task"] == "denoise"
     assert red["bundles"][0]["from_run"] == "ddpm_red (seed 0)"
-    assert _dmodel(doc, "teacher")["diffusion_loss"]["mean"] == pytest.approx(0.050)
-    pair = next(p for p in doc["pairs"] if p["task"] == "denoise" and p["method"] == "red")
-    assert pair["gap"] == pytest.approx(0.030)  # student-alone loss - teacher loss
-    assert pair["recovered"] == pytest.approx((0.080 - 0.060) / 0.030)
-    assert pair["top1"] is None and pair["diffusion_loss"] == pytest.approx(0.060)
-    assert pair["theory_ratio"] == pytest.approx(4.0)
-    (meas,) = pair["measured"]
-    assert meas["activation_ratio"] == pytest.approx(4.0) and meas["latency_p50_ratio"] == pytest.approx(4.0)
-    alone = next(p for p in doc["pairs"] if p["task"] == "denoise" and p["method"] == "student")
-    assert alone["recovered"] is None
 
 
-def test_mixed_scan_keeps_both_tasks_apart(mixed):
+def test_denoiser_pairs_recover_a_loss_gap(mixed):
+    root, out = mixed
+    doc = _json(out / "compare.json")
+    runs = root / "runs"
+    t_loss = _best(runs / "ddpm_red", "teacher", "test_diffusion_loss")
+    a_loss = _best(runs / "ddpm_alone", "student", "test_diffusion_loss")
+    r_loss = _best(runs / "ddpm_red", "student", "test_diffusion_loss")
+    p = _pair(doc, "red", "denoise")
+    assert p["gap"] == pytest.approx(a_loss - t_loss)  # lower is better: student-alone loss - teacher loss
+    assert p["recovered"] == pytest.approx((a_loss - r_loss) / (a_loss - t_loss))
+    assert p["top1"] is None and p["diffusion_loss"] == r_loss and p["metric"] == "diffusion_loss"
+    t, red = _model(doc, "teacher", "denoise"), _model(doc, "red", "denoise")
+    assert p["theory_ratio"] == pytest.approx(t["theory"]["peak_bytes"] / red["theory"]["peak_bytes"])
+    (meas,) = p["measured"]
+    assert meas["activation_ratio"] == pytest.approx(t["deployments"][0]["activation_bytes"] /
+                                                     red["deployments"][0]["activation_bytes"])
+    assert _pair(doc, "student", "denoise")["recovered"] is None
+
+
+def test_mixed_scan_keeps_tasks_apart(mixed):
     _, out = mixed
-    doc = json.loads((out / "compare.json").read_text())
+    doc = _json(out / "compare.json")
     assert {(m["task"], m["method"]) for m in doc["models"]} == {
-        ("classify", "teacher"), ("classify", "red"), ("classify", "student"),
+        ("classify", "teacher"), ("classify", "red"), ("classify", "student"), ("classify", "kd"),
         ("denoise", "teacher"), ("denoise", "red"), ("denoise", "student")}
-    cpair = next(p for p in doc["pairs"] if p["task"] == "classify" and p["method"] == "red")
-    assert cpair["gap"] == pytest.approx(20.0) and cpair["recovered"] == pytest.approx(0.5)
-    assert _dmodel(doc, "red", "classify")["top1"]["mean"] == pytest.approx(70.0)
+    assert [m["task"] for m in doc["models"]] == sorted((m["task"] for m in doc["models"]), key=lambda t: t != "classify")
     md = (out / "compare.md").read_text()
-    assert "test denoising loss (lower is better)" in md and "| 0.0600 |" in md and "| 70.00 |" in md
-    assert "12.50 / 0.800 / 0.700 (ddim 50 steps, n=100)" in md
-    assert "gap (loss)" in md and "gap (points)" in md and "66.7 %" in md and "50.0 %" in md
+    for text in ("| top-1 (%) |", "| test denoising loss (lower is better) |", "Denoisers (one denoising step",
+                 "gap (points)", "gap (loss)", metric_of("denoise").rule, "Denoiser runs:", "| denoising loss (best) |",
+                 "(classifiers), `denoising_loss_vs_peak_memory.png` (denoisers)"):
+        assert text in md, text
+    red = _model(doc, "red", "denoise")
+    assert f"{red['diffusion_loss']['mean']:.4f}" in md
     rows = list(csv.DictReader((out / "compare.csv").open()))
     drow = next(r for r in rows if r["kind"] == "model" and r["task"] == "denoise" and r["method"] == "red")
-    assert drow["top1"] == "" and float(drow["diffusion_loss"]) == pytest.approx(0.060) and drow["cfd"] == "12.5"
+    assert drow["top1"] == "" and float(drow["diffusion_loss"]) == red["diffusion_loss"]["mean"]
+    assert float(drow["cfd"]) == red["generation"][0]["cfd"]
     crow = next(r for r in rows if r["kind"] == "model" and r["task"] == "classify" and r["method"] == "red")
-    assert crow["top1"] == "70.0" and crow["diffusion_loss"] == ""
+    assert crow["top1"] != "" and crow["diffusion_loss"] == "" and crow["cfd"] == ""
     for name in ("accuracy_vs_peak_memory.png", "denoising_loss_vs_peak_memory.png"):
         assert (out / name).read_bytes()[:4] == b"\x89PNG"
 
 
-def test_same_names_never_pool_across_tasks(tmp_path):
-    """A classifier and a denoiser with the same arch names stay two models; an unmatched quality file is a note."""
-    from bench.compare import build, collect
-
-    _run(tmp_path / "runs", "cls", "red", 0, teacher_top1=80.0, student_top1=70.0)
-    _denoiser_run(tmp_path / "runs", "den", "red", 0, teacher_loss=0.05, student_loss=0.06, archs=(T_ARCH, S_ARCH))
-    atomic_write_json(tmp_path / "q.json", {"input": "elsewhere/best.pt", "cfd": 1.0, "cfd_name": "CFD",
-                                            "precision": 1.0, "recall": 1.0, "samples": {"checkpoint": "x/best.pt"}})
-    res = build(collect([str(tmp_path / "runs"), str(tmp_path / "q.json")]), analyze=False)
-    reds = [m for m in res["models"] if m["method"] == "red"]
-    assert sorted(m["task"] for m in reds) == ["classify", "denoise"]
+def test_same_names_never_pool_across_tasks(cls, mixed):
+    """A denoiser run given the classifier's architecture names stays apart: a model is keyed by its task too.
+    A quality result whose checkpoint is not among the runs is a note."""
+    croot, _ = cls
+    root, _ = mixed
+    c = collect([str(croot / "runs" / "red_s0"), str(root / "runs" / "ddpm_red"),
+                 str(root / "runs" / "ddpm_red" / "student" / "quality.json")])
+    den = next(r for r in c.runs if r.summary.name == "ddpm_red")
+    cl = next(r for r in c.runs if r.summary.name == "red_s0").summary
+    den.summary = replace(den.summary, teacher=replace(den.summary.teacher, arch=cl.teacher.arch),
+                          student=replace(den.summary.student, arch=cl.student.arch))
+    res = build(c, analyze=False)
+    assert sorted(m["task"] for m in res["models"] if m["method"] == "red") == ["classify", "denoise"]
     assert {p["task"] for p in res["pairs"]} == {"classify", "denoise"}
-    assert any("q.json" in n and "not shown" in n for n in res["notes"])
+    c2 = collect([str(croot / "runs" / "red_s0"), str(root / "runs" / "ddpm_red" / "student" / "quality.json")])
+    assert any("quality.json" in n and "not shown" in n for n in build(c2, analyze=False)["notes"])
+
+
+# --- a task compare has never seen -------------------------------------------------------------------------
+
+
+@pytest.fixture
+def toy_task():
+    """A task registered for one test: its figure is the stage summaries' test cross-entropy, lower is better."""
+
+    class ToyTask(ClassifyTask):
+        metric = TaskMetric(
+            key="xent", summary_key="test_loss", higher_is_better=False, fmt=".3f", title="cross-entropy",
+            column="test cross-entropy (lower is better)", short="xent", gap_unit="nats", noun="cross-entropy",
+            plural="toys", intro="toys: test cross-entropy", label_suffix="toy",
+            onnx=OnnxFigures("toy_figures", "fp32_xent", "int8_xent", "xent", "xent"), plot_file="xent_vs_peak.png",
+            plot_title="Cross-entropy vs peak", plot_ylabel="test cross-entropy", plot_what="a test cross-entropy",
+            models_heading="Toys:", runs_heading="Toy runs:")
+
+    TASKS.register("toy")(ToyTask)
+    yield ToyTask.metric
+    TASKS.unregister("toy")
+
+
+def test_a_new_task_needs_no_compare_edit(cls, toy_task, tmp_path):
+    """Runs whose stages say task ``toy`` get the toy metric's columns, tables, rule and plot from its record alone."""
+    root, _ = cls
+    c = collect([str(root / "runs" / n) for n in ("red_s0", "alone_s0")])
+    for run in c.runs:
+        s = run.summary
+        run.summary = replace(s, **{r: replace(getattr(s, r), task="toy") for r in ("teacher", "student")
+                                    if getattr(s, r) is not None})
+    res = build(c, analyze=False)
+    assert {m["task"] for m in res["models"]} == {"toy"}
+    red = next(m for m in res["models"] if m["method"] == "red")
+    assert red["label"].endswith(", toy)") and red["xent"]["mean"] == _best(root / "runs" / "red_s0", "student", "test_loss")
+    p = next(p for p in res["pairs"] if p["method"] == "red")
+    t_x = _best(root / "runs" / "red_s0", "teacher", "test_loss")
+    a_x = _best(root / "runs" / "alone_s0", "student", "test_loss")
+    assert p["metric"] == "xent" and p["gap"] == pytest.approx(a_x - t_x) and p["teacher_xent"] == t_x
+    md = render_markdown(res)
+    assert "| test cross-entropy (lower is better) |" in md and toy_task.rule in md and "| cross-entropy (best) |" in md
+    assert "toys: test cross-entropy" in md
+    cols = csv_columns()
+    assert {"xent", "xent_std", "onnx_fp32_xent", "int8_xent", "teacher_xent", "student_alone_xent"} <= set(cols)
+    assert cols.index("top1") < cols.index("xent")  # the default task's columns first

@@ -1,0 +1,48 @@
+"""``redistill compare``: join distillation runs, bundles and device reports into tables and plots.
+
+``collect`` (find and read the files into ``redistill.records``) -> ``build`` (model, deployment, run and
+pair rows; join.py) -> ``render_markdown`` / ``write_csv`` / ``to_json`` (tables.py) -> the plots (plots.py).
+Every model, pair and plot is keyed by its task too; what a task's quality figure is (top-1, higher is better;
+denoising loss, lower is better...) comes from its ``TaskMetric`` in train/tasks.py, so a new task needs no edit
+here. See docs/compare.md for what every column means.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict, Optional, Sequence
+
+from bench.compare.collect import Collected, collect
+from bench.compare.join import analyze_checkpoint, build, pair_rows
+from bench.compare.plots import FOOTPRINT_PLOT, MEMORY_PLOT, plot_footprint, plot_memory, plot_quality, quality_plots
+from bench.compare.tables import csv_rows, mem, render_markdown, to_json, write_csv
+from redistill.io import atomic_write_json, atomic_write_text
+
+__all__ = ["Collected", "collect", "build", "pair_rows", "analyze_checkpoint", "render_markdown", "csv_rows",
+           "write_csv", "to_json", "plot_memory", "plot_quality", "plot_footprint", "compare"]
+
+
+def compare(paths: Sequence[str] = (), runs: Optional[str] = None, bundles: Optional[str] = None,
+            reports: Optional[str] = None, out: str = "bench/results/compare", analyze: bool = True,
+            quality: Sequence[str] = ()) -> Dict[str, Path]:
+    """collect -> build -> write the tables and plots under ``out``; returns {file name: path}.
+    The default task's quality plot is always written, another task's when its models were found."""
+    res = build(collect(paths, runs, bundles, reports, quality), analyze=analyze)
+    o = Path(out)
+    plots = quality_plots(res)
+    files = {MEMORY_PLOT: plot_memory(res, o / MEMORY_PLOT)}
+    files[plots[0].plot_file] = plot_quality(res, plots[0], o / plots[0].plot_file)
+    files[FOOTPRINT_PLOT] = plot_footprint(res, o / FOOTPRINT_PLOT)
+    for mt in plots[1:]:
+        files[mt.plot_file] = plot_quality(res, mt, o / mt.plot_file)
+    fp = res.get("footprint")
+    listed = f"`{plots[0].plot_file}`" + (f" ({plots[0].plural})" + "".join(
+        f", `{mt.plot_file}` ({mt.plural})" for mt in plots[1:]) if len(plots) > 1 else "")
+    md = render_markdown(res) + f"\n## Plots\n\n- `{MEMORY_PLOT}`, {listed}\n- `{FOOTPRINT_PLOT}`: " + (
+        ", ".join(f"{x['label']} (peak {mem(x['peak_bytes'])})" for x in fp) if isinstance(fp, list) else str(fp)) + "\n"
+    files["compare.md"] = atomic_write_text(o / "compare.md", md)
+    files["compare.csv"] = write_csv(res, o / "compare.csv")
+    doc = to_json(res)
+    doc["footprint"] = fp
+    files["compare.json"] = atomic_write_json(o / "compare.json", doc)
+    return files

@@ -53,7 +53,7 @@ memory: setup
 
 export: setup data
 	$(BIN)/redistill export $(CHECKPOINT) --out $(BUNDLES)/$(PRESET)-fp32 $(ARGS)
-	$(BIN)/redistill export $(CHECKPOINT) --int8 --target orin --out $(BUNDLES)/$(PRESET)-int8 $(ARGS)
+	$(BIN)/redistill export $(CHECKPOINT) --target orin-int8 --out $(BUNDLES)/$(PRESET)-int8 $(ARGS)
 	$(BIN)/redistill export-report $(BUNDLES)/$(PRESET)-fp32 $(BUNDLES)/$(PRESET)-int8 --out bench/results/export_$(PRESET)
 
 deploy: setup

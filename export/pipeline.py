@@ -26,9 +26,8 @@ INT8_GOAL_MAX_DROP = 1.0  # top-1 points
 class ExportOptions:
     checkpoint: str
     out: Optional[str] = None
-    target: str = "tx2"
+    target: str = "tx2"  # an export.targets name; it fixes the runtime and the precision (orin-int8: INT8)
     opset: int = 13
-    int8: bool = False
     dynamic_batch: bool = False
     data_root: Optional[str] = None
     data_name: Optional[str] = None
@@ -44,8 +43,8 @@ class ExportOptions:
 
 def check_options(o: ExportOptions):
     """Every refusal that needs no checkpoint, before anything heavy runs; returns the Target."""
+    from export.calibration import CALIBRATION
     from export.onnx_export import MIN_OPSET
-    from export.quantize import CALIBRATION
     from export.targets import get_target
 
     t = get_target(o.target)
@@ -54,9 +53,7 @@ def check_options(o: ExportOptions):
                         f"opset {t.max_opset} ({t.ops_source}); use --opset {t.max_opset} or lower")
     if o.opset < MIN_OPSET:
         raise UserError(f"--opset {o.opset} is too old: choose {MIN_OPSET}-{t.max_opset} (13 is the default)")
-    if o.int8 and not t.int8:
-        raise UserError(f"--int8 is refused for --target {t.name}: {t.int8_refusal}")
-    if o.int8:
+    if t.precision == "int8":
         CALIBRATION.get(o.calib_method)
         if o.calib_images < 1:
             raise UserError("--calib-images must be at least 1 (256 is the default)")
@@ -161,7 +158,7 @@ def run_export(o: ExportOptions) -> Tuple[Path, Dict[str, Any]]:
 
     from export.bundle import write_bundle
     from export.fold import fold_batchnorm
-    from export.onnx_export import INPUT_NAME, OUTPUT_NAME, check_model, export_onnx, graph_io, lower_ir_version
+    from export.onnx_export import INPUT_NAME, check_model, export_onnx, graph_io, lower_ir_version
     from export.preflight import preflight
     from export.verify import (accuracy, compare, compare_eps, denoise_inputs, run, session, take, torch_logits,
                                verify_denoiser, verify_fp32)
@@ -175,7 +172,7 @@ def run_export(o: ExportOptions) -> Tuple[Path, Dict[str, Any]]:
     if denoise and o.dynamic_batch:
         raise UserError("--dynamic-batch is not supported for denoisers: their bundles take one denoising step at "
                         "batch 1 (x [1,3,H,W], t [1]); drop --dynamic-batch")
-    precision = "int8" if o.int8 else "fp32"
+    precision = target.precision
     out = Path(o.out) if o.out else Path("bundles") / f"{(ck.get('config') or {}).get('name', ck['arch'])}-{precision}"
     torch.manual_seed(0)
     model = model_from_checkpoint(ck)
@@ -194,7 +191,7 @@ def run_export(o: ExportOptions) -> Tuple[Path, Dict[str, Any]]:
     _say(o, f"exported opset {checks['fp32']['opset']}, IR {proto.ir_version}, {len(proto.graph.node)} nodes; "
             f"pre-flight for {target.runtime} passed")
 
-    data, calib = load_sets(ck, o, o.int8)
+    data, calib = load_sets(ck, o, precision == "int8")
     images, labels = take(data.test, o.verify_images)
     acc: Optional[Dict[str, Any]] = None
     denoising: Optional[Dict[str, Any]] = None
@@ -227,7 +224,7 @@ def run_export(o: ExportOptions) -> Tuple[Path, Dict[str, Any]]:
     ref_outputs = torch_logits(model, ref_inputs)
     ref = {"source": "pytorch student (fp32)", "atol": DEVICE_ATOL_FP32, "top1_agreement_min": None if denoise else 1.0}
     quant = None
-    if o.int8:
+    if precision == "int8":
         from export.quantize import qdq_summary, quantize_int8
         import onnxruntime
 
@@ -291,6 +288,7 @@ def run_export(o: ExportOptions) -> Tuple[Path, Dict[str, Any]]:
                        "channel_order": "RGB", "formula": "(pixel * scale - mean) / std"},
         "precision": precision,
         "target": target.name,
+        "backend": target.backend,
         "onnx": {"file": "model.onnx", "opset": checks["fp32"]["opset"], "ir_version": final.ir_version,
                  "exporter_ir_version": exporter_ir, "producer": f"{final.producer_name} {final.producer_version}".strip(),
                  "batchnorm_folding": getattr(folded, "fold_stats", None)},

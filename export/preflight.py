@@ -8,7 +8,7 @@ from typing import Any, Dict, Iterator
 import onnx
 from onnx import numpy_helper
 
-from export.targets import Target
+from export.targets import TARGETS, Target
 from redistill.errors import UserError
 
 DEFAULT_DOMAINS = ("", "ai.onnx")
@@ -45,6 +45,12 @@ def zero_point_problems(proto: onnx.ModelProto) -> list:
     return bad
 
 
+def _unrestricted(target: Target) -> str:
+    """The targets of ``target``'s precision that take any operator ONNX Runtime runs, as a fix to suggest."""
+    names = [t.name for t in TARGETS.values() if t.allowed_ops is None and t.precision == target.precision]
+    return " or ".join(f"--target {n}" for n in names) or "a target without an operator list"
+
+
 def preflight(proto: onnx.ModelProto, target: Target) -> Dict[str, Any]:
     """Raise a UserError naming the first thing ``target`` would reject; return a summary for the manifest."""
     opset = default_opset(proto)
@@ -66,7 +72,7 @@ def preflight(proto: onnx.ModelProto, target: Target) -> Dict[str, Any]:
                                 "remove it before export")
             if node.op_type not in target.allowed_ops:
                 raise UserError(f"{where} is not supported by {target.runtime} (source: {target.ops_source}); "
-                                "replace the layer that produces it or use --target cpu")
+                                f"replace the layer that produces it or use {_unrestricted(target)}")
             if node.op_type == "Clip" and any(i and i not in inits for i in node.input[1:]):
                 raise UserError(f"{where}: min/max must be initializers for {target.runtime}")
     if other and target.allowed_ops is not None:
@@ -75,7 +81,7 @@ def preflight(proto: onnx.ModelProto, target: Target) -> Dict[str, Any]:
     if bad and target.allowed_ops is not None:
         raise UserError(f"Q/DQ node {bad[0]}: {target.runtime} needs symmetric quantization with zero point 0")
     return {
-        "target": target.name, "runtime": target.runtime, "opset": opset, "ir_version": proto.ir_version,
-        "max_opset": target.max_opset, "ops_source": target.ops_source, "op_counts": dict(sorted(counts.items())),
+        "target": target.name, "runtime": target.runtime, "backend": target.backend, "opset": opset,
+        "ir_version": proto.ir_version, "max_opset": target.max_opset, "ops_source": target.ops_source, "op_counts": dict(sorted(counts.items())),
         "passed": True,
     }

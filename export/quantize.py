@@ -15,32 +15,9 @@ from typing import Any, Dict, Mapping, Union
 import numpy as np
 import onnx
 
+from export.calibration import CALIBRATION
 from export.preflight import zero_point_problems
 from redistill.errors import UserError
-from redistill.registry import Registry
-
-CALIBRATION: Registry = Registry("calibration method")
-
-
-@CALIBRATION.register("minmax")
-def _minmax():
-    from onnxruntime.quantization import CalibrationMethod
-
-    return CalibrationMethod.MinMax, {}
-
-
-@CALIBRATION.register("entropy")
-def _entropy():
-    from onnxruntime.quantization import CalibrationMethod
-
-    return CalibrationMethod.Entropy, {}
-
-
-@CALIBRATION.register("percentile")
-def _percentile():
-    from onnxruntime.quantization import CalibrationMethod
-
-    return CalibrationMethod.Percentile, {"CalibPercentile": 99.999}
 
 
 class _Reader:
@@ -68,13 +45,13 @@ def quantize_int8(fp32: onnx.ModelProto, calib: Union[np.ndarray, Mapping[str, n
     ``calib``: N x C x H x W float32 normalised images for a one-input classifier, or ``{input name: N x ...}``
     for a graph with several inputs (a denoiser's noisy images ``x`` and time steps ``t``).
     """
-    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     inp = fp32.graph.input[0]
     feeds = {inp.name: calib} if isinstance(calib, np.ndarray) else dict(calib)
     if not feeds or len(next(iter(feeds.values()))) == 0:
         raise UserError("INT8 calibration needs at least one image: raise --calib-images")
-    calib_method, extra = CALIBRATION.get(method)()
+    calibration = CALIBRATION.get(method)
     dim0 = inp.type.tensor_type.shape.dim[0]
     batch = 1 if dim0.HasField("dim_value") and dim0.dim_value == 1 else 32
     root = logging.getLogger()
@@ -87,11 +64,12 @@ def quantize_int8(fp32: onnx.ModelProto, calib: Union[np.ndarray, Mapping[str, n
             quantize_static(
                 str(src), str(dst), _Reader(feeds, batch),
                 quant_format=QuantFormat.QDQ, per_channel=True,
-                activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, calibrate_method=calib_method,
+                activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                calibrate_method=CalibrationMethod[calibration.method],
                 # bias stays float (TensorRT quantizes it itself; its DequantizeLinear takes INT8 only);
                 # ReLU6/ReLU stay explicit so no runtime depends on a quantization range to clip
                 extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False,
-                               "QDQKeepRemovableActivations": True, **extra},
+                               "QDQKeepRemovableActivations": True, **calibration.options},
             )
         finally:
             root.setLevel(level)

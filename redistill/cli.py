@@ -27,13 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"redistill-edge {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for mod in STAGE_CLIS:
-        try:
-            module = importlib.import_module(mod)
-        except ModuleNotFoundError as e:
-            if e.name == mod:  # a stage not built yet
-                continue
-            raise
-        module.add_commands(sub)
+        importlib.import_module(mod).add_commands(sub)
     return parser
 
 

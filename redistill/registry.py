@@ -29,6 +29,10 @@ class Registry(Generic[T]):
 
         return deco
 
+    def unregister(self, name: str) -> T:
+        """Remove ``name`` and return its entry (a test that registers a temporary entry cleans up with this)."""
+        return self._items.pop(name)
+
     def get(self, name: str) -> T:
         try:
             return self._items[name]
@@ -37,6 +41,10 @@ class Registry(Generic[T]):
 
     def names(self) -> List[str]:
         return sorted(self._items)
+
+    def values(self) -> List[T]:
+        """Every entry, in the order of ``names()``."""
+        return [self._items[n] for n in self.names()]
 
     def __contains__(self, name: object) -> bool:
         return name in self._items

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import textwrap
 import typing
 
+from redistill.errors import UserError
+from train import config as C
 
 
 def _field_comments(cls) -> dict:
@@ -23,8 +26,6 @@ def _field_comments(cls) -> dict:
 
 def _describe_keys() -> str:
     """Every config key with its default and meaning, generated from the typed config so the help never drifts."""
-    from train import config as C
-
     lines = []
 
     def walk(cls, prefix):
@@ -39,17 +40,18 @@ def _describe_keys() -> str:
             lines.append(f"  {prefix + f.name:<22} {default!r:<16} {notes.get(f.name, '')}".rstrip())
 
     walk(C.RunConfig, "")
-    return "config keys (key=value overrides; default, then meaning):\n" + "\n".join(lines)
+    return ("config keys (key=value overrides; default, then meaning; a name not registered fails listing the "
+            "registered ones):\n" + "\n".join(lines))
 
 
 def add_commands(sub) -> None:
     p = sub.add_parser(
         "distill",
         help="train a teacher, then distill a student (KD, RED, RED+KD)",
-        description="Train the teacher (unless teacher.checkpoint is given), then the student with the configured "
-        "method. CONFIG is a YAML file or a preset name (quick, mobilenetv2_x4, mobilenetv2_x8, "
-        "mobilenetv3_small_x4, resnext18_x4; DDPM U-Net denoisers: ddpm_cifar10_x2, ddpm_bench); key=value pairs "
-        "override it, e.g. epochs=3 data.root=DIR.",
+        description=textwrap.fill(
+            "Train the teacher (unless teacher.checkpoint is given), then the student with the configured method. "
+            "CONFIG is a YAML file or a preset name (a file in train/configs/: " + ", ".join(C.presets())
+            + "); key=value pairs override it, e.g. epochs=3 data.root=DIR.", 100),
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=_describe_keys() + "\n\nmulti-GPU / multi-process: torchrun --nproc_per_node=N -m redistill.cli distill CONFIG",
     )
@@ -64,7 +66,8 @@ def add_commands(sub) -> None:
                        "its diffusion.eval_seed.")
     e.add_argument("checkpoint")
     e.add_argument("--data-root", default=None, help="image folder (default: the one the checkpoint was trained on)")
-    e.add_argument("--data-name", default=None, help="imagefolder | cifar10 | stl10")
+    e.add_argument("--data-name", default=None,
+                   help="data set name (default: the checkpoint's; an unknown name lists the known ones)")
     e.add_argument("--subset", type=int, default=0, help="evaluate on this many test images, class-balanced (0 = all)")
     e.add_argument("--device", default="auto")
     e.add_argument("--json", default=None, help="also write the result to this JSON file")
@@ -72,7 +75,6 @@ def add_commands(sub) -> None:
 
 
 def _distill(args) -> int:
-    from train.config import load_config
     from train.trainer import run_distill
 
     overrides = list(args.overrides)
@@ -80,7 +82,7 @@ def _distill(args) -> int:
     if config and "=" in config:  # only overrides were given
         overrides.insert(0, config)
         config = None
-    cfg = load_config(config, overrides)
+    cfg = C.load_config(config, overrides)
     summary = run_distill(cfg, resume=args.resume)
     _print_summary(summary)
     return 0
@@ -121,19 +123,17 @@ def _evaluate(args) -> int:
 
     from redistill.io import atomic_write_json
     from train.checkpoint import load_checkpoint, model_from_checkpoint
-    from train.config import DataConfig
     from train.data import load_data
     from train.tasks import evaluate
     from train.trainer import resolve_device
 
     ck = load_checkpoint(args.checkpoint)
     saved = ck.get("config", {}).get("data", {})
-    dcfg = DataConfig(name=args.data_name or saved.get("name", "imagefolder"), root=args.data_root or saved.get("root", "data/cifar10"),
-                      image_size=ck["image_size"], test_subset=args.subset, eval_batch_size=saved.get("eval_batch_size", 256))
+    dcfg = C.DataConfig(name=args.data_name or saved.get("name", "imagefolder"),
+                        root=args.data_root or saved.get("root", "data/cifar10"), image_size=ck["image_size"],
+                        test_subset=args.subset, eval_batch_size=saved.get("eval_batch_size", 256))
     data = load_data(dcfg, mean=ck["mean"], std=ck["std"], need_train=False)
     if data.classes != ck["classes"]:
-        from redistill.errors import UserError
-
         raise UserError(f"the data's classes {data.classes} differ from the checkpoint's {ck['classes']}; point --data-root at the right set")
     device = resolve_device(args.device)
     model = model_from_checkpoint(ck).to(device)
@@ -141,9 +141,7 @@ def _evaluate(args) -> int:
         from train.diffusion import Diffusion
         from train.tasks import denoising_loss
 
-        from train.config import DiffusionConfig
-
-        seed = ck.get("config", {}).get("diffusion", {}).get("eval_seed", DiffusionConfig.eval_seed)
+        seed = ck.get("config", {}).get("diffusion", {}).get("eval_seed", C.DiffusionConfig.eval_seed)
         r = denoising_loss(model, Diffusion.make(**ck["diffusion"]), data.test, dcfg.eval_batch_size, device,
                            seed, conditional=ck["num_classes"] > 0)
         r = {"diffusion_loss": r["loss"], "n": r["n"], "weights": "EMA"}

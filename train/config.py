@@ -1,7 +1,9 @@
 """Typed run configuration: dataclasses with defaults, loaded from YAML plus ``key=value`` overrides.
 
 Every key is validated on load: an unknown key fails with a did-you-mean, a
-value of the wrong type fails naming the key and the expected type.
+value of the wrong type fails naming the key and the expected type, and a name
+(method, architecture, data set, augmentation, optimizer, ...) must be in its registry.
+A preset is a YAML file in ``train/configs/``.
 """
 
 from __future__ import annotations
@@ -16,20 +18,20 @@ import yaml
 
 from redistill.errors import UserError, did_you_mean
 
-METHODS = ("teacher", "student", "kd", "red", "red_kd")
+PRESET_DIR = Path(__file__).resolve().parent / "configs"
 
 
 @dataclass
 class DataConfig:
     """Where the images are and how they are fed."""
 
-    name: str = "imagefolder"  # imagefolder | cifar10 | stl10 (torchvision's, read from disk only)
+    name: str = "imagefolder"  # data set (DATASETS, train/data.py), e.g. imagefolder, cifar10, stl10; never downloaded
     root: str = "data/cifar10"  # imagefolder: has train/<class>/* and test/<class>/*
     image_size: int = 32  # images are resized to this square size (32-224 px)
     train_subset: int = 0  # use only this many training images, balanced over classes (0 = all)
     test_subset: int = 0  # evaluate on this many test images, balanced (0 = all)
     val_fraction: float = 0.05  # held out from train to pick the best epoch; the test set never picks
-    augment: str = "crop_flip"  # crop_flip (pad+crop, flip) | rrc_flip (RandomResizedCrop, flip) | flip | none
+    augment: str = "crop_flip"  # training augmentation (AUGMENTS, train/data.py), e.g. crop_flip, rrc_flip, flip, none
     batch_size: int = 128  # training batch size per process
     eval_batch_size: int = 256  # batch size for validation and test
     workers: int = 0  # DataLoader worker processes
@@ -41,12 +43,12 @@ class DataConfig:
 class OptimConfig:
     """Optimizer and learning-rate schedule."""
 
-    name: str = "sgd"  # sgd | adam
+    name: str = "sgd"  # optimizer (OPTIMIZERS, train/optim.py), e.g. sgd, adam
     lr: float = 0.05  # peak learning rate
     momentum: float = 0.9  # sgd momentum
     weight_decay: float = 5e-4  # L2 on conv/linear weights (not on BN or biases)
     nesterov: bool = False  # sgd: Nesterov momentum
-    schedule: str = "cosine"  # cosine | step
+    schedule: str = "cosine"  # learning-rate schedule (LR_SCHEDULES, train/optim.py), e.g. cosine, step
     milestones: List[float] = field(default_factory=lambda: [0.6, 0.8, 0.9])  # step: fractions of training
     gamma: float = 0.2  # step: lr multiplier at each milestone (the paper: lr / 5)
     warmup_epochs: float = 0.0  # linear warm-up, in epochs
@@ -76,7 +78,7 @@ class REDSiteConfig:
 
 @dataclass
 class REDConfig:
-    distance: str = "cosine"  # RED distance on channel-mean maps: cosine | mse
+    distance: str = "cosine"  # RED distance on channel-mean maps (DISTANCES, train/red.py), e.g. cosine, mse
     alpha: float = 50.0  # RED loss weight per block (the paper: 50 on STL10, 1 on ImageNet)
     sites: List[REDSiteConfig] = field(default_factory=list)  # list of {student, where, teacher, teacher_where, alpha}
 
@@ -97,7 +99,7 @@ class UNetConfig:
 class DiffusionConfig:
     """The denoiser's noise schedule and training options."""
 
-    schedule: str = "linear"  # linear (DDPM) | cosine
+    schedule: str = "linear"  # noise schedule (SCHEDULES, train/diffusion.py), e.g. linear (DDPM), cosine
     timesteps: int = 1000  # T
     beta_start: float = 1e-4  # linear schedule: first beta
     beta_end: float = 0.02  # linear schedule: last beta
@@ -120,7 +122,7 @@ class RunConfig:
     """A distillation run: train the teacher (unless given), then the student by ``method``."""
 
     name: str = "run"  # run folder name under out_dir
-    method: str = "red"  # teacher | student | kd | red | red_kd
+    method: str = "red"  # training method (METHODS, train/losses.py), e.g. teacher, student, kd, red, red_kd
     epochs: int = 30  # epochs per network (teacher.epochs / student.epochs override)
     seed: int = 0  # seeds init, shuffling and augmentation
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -239,18 +241,35 @@ def _merge(base: Dict[str, Any], over: Dict[str, Any]) -> Dict[str, Any]:
     return out
 
 
+def presets() -> Dict[str, Path]:
+    """Every preset, ``{name: file}``: a preset is one YAML file in ``train/configs/``, named by its stem."""
+    return {p.stem: p for p in sorted(PRESET_DIR.glob("*.yaml"))}
+
+
+def is_paper_pair(cfg: RunConfig) -> bool:
+    """A reproduction of one of the paper's pairs: classifier teacher and student, a RED method, at 128 px
+    (the paper's STL10 size)."""
+    from train.losses import METHODS
+
+    return cfg.task == "classify" and METHODS.get(cfg.method).needs_sites and cfg.data.image_size == 128
+
+
+def paper_pairs() -> List[str]:
+    """The presets that are paper pairs (``is_paper_pair``), by name."""
+    return [name for name, path in presets().items() if is_paper_pair(load_config(str(path)))]
+
+
 def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> RunConfig:
     """Load a YAML config (or the defaults), apply ``key=value`` overrides, and validate everything."""
     data: Dict[str, Any] = {}
     if path:
         p = Path(path)
         if not p.is_file():
-            presets = sorted(x.stem for x in PRESET_DIR.glob("*.yaml"))
-            cand = PRESET_DIR / f"{path}.yaml"
-            if cand.is_file():
-                p = cand
-            else:
-                raise UserError(f"config {path!r} not found: give a YAML file or a preset name." + did_you_mean(str(path), presets))
+            found = presets()
+            if str(path) not in found:
+                raise UserError(f"config {path!r} not found: give a YAML file or a preset name."
+                                + did_you_mean(str(path), found))
+            p = found[str(path)]
         try:
             data = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as e:
@@ -261,21 +280,28 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Ru
     return validate(_build(RunConfig, data))
 
 
+def _choice(key: str, value: str, options) -> None:
+    """``value`` must be one of ``options`` (a registry or a list); else a one-line error naming ``key``."""
+    if value not in options:
+        raise UserError(f"config key {key!r} is {value!r}." + did_you_mean(str(value), options))
+
+
 def validate(cfg: RunConfig) -> RunConfig:
-    """Cross-field checks that types alone cannot express."""
+    """Cross-field checks that types alone cannot express; every name is checked against its registry."""
+    # imported here: the registries pull in torch, and the CLI's --help reads this module without it
+    from train.data import AUGMENTS, DATASETS
+    from train.losses import METHODS
     from train.models import parse_arch
-    from train.red import DISTANCES
+    from train.optim import LR_SCHEDULES, OPTIMIZERS
+    from train.red import DISTANCES, WHERE
 
-    def choice(key, value, options):
-        if value not in options:
-            raise UserError(f"config key {key!r} is {value!r}." + did_you_mean(str(value), options))
-
-    choice("method", cfg.method, METHODS)
-    choice("optim.name", cfg.optim.name, ("sgd", "adam"))
-    choice("optim.schedule", cfg.optim.schedule, ("cosine", "step"))
-    choice("data.augment", cfg.data.augment, ("crop_flip", "rrc_flip", "flip", "none"))
-    choice("data.name", cfg.data.name, ("imagefolder", "cifar10", "stl10"))
-    DISTANCES.get(cfg.red.distance)
+    _choice("method", cfg.method, METHODS)
+    method = METHODS.get(cfg.method)
+    _choice("optim.name", cfg.optim.name, OPTIMIZERS)
+    _choice("optim.schedule", cfg.optim.schedule, LR_SCHEDULES)
+    _choice("data.augment", cfg.data.augment, AUGMENTS)
+    _choice("data.name", cfg.data.name, DATASETS)
+    _choice("red.distance", cfg.red.distance, DISTANCES)
     if not 32 <= cfg.data.image_size <= 224:
         raise UserError(f"data.image_size={cfg.data.image_size} is out of range: use 32 to 224")
     if cfg.epochs < 1:
@@ -284,26 +310,30 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise UserError("data.val_fraction must be in [0, 0.5)")
     if cfg.data.batch_size < 1 or cfg.data.eval_batch_size < 1:
         raise UserError("data.batch_size and data.eval_batch_size must be at least 1")
-    if cfg.method != "student" and not (cfg.teacher.arch or cfg.teacher.checkpoint):
+    if (method.teacher_only or method.needs_teacher) and not (cfg.teacher.arch or cfg.teacher.checkpoint):
         raise UserError(f"method={cfg.method} needs teacher.arch (or teacher.checkpoint)")
-    if cfg.method != "teacher" and not cfg.student.arch:
+    if not method.teacher_only and not cfg.student.arch:
         raise UserError(f"method={cfg.method} needs student.arch")
-    for key, m in (("teacher.arch", cfg.teacher), ("student.arch", cfg.student)):
+    for m in (cfg.teacher, cfg.student):
         if m.arch:
             parse_arch(m.arch)
     _validate_task(cfg)
-    if cfg.method in ("red", "red_kd"):
+    if method.needs_sites:
         if not cfg.red.sites:
             raise UserError(f"method={cfg.method} needs at least one red.sites entry (student layer + teacher layer)")
         for i, s in enumerate(cfg.red.sites):
             if not s.student or not s.teacher:
                 raise UserError(f"red.sites[{i}] needs both 'student' and 'teacher' layer names")
+            _choice(f"red.sites[{i}].where", s.where, WHERE)
+            if s.teacher_where is not None:
+                _choice(f"red.sites[{i}].teacher_where", s.teacher_where, WHERE)
     return cfg
 
 
 def _validate_task(cfg: RunConfig) -> None:
     from train.diffusion import SCHEDULES
-    from train.models import task_of
+    from train.losses import METHODS
+    from train.models import parse_arch, task_of
 
     tasks = {task_of(m.arch) for m in (cfg.teacher, cfg.student) if m.arch}
     if len(tasks) > 1:
@@ -311,11 +341,11 @@ def _validate_task(cfg: RunConfig) -> None:
                         "(classifier vs denoiser): pair a unet with a unet, a classifier with a classifier")
     if cfg.task != "denoise":
         return
-    if cfg.method in ("kd", "red_kd"):
+    if METHODS.get(cfg.method).needs_logits:
         raise UserError(f"method={cfg.method} distils logits and applies to classifiers only; "
                         "use method=red (or student/teacher) for a unet denoiser")
     d, u = cfg.diffusion, cfg.unet
-    SCHEDULES.get(d.schedule)
+    _choice("diffusion.schedule", d.schedule, SCHEDULES)
     if d.timesteps < 2 or not 0 < d.beta_start < d.beta_end < 1:
         raise UserError("diffusion needs timesteps >= 2 and 0 < beta_start < beta_end < 1")
     if not 0 <= d.ema_decay < 1 or not 0 <= d.p_uncond < 1:
@@ -324,8 +354,6 @@ def _validate_task(cfg: RunConfig) -> None:
         raise UserError("unet.ch_mult needs one positive multiplier per level, e.g. [1, 2, 2, 2]")
     for key, m in (("teacher.arch", cfg.teacher), ("student.arch", cfg.student)):
         if m.arch:
-            from train.models import parse_arch
-
             digits = len(parse_arch(m.arch).strides)
             if digits + 1 != len(u.ch_mult):
                 raise UserError(f"{key}={m.arch!r} has {digits} level strides after the head but unet.ch_mult has "
@@ -341,5 +369,3 @@ def build_kwargs(cfg: RunConfig, which: ModelConfig) -> Dict[str, Any]:
         return asdict(cfg.unet)
     return model_kwargs(which.arch, which.width_mult)
 
-
-PRESET_DIR = Path(__file__).resolve().parent / "configs"

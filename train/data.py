@@ -13,6 +13,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 from torch.utils.data import Dataset
+from torchvision.transforms import v2
 
 from redistill.errors import UserError
 from redistill.registry import Registry
@@ -20,7 +21,8 @@ from redistill.registry import Registry
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp")
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
-DATASETS: Registry = Registry("data set")
+#: data sets by name (``data.name``): ``fn(root, split) -> ImageSet``, reading from disk only
+DATASETS: Registry[Callable[[str, str], "ImageSet"]] = Registry("data set")
 
 
 @dataclass
@@ -143,20 +145,42 @@ def channel_stats(images) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
     return tuple(x.mean(dim=(0, 2, 3)).tolist()), tuple(x.std(dim=(0, 2, 3)).tolist())
 
 
-def build_transform(image_size: int, mean, std, train: bool, augment: str) -> Callable:
-    from torchvision.transforms import v2
+#: training augmentations by name (``data.augment``): ``fn(image_size) -> [transforms]`` that also bring the
+#: image to ``image_size``; evaluation only resizes
+AUGMENTS: Registry[Callable[[int], list]] = Registry("augmentation")
 
-    ops: list = []
-    if train and augment == "rrc_flip":
-        ops += [v2.RandomResizedCrop(image_size, scale=(0.35, 1.0), antialias=True), v2.RandomHorizontalFlip()]
-    else:
-        ops.append(v2.Resize((image_size, image_size), antialias=True))
-        if train and augment == "crop_flip":
-            ops += [v2.RandomCrop(image_size, padding=image_size // 8, padding_mode="reflect"), v2.RandomHorizontalFlip()]
-        elif train and augment == "flip":
-            ops.append(v2.RandomHorizontalFlip())
-    ops += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
-    return v2.Compose(ops)
+
+def _resize(image_size: int):
+    return v2.Resize((image_size, image_size), antialias=True)
+
+
+@AUGMENTS.register("crop_flip")
+def _crop_flip(image_size: int) -> list:
+    """Resize, pad by 1/8 (reflect) and crop back, horizontal flip: the CIFAR recipe."""
+    return [_resize(image_size), v2.RandomCrop(image_size, padding=image_size // 8, padding_mode="reflect"),
+            v2.RandomHorizontalFlip()]
+
+
+@AUGMENTS.register("rrc_flip")
+def _rrc_flip(image_size: int) -> list:
+    """RandomResizedCrop (35-100 % of the area), horizontal flip: the paper's STL10 recipe."""
+    return [v2.RandomResizedCrop(image_size, scale=(0.35, 1.0), antialias=True), v2.RandomHorizontalFlip()]
+
+
+@AUGMENTS.register("flip")
+def _flip(image_size: int) -> list:
+    return [_resize(image_size), v2.RandomHorizontalFlip()]
+
+
+@AUGMENTS.register("none")
+def _none(image_size: int) -> list:
+    return [_resize(image_size)]
+
+
+def build_transform(image_size: int, mean, std, train: bool, augment: str) -> Callable:
+    """uint8 image -> normalised float tensor; ``augment`` (an ``AUGMENTS`` name) applies in training only."""
+    ops = AUGMENTS.get(augment)(image_size) if train else [_resize(image_size)]
+    return v2.Compose(ops + [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))])
 
 
 class TransformedImages(Dataset):

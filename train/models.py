@@ -9,6 +9,7 @@ blocks; only the strides change.
 from __future__ import annotations
 
 import difflib
+import inspect
 import re
 from dataclasses import dataclass
 from typing import Callable, Sequence, Tuple
@@ -188,6 +189,13 @@ def _resnet18(stem, strides, num_classes):
     return _resnet(BasicBlock, [2, 2, 2, 2], stem, strides, num_classes)
 
 
+@register_family("resnet34", _RESNET_STAGES, "resnet34-2-21222")
+def _resnet34(stem, strides, num_classes):
+    from torchvision.models.resnet import BasicBlock
+
+    return _resnet(BasicBlock, [3, 4, 6, 3], stem, strides, num_classes)
+
+
 @register_family("resnet50", _RESNET_STAGES, "resnet50-2-21222")
 def _resnet50(stem, strides, num_classes):
     from torchvision.models.resnet import Bottleneck
@@ -251,5 +259,6 @@ def output_names(model: nn.Module) -> list:
 
 
 def model_kwargs(arch: str, width_mult: float) -> dict:
-    """Builder options a family takes beyond its name: only the MobileNets have a width multiplier."""
-    return {"width_mult": width_mult} if arch.startswith("mobilenet") else {}
+    """Builder options a family takes beyond its name: ``width_mult`` for the families whose builder has one."""
+    build = FAMILIES.get(parse_arch(arch).family).build
+    return {"width_mult": width_mult} if "width_mult" in inspect.signature(build).parameters else {}

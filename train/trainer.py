@@ -30,6 +30,7 @@ from train.design import build_student, theoretical_reduction
 from train.losses import METHODS
 from train.tasks import TASKS
 from train.models import build_model
+from train.optim import lr_at, make_optimizer
 from train.red import SitePlan
 
 
@@ -91,32 +92,6 @@ class TeacherTap:
     def __call__(self, *inputs: torch.Tensor):
         self.feats = {}
         return self.teacher(*inputs), self.feats
-
-
-# --- optimisation -----------------------------------------------------------------------------
-
-
-def make_optimizer(cfg: RunConfig, model: nn.Module) -> torch.optim.Optimizer:
-    o = cfg.optim
-    decay, no_decay = [], []
-    for n, p in model.named_parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim <= 1 else decay).append(p)
-    groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    if o.name == "sgd":
-        return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov)
-    return torch.optim.Adam(groups, lr=o.lr)
-
-
-def lr_at(cfg: RunConfig, progress: float, epochs: int) -> float:
-    """Learning rate at ``progress`` epochs into training (stateless, so resume needs no scheduler state)."""
-    o = cfg.optim
-    if o.warmup_epochs > 0 and progress < o.warmup_epochs:
-        return o.lr * (progress + 1e-3) / o.warmup_epochs
-    frac = progress / epochs
-    if o.schedule == "cosine":
-        return 0.5 * o.lr * (1 + math.cos(math.pi * min(frac, 1.0)))
-    return o.lr * o.gamma ** sum(frac >= m for m in o.milestones)
 
 
 def _progress(iterable, total, desc, enabled):
@@ -340,8 +315,9 @@ def run_distill(cfg: RunConfig, resume: bool = False) -> Dict[str, Any]:
               f"{ctx.world} process(es)", flush=True)
     summary: Dict[str, Any] = {"name": cfg.name, "method": cfg.method, "run_dir": str(run_dir)}
 
+    method = METHODS.get(cfg.method)
     teacher_model = None
-    if cfg.method != "student":
+    if method.teacher_only or method.needs_teacher:
         if cfg.teacher.checkpoint:
             ck = load_checkpoint(cfg.teacher.checkpoint)
             if ck["classes"] != data.classes or ck["image_size"] != cfg.data.image_size or ck.get("task", "classify") != cfg.task:
@@ -360,9 +336,9 @@ def run_distill(cfg: RunConfig, resume: bool = False) -> Dict[str, Any]:
             teacher_model = model_from_checkpoint(load_checkpoint(tdir / "best.pt"))
         teacher_model.to(ctx.device)
 
-    if cfg.method != "teacher":
+    if not method.teacher_only:
         student, plans = build_student(cfg, labels, teacher_model)
-        tap = TeacherTap(teacher_model, plans) if METHODS.get(cfg.method).needs_teacher else None
+        tap = TeacherTap(teacher_model, plans) if method.needs_teacher else None
         ssum = fit(cfg, role="student", method=cfg.method, arch=cfg.student.arch, width_mult=cfg.student.width_mult,
                    model=student, data=data, stage_dir=run_dir / "student", epochs=cfg.student.epochs or cfg.epochs,
                    resume=resume, ctx=ctx, teacher=tap, plans=plans)
@@ -370,7 +346,7 @@ def run_distill(cfg: RunConfig, resume: bool = False) -> Dict[str, Any]:
     if ctx.main:
         from redistill.io import atomic_write_json
 
-        if teacher_model is not None and cfg.method != "teacher":
+        if teacher_model is not None and not method.teacher_only:
             summary["memory"] = theoretical_reduction(teacher_model, run_dir / "student" / "best.pt", cfg.data.image_size)
         atomic_write_json(run_dir / "summary.json", summary)
     if ctx.world > 1 and dist.is_initialized():

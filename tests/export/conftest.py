@@ -41,7 +41,7 @@ def image_root(tmp_path_factory) -> Path:
 def train_student(preset: str, root: Path, steps: int = 3, image_size: int = 32):
     """Build ``preset``'s student (RED blocks included) and take a few SGD steps; returns (cfg, model, plans)."""
     from train.config import load_config
-    from train.trainer import build_student
+    from train.design import build_student
 
     cfg = load_config(preset, [f"data.root={root}", f"data.image_size={image_size}", "name=fixture"])
     torch.manual_seed(0)
@@ -86,12 +86,12 @@ def checkpoint(tmp_path_factory, image_root) -> Path:
 
 @pytest.fixture(scope="session")
 def bundles(tmp_path_factory, checkpoint):
-    """One FP32 (tx2) and one INT8 (orin) bundle of the fixture student."""
+    """One FP32 (tx2) and one INT8 (orin-int8) bundle of the fixture student."""
     from export.pipeline import ExportOptions, run_export
 
     out = tmp_path_factory.mktemp("bundles")
     fp32, _ = run_export(ExportOptions(str(checkpoint), out=str(out / "fp32"), verify_images=16, quiet=True))
-    int8, _ = run_export(ExportOptions(str(checkpoint), out=str(out / "int8"), int8=True, target="orin",
+    int8, _ = run_export(ExportOptions(str(checkpoint), out=str(out / "int8"), target="orin-int8",
                                        calib_images=16, verify_images=16, quiet=True))
     return fp32, int8
 
@@ -99,7 +99,7 @@ def bundles(tmp_path_factory, checkpoint):
 @pytest.fixture(scope="session")
 def denoiser_checkpoint(tmp_path_factory, image_root) -> Path:
     """An unconditional tiny U-Net student (unet-2-221, ch 16) with a RED block on its head, as training saves it."""
-    from deploy.fixtures import tiny_denoiser_checkpoint
+    from tests.support.fixtures import tiny_denoiser_checkpoint
 
     return tiny_denoiser_checkpoint(tmp_path_factory.mktemp("ddpm") / "best.pt", image_root, CLASSES)
 

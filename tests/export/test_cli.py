@@ -1,17 +1,53 @@
 import subprocess
 import sys
 
-from redistill.cli import main
+import pytest
+
+from export.calibration import CALIBRATION
+from export.pipeline import ExportOptions, check_options
+from export.targets import TARGETS, TRT82_OPS, TRT82_SOURCE, Target, add_target
+from redistill.cli import build_parser, main
+from redistill.errors import UserError
+
+
+def _export_help() -> str:
+    sub = next(a for a in build_parser()._actions if a.__class__.__name__ == "_SubParsersAction")
+    return sub.choices["export"].format_help()
 
 
 def test_help_lists_export_options(capsys):
-    try:
+    with pytest.raises(SystemExit) as e:
         main(["export", "--help"])
-    except SystemExit as e:
-        assert e.code == 0
+    assert e.value.code == 0
     out = capsys.readouterr().out
-    for flag in ("--int8", "--opset", "--target", "--out", "--calib-method", "--dynamic-batch"):
+    for flag in ("--opset", "--target", "--out", "--calib-method", "--dynamic-batch"):
         assert flag in out
+    assert "--int8" not in out, "the precision is the target's; --int8 is only an error naming the INT8 targets"
+    for name in TARGETS:  # every target with its runtime and precision, and every calibration method
+        t = TARGETS.get(name)
+        assert f"{name}: {t.runtime}, {t.precision}" in out
+    assert all(m in out for m in CALIBRATION)
+
+
+def test_a_new_target_is_one_registry_entry():
+    """Registering a target is all it takes: the export help lists it and the options accept it."""
+    t = add_target(Target("test-npu-int8", "tensorrt", "TensorRT 99 (test)", "int8", 12, 7, TRT82_OPS, TRT82_SOURCE))
+    try:
+        assert "test-npu-int8: TensorRT 99 (test), int8, opset <= 12" in _export_help()
+        assert check_options(ExportOptions("x.pt", target="test-npu-int8", opset=12)) is t
+        with pytest.raises(UserError, match="--opset 13 is refused for --target test-npu-int8: TensorRT 99"):
+            check_options(ExportOptions("x.pt", target="test-npu-int8", opset=13))
+        with pytest.raises(UserError, match="calibration method 'minmx'"):
+            check_options(ExportOptions("x.pt", target="test-npu-int8", opset=12, calib_method="minmx"))
+    finally:
+        TARGETS.unregister("test-npu-int8")
+    assert "test-npu-int8" not in _export_help()
+
+
+def test_int8_flag_names_the_int8_targets(capsys):
+    assert main(["export", "x.pt", "--int8", "--target", "orin"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "--target orin-int8" in err and "--target cpu-int8" in err
 
 
 def test_missing_checkpoint_is_one_line(tmp_path, capsys):
@@ -23,6 +59,8 @@ def test_missing_checkpoint_is_one_line(tmp_path, capsys):
 def test_unknown_target_suggests(tmp_path, capsys):
     assert main(["export", "x.pt", "--target", "tx1"]) == 2
     assert "Did you mean 'tx2'" in capsys.readouterr().err
+    assert main(["export", "x.pt", "--target", "orin-int9"]) == 2
+    assert "Did you mean 'orin-int8'" in capsys.readouterr().err
 
 
 def test_help_does_not_import_torch():

@@ -84,7 +84,7 @@ def test_conditional_unet_exports_int32_label():
 
 
 def test_denoiser_int8_reports_eps_error(denoiser_checkpoint, denoiser_bundle, tmp_path):
-    path, _ = run_export(ExportOptions(str(denoiser_checkpoint), out=str(tmp_path / "q"), target="cpu", int8=True,
+    path, _ = run_export(ExportOptions(str(denoiser_checkpoint), out=str(tmp_path / "q"), target="cpu-int8",
                                        calib_images=8, verify_images=4, reference_images=2, quiet=True))
     m = verify_bundle(path)
     assert m["precision"] == "int8" and m["quantization"]["format"] == "QDQ"
@@ -96,7 +96,7 @@ def test_denoiser_int8_reports_eps_error(denoiser_checkpoint, denoiser_bundle, t
     proto = onnx.load(str(path / "model.onnx"))
     assert any(n.op_type == "QuantizeLinear" for n in proto.graph.node)
     # export-report: denoising MSE (not top-1) and one-step latency of both bundles, every input fed
-    from export.report import write_report
+    from bench.export_report import write_report
 
     r = write_report(denoiser_bundle[0], path, tmp_path / "report", runs=3, warmup=1)
     assert r["task"] == "denoise" and r["int8"]["mse"] == pytest.approx(q["mse_got"])

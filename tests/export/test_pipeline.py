@@ -11,15 +11,15 @@ from export.pipeline import ExportOptions, run_export
 from export.verify import run, session
 from redistill.errors import UserError
 
-KEYS = {"name", "created", "model", "input", "output", "preprocess", "precision", "target", "onnx", "reference",
-        "versions", "verification", "accuracy", "memory", "schema", "schema_version", "files"}
+KEYS = {"name", "created", "model", "input", "output", "preprocess", "precision", "target", "backend", "onnx",
+        "reference", "versions", "verification", "accuracy", "memory", "schema", "schema_version", "files"}
 
 
 def test_fp32_bundle(bundles):
     fp32, _ = bundles
     m = verify_bundle(fp32)
     assert KEYS <= set(m)
-    assert m["precision"] == "fp32" and m["target"] == "tx2"
+    assert m["precision"] == "fp32" and m["target"] == "tx2" and m["backend"] == "tensorrt"
     assert m["input"] == {"name": "input", "shape": [1, 3, 32, 32], "dtype": "float32", "layout": "NCHW", "dynamic_batch": False}
     assert m["output"]["shape"] == [1, 10] and m["model"]["classes"][0] == "airplane"
     assert m["onnx"]["opset"] == 13 and m["onnx"]["ir_version"] == 7
@@ -41,7 +41,8 @@ def test_fp32_bundle(bundles):
 def test_int8_bundle(bundles):
     _, int8 = bundles
     m = verify_bundle(int8)
-    assert m["precision"] == "int8" and m["target"] == "orin"
+    assert m["precision"] == "int8" and m["target"] == "orin-int8" and m["backend"] == "tensorrt"
+    assert m["preflight"]["int8"]["target"] == "orin-int8" and "INT8 flag" in m["target_note"]
     a = m["accuracy"]
     assert {"fp32_top1", "int8_top1", "drop", "goal_met"} <= set(a)
     assert a["drop"] == pytest.approx(a["fp32_top1"] - a["int8_top1"])
@@ -65,8 +66,8 @@ def test_tampered_bundle_is_detected(bundles, tmp_path):
 
 
 def test_tx2_int8_refused_before_any_work(checkpoint, tmp_path):
-    with pytest.raises(UserError, match=r"--int8 is refused for --target tx2.*FP16.*--target cpu"):
-        run_export(ExportOptions(str(checkpoint), out=str(tmp_path / "b"), int8=True, target="tx2", quiet=True))
+    with pytest.raises(UserError, match=r"--target tx2-int8 is refused: .*TX2.*FP16.*--target cpu-int8"):
+        run_export(ExportOptions(str(checkpoint), out=str(tmp_path / "b"), target="tx2-int8", quiet=True))
     assert not (tmp_path / "b").exists()
 
 

@@ -53,5 +53,24 @@ def test_allow_list_is_explicit_and_sourced():
             "QuantizeLinear", "DequantizeLinear"} <= TRT82_OPS
     assert not {"Mod", "HardSwish", "NonZero", "Trilu"} & TRT82_OPS
     assert "release/8.2-GA" in get_target("tx2").ops_source
-    assert TARGETS.names() == ["cpu", "orin", "tx2"]
-    assert not get_target("tx2").int8 and get_target("orin").int8
+
+
+def test_each_target_is_one_runtime_and_one_precision():
+    table = {t.name: (t.backend, t.precision, t.max_opset, t.allowed_ops is TRT82_OPS) for t in TARGETS.values()}
+    assert table == {
+        "tx2": ("tensorrt", "fp32", 13, True),
+        "orin": ("tensorrt", "fp32", 13, True),
+        "orin-int8": ("tensorrt", "int8", 13, True),
+        "cpu": ("onnxruntime", "fp32", 17, False),
+        "cpu-int8": ("onnxruntime", "int8", 17, False),
+    }
+    # no INT8 on a TX2: asking for it gives the reason and the two ways out
+    with pytest.raises(UserError, match=r"--target tx2-int8 is refused: .*sm_62.*--target tx2.*--target cpu-int8"):
+        get_target("tx2-int8")
+    with pytest.raises(UserError, match="Did you mean 'orin'"):
+        get_target("orin-fp16")
+
+
+def test_refusal_points_to_a_target_without_an_operator_list():
+    with pytest.raises(UserError, match="or use --target cpu-int8$"):
+        preflight(_graph("Mod", fmod=1), get_target("orin-int8"))

@@ -5,7 +5,8 @@ from onnx import numpy_helper
 from export.fold import fold_batchnorm
 from export.onnx_export import check_model, export_onnx
 from export.preflight import preflight
-from export.quantize import CALIBRATION, quantize_int8
+from export.calibration import CALIBRATION
+from export.quantize import quantize_int8
 from export.targets import get_target
 from export.verify import compare, run, session, torch_logits
 from redistill.errors import UserError
@@ -28,7 +29,7 @@ def test_int8_qdq_is_symmetric_and_runs(student):
     for n in qdq:
         zp = inits[n.input[2]]
         assert zp.data_type == 3 and not numpy_helper.to_array(zp).any(), n.name  # int8 zero
-    assert preflight(q, get_target("orin"))["passed"]
+    assert preflight(q, get_target("orin-int8"))["passed"]
     clips = lambda m: sum(n.op_type == "Clip" for n in m.graph.node)  # noqa: E731
     assert clips(q) == clips(fp32) == 5, "ReLU6 must survive quantization"
     x = np.random.default_rng(1).standard_normal((4, 3, 32, 32)).astype(np.float32)

@@ -50,3 +50,79 @@ def test_paper_presets_load_with_paper_recipe():
     assert cfg.optim.milestones == [0.6, 0.8, 0.9] and cfg.optim.gamma == 0.2
     assert cfg.red.alpha == 50 and cfg.red.distance == "cosine" and cfg.data.image_size == 128
     assert cfg.loss.w_ce == cfg.loss.w_dist == 0.5
+
+
+def test_presets_are_the_files_in_train_configs():
+    from train.config import PRESET_DIR, presets
+
+    found = presets()
+    assert set(found) == {p.stem for p in PRESET_DIR.glob("*.yaml")} and "quick" in found
+    for name, path in found.items():
+        assert load_config(name).to_dict() == load_config(str(path)).to_dict()
+
+
+@pytest.mark.parametrize("key, value, match", [
+    ("data.augment", "crop_flp", "'data.augment' is 'crop_flp'. Did you mean 'crop_flip'"),
+    ("optim.name", "adamw", "'optim.name' is 'adamw'. Did you mean 'adam'"),
+    ("optim.schedule", "cosin", "'optim.schedule' is 'cosin'. Did you mean 'cosine'"),
+    ("red.distance", "cos", "'red.distance' is 'cos'"),
+    ("data.name", "cifar100", "'data.name' is 'cifar100'. Did you mean 'cifar10'"),
+])
+def test_every_name_is_checked_against_its_registry(key, value, match):
+    with pytest.raises(UserError, match=match):
+        load_config("quick", [f"{key}={value}"])
+
+
+def test_red_site_side_is_checked_before_training():
+    with pytest.raises(UserError, match=r"'red.sites\[0\].where' is 'up'"):
+        load_config("quick", ["red.sites=[{student: features.0.0, where: up, teacher: features.2.block.1.0}]"])
+
+
+def test_a_registered_data_set_is_accepted():
+    from train.data import DATASETS
+
+    DATASETS.register("test_set")(lambda root, split: None)
+    try:
+        assert load_config("quick", ["data.name=test_set"]).data.name == "test_set"
+    finally:
+        DATASETS.unregister("test_set")
+    with pytest.raises(UserError, match="'data.name' is 'test_set'"):
+        load_config("quick", ["data.name=test_set"])
+
+
+def test_what_a_method_needs_comes_from_its_record():
+    from train.losses import METHODS, register_method
+
+    register_method("test_red_only", ("red",), "RED only (test)", "x")
+    register_method("test_plain", (), "plain (test)", "x")
+    try:
+        with pytest.raises(UserError, match="method=test_red_only needs at least one red.sites entry"):
+            load_config(None, ["teacher.arch=resnet18", "student.arch=resnet18-4-11221", "method=test_red_only"])
+        cfg = load_config(None, ["student.arch=resnet18-4-11221", "method=test_plain"])  # no teacher needed
+        assert cfg.method == "test_plain"
+    finally:
+        METHODS.unregister("test_red_only")
+        METHODS.unregister("test_plain")
+
+
+def test_names_given_as_examples_in_the_help_are_registered():
+    """The config comments (printed by `redistill distill --help`) may name examples; each must be a real choice."""
+    import re
+
+    from train import config as C
+    from train.cli import _field_comments
+    from train.data import AUGMENTS, DATASETS
+    from train.diffusion import SCHEDULES
+    from train.losses import METHODS
+    from train.optim import LR_SCHEDULES, OPTIMIZERS
+    from train.red import DISTANCES
+
+    fields = {(C.DataConfig, "name"): DATASETS, (C.DataConfig, "augment"): AUGMENTS,
+              (C.OptimConfig, "name"): OPTIMIZERS, (C.OptimConfig, "schedule"): LR_SCHEDULES,
+              (C.REDConfig, "distance"): DISTANCES, (C.DiffusionConfig, "schedule"): SCHEDULES,
+              (C.RunConfig, "method"): METHODS}
+    for (cls, name), reg in fields.items():
+        comment = _field_comments(cls)[name]
+        examples = re.findall(r"\b[a-z][a-z0-9_]*\b", comment.split("e.g.", 1)[1].split(";")[0])
+        assert examples and set(examples) <= set(reg.names()), (cls.__name__, name, examples)
+        assert getattr(cls(), name) in reg

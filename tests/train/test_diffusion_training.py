@@ -12,7 +12,8 @@ from train.config import build_kwargs, load_config
 from train.diffusion import Diffusion
 from train.models import build_model
 from train.tasks import DenoiseTask
-from train.trainer import TeacherTap, build_student, run_distill
+from train.design import build_student
+from train.trainer import TeacherTap, run_distill
 
 SMALL = ["unet.ch=8", "unet.num_res_blocks=2", "unet.norm_groups=4", "unet.dropout=0.0", "diffusion.timesteps=50"]
 

@@ -2,40 +2,65 @@ import pytest
 import torch
 
 from redistill.errors import UserError
-from train.config import load_config
-from train.models import FAMILIES, build_model, parse_arch
-from train.trainer import build_student
+from train.config import build_kwargs, is_paper_pair, load_config, paper_pairs, presets
+from train.design import build_student
+from train.losses import METHODS
+from train.models import FAMILIES, build_model, example_inputs, parse_arch
 
-PAPER_PAIRS = ["mobilenetv2_x4", "mobilenetv2_x8", "mobilenetv3_small_x4", "resnext18_x4"]
+PRESETS = sorted(presets())
 
 
-@pytest.mark.parametrize("preset", PAPER_PAIRS)
-def test_paper_pairs_have_equal_total_stride_and_matching_red_shapes(preset):
+def _small(arch: str) -> dict:
+    """Builder options that keep a denoiser small in a test (classifiers take none)."""
+    return {"ch": 16} if FAMILIES.get(parse_arch(arch).family).task == "denoise" else {}
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_every_preset_builds_with_matching_red_sites(preset):
+    """Teacher and student build at the preset's size, and every RED site matches the teacher's H x W."""
+    cfg = load_config(preset)
+    denoise = cfg.task == "denoise"
+    n = 0 if denoise else 10
+    if denoise:  # the U-Net's width changes no H x W; a narrow one keeps the test fast
+        cfg.unet.ch = 16
+    size = cfg.data.image_size
+    teacher = build_model(cfg.teacher.arch, n, size, **build_kwargs(cfg, cfg.teacher))
+    student, plans = build_student(cfg, n, teacher)  # raises on any H x W mismatch
+    if METHODS.get(cfg.method).needs_sites:
+        assert len(plans) == len(cfg.red.sites) > 0
+    with torch.no_grad():
+        out = student.eval()(*example_inputs(student, size))
+    assert out.shape == ((1, 3, size, size) if denoise else (1, 10))
+
+
+def test_paper_pairs_are_the_128px_red_classifier_presets():
+    pairs = paper_pairs()
+    assert {"mobilenetv2_x4", "mobilenetv2_x8", "mobilenetv3_small_x4", "resnext18_x4"} <= set(pairs)
+    assert "quick" not in pairs and "ddpm_cifar10_x2" not in pairs  # 32 px; a denoiser
+    assert pairs == [p for p in PRESETS if is_paper_pair(load_config(p))]
+
+
+@pytest.mark.parametrize("preset", paper_pairs())
+def test_paper_pairs_have_equal_total_stride_and_an_aggressive_student_stem(preset):
     cfg = load_config(preset)
     t, s = parse_arch(cfg.teacher.arch), parse_arch(cfg.student.arch)
     assert t.total_stride == s.total_stride == 16
     assert s.stem in (4, 8) and t.stem == 1
-    teacher = build_model(cfg.teacher.arch, 10, 128)
-    student, plans = build_student(cfg, 10, teacher)  # raises on any H x W mismatch
-    assert len(plans) == len(cfg.red.sites)
-    # the student's own shapes agree with the teacher's at every site
-    x = torch.zeros(1, 3, 128, 128)
-    with torch.no_grad():
-        assert student.eval()(x).shape == (1, 10)
 
 
-@pytest.mark.parametrize("name,shape", [
-    ("mobilenetv2-2-1122111", (1, 7)),
-    ("mobilenetv3_small-8-11111111121", (1, 7)),
-    ("resnet18-4-11111", (1, 7)),
-    ("resnet50-8-11221", (1, 7)),
-    ("resnext18-2-12211", (1, 7)),
-])
-def test_any_valid_stride_schedule_builds(name, shape):
-    m = build_model(name, num_classes=7, image_size=64).eval()
-    with torch.no_grad():
-        assert m(torch.zeros(1, 3, 64, 64)).shape == shape
-    assert str(parse_arch(name)) == name
+@pytest.mark.parametrize("family", FAMILIES.names())
+def test_every_family_builds_at_32px_and_any_stride_schedule(family):
+    fam = FAMILIES.get(family)
+    default = parse_arch(fam.default)
+    n = 0 if fam.task == "denoise" else 7
+    # the same strides in reverse order: another valid schedule of equal total stride
+    other = f"{family}-{default.stem}-{''.join(map(str, reversed(default.strides)))}"
+    for name, size in ((fam.default, 32), (other, 64)):
+        m = build_model(name, n, size, **_small(name)).eval()
+        assert m.arch_name == str(parse_arch(name)) and str(parse_arch(other)) == other
+        with torch.no_grad():
+            out = m(*example_inputs(m, size))
+        assert out.shape == ((1, 3, size, size) if fam.task == "denoise" else (1, 7))
 
 
 def test_stem_stride_really_downsamples():
@@ -64,9 +89,3 @@ def test_image_size_and_stride_limits():
         build_model("resnet18-2-21222", image_size=16)
     with pytest.raises(UserError, match="total stride 128 exceeds image_size 64"):
         build_model("resnet18-8-21222", image_size=64)
-
-
-def test_every_family_has_a_buildable_default():
-    for fam in FAMILIES.names():
-        name = FAMILIES.get(fam).default
-        assert build_model(name, 10, 64) is not None

@@ -14,7 +14,9 @@ from train.checkpoint import load_checkpoint, make_payload, model_from_checkpoin
 from train.config import load_config
 from train.losses import LossInputs, total_loss
 from train.models import build_model
-from train.trainer import TeacherTap, build_student, make_optimizer
+from train.design import build_student
+from train.optim import lr_at, make_optimizer
+from train.trainer import TeacherTap
 
 TINY = ["data.batch_size=8", "data.eval_batch_size=16", "data.val_fraction=0.1", "optim.warmup_epochs=0"]
 
@@ -189,8 +191,6 @@ def test_checkpoint_roundtrip_keeps_metadata(tmp_path):
 
 
 def test_schedules_follow_their_definitions():
-    from train.trainer import lr_at
-
     cfg = load_config("quick", ["optim.name=sgd", "optim.lr=0.1", "optim.warmup_epochs=0", "optim.schedule=step",
                                 "optim.milestones=[0.5,0.75]", "optim.gamma=0.2"])
     assert [round(lr_at(cfg, e, 8), 6) for e in (0, 3.9, 4, 6, 7.9)] == [0.1, 0.1, 0.02, 0.004, 0.004]

@@ -7,7 +7,8 @@ from redistill.errors import UserError
 from train.config import load_config
 from train.models import build_model, example_inputs, input_names, parse_arch, task_of
 from train.red import plan_sites
-from train.trainer import TeacherTap, build_student
+from train.design import build_student
+from train.trainer import TeacherTap
 
 TINY = dict(ch=16, ch_mult=[1, 2, 2, 2], attn=[1], num_res_blocks=1, dropout=0.0)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Dict, FrozenSet, List, Optional
 
+from deploy.agent.backends import BACKENDS
 from redistill.errors import UserError
 from redistill.registry import Registry
 
@@ -57,6 +58,8 @@ class Target:
     def __post_init__(self):
         if self.precision not in PRECISIONS:
             raise ValueError(f"target {self.name!r}: precision must be one of {PRECISIONS}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"target {self.name!r}: backend must be one of the agent's {sorted(BACKENDS)}")
 
     def summary(self) -> str:
         """One line for the CLI help: runtime, precision, opset limit and refusals."""

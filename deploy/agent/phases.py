@@ -45,7 +45,7 @@ def latency_stats(times_s, batch):
 
 
 def make_backend(args, bundle_dir, manifest, bid):
-    cls = choose_backend(args.backend)
+    cls = choose_backend(args.backend, manifest)
     backend = cls(bundle_dir, manifest, bid, args)
     t0 = time.perf_counter()
     backend.load()

@@ -59,7 +59,7 @@ def build_report(args, argv):
     log("verifying %s" % bundle_dir)
     manifest, bid = load_and_verify_bundle(bundle_dir)
     log("bundle %s (%s) verified: %d files match their sha256" % (manifest.get("name"), bid[:12], len(manifest["files"])))
-    cls = choose_backend(args.backend)
+    cls = choose_backend(args.backend, manifest)
     log("backend: %s" % cls.name)
     phase_argv = [a for a in argv]
     if args.backend == "auto":

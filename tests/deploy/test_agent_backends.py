@@ -52,3 +52,11 @@ def test_registry_refuses_unknown_and_duplicate_names():
         register_backend("onnxruntime")(type("Y", (Backend,), {}))
     with pytest.raises(AgentError, match="unknown backend 'openvino'; valid: onnxruntime, tensorrt"):
         choose_backend("openvino")
+
+
+def test_auto_prefers_the_backend_the_bundle_target_names(monkeypatch):
+    install_fake_trt(monkeypatch, "10.3.0")  # FAKE tensorrt: both backends importable
+    assert choose_backend("auto").name == "tensorrt"
+    assert choose_backend("auto", {"backend": "onnxruntime"}).name == "onnxruntime"
+    assert choose_backend("auto", {"backend": "no-such-backend"}).name == "tensorrt"
+    assert choose_backend("tensorrt", {"backend": "onnxruntime"}).name == "tensorrt"  # an explicit choice wins

@@ -65,7 +65,7 @@ def tiny_bundle(out_dir: Union[str, Path], int8: bool = False, image_size: int =
         "output": {"name": "logits", "shape": ["batch", 10], "dtype": "float32"},
         "preprocess": {"mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0], "scale": 1.0},
         "precision": "int8" if int8 else "fp32",
-        "target": "orin" if int8 else "cpu",
+        "target": "orin-int8" if int8 else "cpu", "backend": "tensorrt" if int8 else "onnxruntime",
         "onnx": {"file": "model.onnx", "opset": 13, "ir_version": None, "producer": "pytorch"},
         "reference": {"inputs": "reference/inputs.npy", "outputs": "reference/outputs.npy", "count": count, "atol": 1e-4},
         # 16 x H x W float32 after the first conv, the largest activation of this net

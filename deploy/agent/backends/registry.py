@@ -33,11 +33,14 @@ def get_backend(name):
     return BACKENDS[name]
 
 
-def choose_backend(requested):
-    """``auto``: TensorRT when its bindings and a CUDA buffer library are importable, else ONNX Runtime."""
+def choose_backend(requested, manifest=None):
+    """``auto``: the backend the bundle's target names (manifest ``backend``) when it is importable here, else the
+    first importable one in ``auto_rank`` order (TensorRT with its bindings and a CUDA buffer library first)."""
     if requested != "auto":
         return get_backend(requested)
-    for name in backend_choices()[1:]:
+    preferred = (manifest or {}).get("backend")
+    names = ([preferred] if preferred in BACKENDS else []) + list(backend_choices()[1:])
+    for name in names:
         if BACKENDS[name].available():
             return BACKENDS[name]
     raise AgentError("no-backend", "neither TensorRT (with pycuda or cuda-python) nor onnxruntime is importable "

@@ -107,7 +107,7 @@ class TensorRTBackend(Backend):
             if not self.qdq:
                 raise AgentError("refused", "INT8 refused: the bundle is not Q/DQ-quantized (no QuantizeLinear/"
                                  "DequantizeLinear nodes) and this agent does no calibration; export with "
-                                 "`redistill export --int8` and deploy that bundle")
+                                 "an INT8 target (`redistill export --target orin-int8`) and deploy that bundle")
             config.set_flag(trt.BuilderFlag.INT8)
             config.set_flag(trt.BuilderFlag.FP16)
 

@@ -19,6 +19,7 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from redistill.errors import UserError
+from train.models import example_inputs, input_names
 
 #: folding is exact algebra; this only absorbs float32 reassociation
 FOLD_ATOL = 1e-4
@@ -31,8 +32,6 @@ TIME_INPUTS = ("t",)
 def probe_inputs(model: nn.Module, image_size: int, batch: int = 2, seed: int = 0) -> Tuple[torch.Tensor, ...]:
     """Random inputs shaped like ``train.models.example_inputs``: images N(0, 1), time steps uniform in [0, 999],
     integer inputs (labels) left as the example gives them. Used to find and check the BatchNorm fold."""
-    from train.models import example_inputs, input_names
-
     g = torch.Generator().manual_seed(seed)
     out = []
     for name, x in zip(input_names(model), example_inputs(model, image_size, batch=batch)):

@@ -12,6 +12,7 @@ from onnx import numpy_helper
 from torch import nn
 
 from redistill.errors import UserError
+from train.models import example_inputs, input_names, output_names
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
@@ -25,8 +26,6 @@ def export_onnx(model: nn.Module, image_size: int, opset: int = 13, dynamic_batc
     one float32 NCHW ``input`` -> ``logits`` for a classifier; ``x`` (float32 NCHW), ``t`` (float32 [B]) and,
     when class-conditional, ``y`` (int32 [B]) -> ``eps`` for a denoiser. Batch 1 unless ``dynamic_batch``.
     """
-    from train.models import example_inputs, input_names, output_names
-
     if opset < MIN_OPSET:
         raise UserError(f"--opset {opset} is too old: choose {MIN_OPSET}-13 (13 is the default)")
     example = tuple(example_inputs(model, image_size, batch=1))

@@ -12,9 +12,28 @@ from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
+import onnx
+import onnxruntime
+import torch
+import torchvision
 
+from export.bundle import write_bundle
+from export.calibration import CALIBRATION
+from export.fold import fold_batchnorm
+from export.onnx_export import INPUT_NAME, MIN_OPSET, check_model, export_onnx, graph_io, lower_ir_version
+from export.preflight import preflight
+from export.quantize import qdq_summary, quantize_int8
+from export.targets import get_target
+from export.verify import (accuracy, compare, compare_eps, denoise_inputs, run, session, take, torch_logits,
+                           verify_denoiser, verify_fp32)
+from redistill import __version__
 from redistill.errors import UserError
+from redistill.io import sha256_file
 from redistill.memory import manifest_entry
+from train.checkpoint import load_checkpoint, model_from_checkpoint
+from train.config import DataConfig
+from train.data import DATASETS, TransformedImages, balanced_indices, build_transform, load_data
+from train.models import task_of
 
 #: what a device should allow between its runtime and the bundle's reference outputs (see docs/export.md)
 DEVICE_ATOL_FP32 = 1e-3
@@ -43,10 +62,6 @@ class ExportOptions:
 
 def check_options(o: ExportOptions):
     """Every refusal that needs no checkpoint, before anything heavy runs; returns the Target."""
-    from export.calibration import CALIBRATION
-    from export.onnx_export import MIN_OPSET
-    from export.targets import get_target
-
     t = get_target(o.target)
     if o.opset > t.max_opset:
         raise UserError(f"--opset {o.opset} is refused for --target {t.name}: {t.runtime} parses ONNX operators only up to "
@@ -77,13 +92,6 @@ def _say(o: ExportOptions, msg: str) -> None:
 
 
 def _versions() -> Dict[str, str]:
-    import onnx
-    import onnxruntime
-    import torch
-    import torchvision
-
-    from redistill import __version__
-
     return {"redistill_edge": __version__, "python": platform.python_version(), "torch": torch.__version__,
             "torchvision": torchvision.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
             "numpy": np.__version__, "exporter": "torch.onnx.export (TorchScript-based, dynamo=False)"}
@@ -102,9 +110,6 @@ def _memory(onnx_bytes: bytes) -> Tuple[Optional[dict], Optional[str]]:
 
 def load_sets(ck: Dict[str, Any], o: ExportOptions, need_calib: bool):
     """Test set (eval transform) and, for INT8, calibration images from the training split with the same transform."""
-    from train.config import DataConfig
-    from train.data import DATASETS, TransformedImages, balanced_indices, build_transform, load_data
-
     saved = (ck.get("config") or {}).get("data", {})
     dcfg = DataConfig(name=o.data_name or saved.get("name", "imagefolder"), root=o.data_root or saved.get("root", "data/cifar10"),
                       image_size=ck["image_size"], test_subset=o.eval_subset, augment=saved.get("augment", "none"))
@@ -122,8 +127,6 @@ def load_sets(ck: Dict[str, Any], o: ExportOptions, need_calib: bool):
 
 def _calib_feeds(ck: Dict[str, Any], calib, n: int, denoise: bool):
     """INT8 calibration data: training images, or for a denoiser (x_t, t[, y]) at seeded random time steps."""
-    from export.verify import denoise_inputs, take
-
     cal_x, cal_y = take(calib, n)
     if not denoise:
         return cal_x, len(cal_x)
@@ -133,8 +136,6 @@ def _calib_feeds(ck: Dict[str, Any], calib, n: int, denoise: bool):
 
 def _io_entries(proto, denoise: bool, ck: Dict[str, Any]) -> list:
     """The manifest's ``inputs``: every graph input with name, shape and dtype (and what a denoiser's mean)."""
-    from export.onnx_export import graph_io
-
     steps = int((ck.get("diffusion") or {}).get("timesteps", 1000))
     meaning = {
         "input": {"layout": "NCHW", "meaning": "image, normalised as in preprocess"},
@@ -153,19 +154,6 @@ def run_export(o: ExportOptions) -> Tuple[Path, Dict[str, Any]]:
     a denoiser is verified on noisy test images and reports denoising MSE instead of top-1.
     """
     target = check_options(o)
-    import onnx  # noqa: F401  (heavy imports only once the options are known to be good)
-    import torch
-
-    from export.bundle import write_bundle
-    from export.fold import fold_batchnorm
-    from export.onnx_export import INPUT_NAME, check_model, export_onnx, graph_io, lower_ir_version
-    from export.preflight import preflight
-    from export.verify import (accuracy, compare, compare_eps, denoise_inputs, run, session, take, torch_logits,
-                               verify_denoiser, verify_fp32)
-    from redistill.io import sha256_file
-    from train.checkpoint import load_checkpoint, model_from_checkpoint
-    from train.models import task_of
-
     ck = load_checkpoint(o.checkpoint)
     task = ck.get("task") or task_of(ck["arch"])
     denoise = task == "denoise"
@@ -225,7 +213,6 @@ def run_export(o: ExportOptions) -> Tuple[Path, Dict[str, Any]]:
     ref = {"source": "pytorch student (fp32)", "atol": DEVICE_ATOL_FP32, "top1_agreement_min": None if denoise else 1.0}
     quant = None
     if precision == "int8":
-        from export.quantize import qdq_summary, quantize_int8
         import onnxruntime
 
         cal, n_cal = _calib_feeds(ck, calib, o.calib_images, denoise)

@@ -9,6 +9,8 @@ import onnx
 import torch
 
 from redistill.errors import UserError
+from train.data import balanced_indices
+from train.diffusion import Diffusion
 
 #: the issue's bar for FP32: max |logit difference| between ONNX Runtime and PyTorch
 FP32_ATOL = 1e-4
@@ -53,8 +55,6 @@ def run(sess, inputs: Union[np.ndarray, Feeds], batch: int = 1) -> np.ndarray:
 
 def take(dataset, n: int, seed: int = 0) -> Tuple[np.ndarray, np.ndarray]:
     """``n`` images (normalised, float32 NCHW) and labels: class-balanced when the set allows, fixed order."""
-    from train.data import balanced_indices
-
     labels = getattr(getattr(dataset, "set", None), "labels", None)
     if labels is not None and len(labels):
         idx = balanced_indices(labels, min(n, len(labels)))
@@ -118,8 +118,6 @@ def denoise_inputs(ck: Dict[str, Any], images: np.ndarray, labels: Optional[np.n
     Time steps are seeded; the first two samples are t = 0 and t = T-1 (the ends of the schedule), the rest
     uniform over [0, T-1]. Labels (int32) are fed only to a class-conditional model (``num_classes > 0``).
     """
-    from train.diffusion import Diffusion
-
     diff = Diffusion.make(**(ck.get("diffusion") or {}))
     n = len(images)
     g = torch.Generator().manual_seed(seed)

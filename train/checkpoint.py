@@ -13,7 +13,7 @@ from torch import nn
 
 from redistill.errors import UserError
 from redistill.io import atomic_torch_save
-from train.models import build_model, model_kwargs
+from train.models import build_model, model_kwargs, task_of
 from train.red import SitePlan, insert_red_blocks
 
 FORMAT = "redistill-checkpoint"
@@ -33,8 +33,6 @@ def make_payload(
     holds what one task adds (a denoiser's EMA weights and noise schedule).
     """
     module = model.module if hasattr(model, "module") else model
-    from train.models import task_of
-
     return {
         "format": FORMAT, "version": VERSION,
         "arch": arch, "role": role, "method": method, "task": task_of(arch),

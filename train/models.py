@@ -18,6 +18,7 @@ from torch import nn
 
 from redistill.errors import UserError
 from redistill.registry import Registry
+from train.unet import UNet
 
 
 @dataclass(frozen=True)
@@ -228,8 +229,6 @@ def _resnext18(stem, strides, num_classes, groups: int = 32):
 @register_family("unet", ["level1", "level2", "level3"], "unet-1-222", task="denoise", variable_depth=True)
 def _unet(stem, strides, num_classes, **kw):
     """The DDPM U-Net (``train.unet``): head stride A, then one digit per level after the first."""
-    from train.unet import UNet
-
     return UNet((stem,) + tuple(strides), num_classes=num_classes, **kw)
 
 

@@ -19,6 +19,7 @@ from torchvision.ops.misc import Conv2dNormActivation
 
 from redistill.errors import UserError, did_you_mean
 from redistill.registry import Registry
+from train.models import example_inputs
 
 
 class REDBlock(nn.Module):
@@ -103,8 +104,6 @@ class SitePlan:
 
 def probe_shapes(model: nn.Module, layers: Sequence[str], image_size: int) -> Dict[str, Tuple[tuple, tuple]]:
     """Run one dummy input through ``model`` and return {layer: (input shape, output shape)}."""
-    from train.models import example_inputs
-
     modules = dict(model.named_modules())
     for name in layers:
         if name not in modules or name == "":

@@ -21,7 +21,9 @@ import torch
 from torch import nn
 
 from redistill.errors import UserError
+from redistill.io import atomic_write
 from redistill.registry import Registry
+from train.checkpoint import load_checkpoint, model_from_checkpoint
 from train.diffusion import Diffusion, null_label
 
 SAMPLERS: Registry = Registry("sampler")
@@ -207,8 +209,6 @@ def sample(model: nn.Module, diffusion: Diffusion, n: int, sampler: str = "ddim"
 def load_denoiser(source: Union[str, Dict[str, Any]], device: Union[str, torch.device] = "cpu",
                   weights: str = "auto") -> Tuple[nn.Module, Diffusion, Dict[str, Any]]:
     """``(model, diffusion, checkpoint)`` from a denoiser checkpoint path or dict (EMA weights by default)."""
-    from train.checkpoint import load_checkpoint, model_from_checkpoint
-
     ck = load_checkpoint(source) if not isinstance(source, dict) else source
     name = source if not isinstance(source, dict) else "the checkpoint"
     if ck.get("task", "classify") != "denoise":
@@ -237,7 +237,6 @@ def save_grid(images: torch.Tensor, path, nrow: int = 8, padding: int = 2) -> No
     from PIL import Image
     from torchvision.utils import make_grid
 
-    from redistill.io import atomic_write
 
     grid = make_grid(images.detach().float().cpu().clamp(-1, 1).add(1).div(2), nrow=nrow, padding=padding)
     img = Image.fromarray(grid.mul(255).round().to(torch.uint8).permute(1, 2, 0).numpy())

@@ -22,16 +22,16 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from redistill.errors import UserError
-from redistill.io import atomic_write_text
+from redistill.io import atomic_write_json, atomic_write_text
 from train.checkpoint import load_checkpoint, make_payload, model_from_checkpoint, save_checkpoint
 from train.config import RunConfig, build_kwargs
 from train.data import DataBundle, load_data
 from train.design import build_student, theoretical_reduction
 from train.losses import METHODS
-from train.tasks import TASKS
 from train.models import build_model
 from train.optim import lr_at, make_optimizer
-from train.red import SitePlan
+from train.red import REDSite, SitePlan
+from train.tasks import TASKS
 
 
 # --- environment ------------------------------------------------------------------------------
@@ -223,8 +223,6 @@ def fit(
 
 
 def _blocks_in_plan_order(model: nn.Module, plans: List[SitePlan]):
-    from train.red import REDSite
-
     sites = {n: m for n, m in model.named_modules() if isinstance(m, REDSite)}
     return [getattr(sites[p.student], "red_in" if p.where == "in" else "red_out") for p in plans]
 
@@ -246,7 +244,6 @@ def finish_stage(stage_dir: Path, data: DataBundle, cfg: RunConfig, device: torc
         out.setdefault("method", ck["method"])
         out["images_per_s"] = ck["history"][-1]["train_images_per_s"] if ck["history"] else None
     out["picked_by"] = "validation split" if data.val is not None else "last epoch (no validation split)"
-    from redistill.io import atomic_write_json
 
     atomic_write_json(stage_dir / "summary.json", out)
     b, last = out["best"], out["last"]
@@ -344,7 +341,6 @@ def run_distill(cfg: RunConfig, resume: bool = False) -> Dict[str, Any]:
                    resume=resume, ctx=ctx, teacher=tap, plans=plans)
         summary["student"] = ssum
     if ctx.main:
-        from redistill.io import atomic_write_json
 
         if teacher_model is not None and not method.teacher_only:
             summary["memory"] = theoretical_reduction(teacher_model, run_dir / "student" / "best.pt", cfg.data.image_size)

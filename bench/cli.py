@@ -1,4 +1,4 @@
-"""``redistill memory``: theoretical peak activation memory of ONNX graphs or of designs built by name."""
+"""``redistill memory`` (theoretical peak activation memory), ``redistill compare`` and ``redistill export-report``."""
 
 from __future__ import annotations
 
@@ -67,6 +67,36 @@ def add_commands(sub) -> None:
     c.add_argument("--no-analyze", action="store_true",
                    help="do not rebuild checkpoints to size models that have no bundle (faster; fewer theory figures)")
     c.set_defaults(func=_compare)
+
+    r = sub.add_parser(
+        "export-report", help="FP32 vs INT8 top-1 and ONNX Runtime CPU latency of two bundles -> results file",
+        description="Read the test accuracy (a denoiser's denoising MSE) from two bundles' manifests, time each "
+        "model.onnx in ONNX Runtime on the CPU (batch 1, median of repeated runs) and write OUT.md and OUT.json. "
+        "--pages-only rewrites OUT.md from OUT.json without timing anything.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    r.add_argument("fp32", nargs="?", help="FP32 bundle folder")
+    r.add_argument("int8", nargs="?", help="INT8 bundle folder")
+    r.add_argument("--out", default="bench/results/export_quick", help="results path without extension")
+    r.add_argument("--runs", type=int, default=300, help="timed runs per model")
+    r.add_argument("--warmup", type=int, default=30, help="untimed runs first")
+    r.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads (0 = its default)")
+    r.add_argument("--pages-only", action="store_true", help="rewrite OUT.md from OUT.json (no bundles needed)")
+    r.set_defaults(func=_export_report)
+
+
+def _export_report(args) -> int:
+    from bench.export_report import rewrite_pages, write_report
+
+    if args.pages_only:
+        if args.fp32 or args.int8:
+            raise UserError("--pages-only rewrites OUT.md from OUT.json; give no bundles")
+        rewrite_pages(args.out)
+    elif not (args.fp32 and args.int8):
+        raise UserError("give the FP32 and the INT8 bundle folders (or --pages-only)")
+    else:
+        write_report(args.fp32, args.int8, args.out, runs=args.runs, warmup=args.warmup, threads=args.threads)
+    return 0
 
 
 def _compare(args) -> int:

@@ -1,33 +1,51 @@
-"""The diffusion benchmark (issue 7): a DDPM teacher vs its x2 student alone vs student+RED on CIFAR-10 at 32 px.
+"""The diffusion benchmark (issue 7): a DDPM teacher vs its student alone vs student+RED.
 
 One command, resumable (every finished step is skipped on a re-run), meant for the background:
 
-    nohup python -m bench.diffusion_bench > runs/ddpm-bench-work/log.txt 2>&1 &
+    nohup python -m bench.diffusion_bench --remarks bench/results/diffusion_remarks.md > runs/ddpm-bench-work/log.txt 2>&1 &
 
 It trains the ``ddpm_bench`` pair (teacher, then student+RED against the frozen teacher, then the
 student alone; the same steps, schedule and seed for all three), samples each with DDIM (and a small
 DDPM grid), scores the samples with the classifier-feature Frechet distance (CFD) and k-NN
-precision/recall on the project's own CIFAR-10 classifier, exports each to an FP32 TensorRT-8.2
-bundle (verified against PyTorch) and measures one denoising step at batch 1 through the real
-deploy path on a loopback sshd (ONNX Runtime CPU). Results: ``bench/results/diffusion.md``.
+precision/recall on the project's own classifier, exports each to an FP32 bundle for the TX2 target
+(verified against PyTorch) and measures one denoising step at batch 1 through the real deploy path on
+a loopback sshd (ONNX Runtime CPU). The runs' configs, metrics and summaries, the quality and sample
+records, the step logs and state.json are copied to ``<results>/`` and the page ``<results>.md`` is
+written from those copies; ``--pages-only`` rewrites it from them without running anything.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import shutil
 import sys
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
-from bench.reproduce import Steps
-from redistill.io import atomic_write_json, atomic_write_text
+import yaml
+
+from bench.distill_report import clean_log
+from bench.quality import balanced_seeded_indices
+from bench.reproduce import Steps, _read_json
+from redistill.io import atomic_write, atomic_write_json, atomic_write_text
+from redistill.memory import fmt_bytes
+from redistill.report import machine, machine_line, md_table, remarks_section, timestamp
+from train.checkpoint import load_checkpoint
+from train.data import DATASETS
+from train.losses import METHODS
+from train.models import parse_arch
+
+PROG = "python -m bench.diffusion_bench"
 
 #: (label in the tables, run name suffix, stage folder)
 NETWORKS = (("teacher", "", "teacher"), ("student+RED", "", "student"), ("student alone", "-student", "student"))
 
 TARGETS = {"theory_ratio": 3.5}  # the issue's acceptance: student+RED theoretical peak >= 3.5x below the teacher's
+
+#: row figures read from the checkpoints and bundle manifests (not copied): kept in ``<results>.json``
+BUNDLE_KEYS = ("params", "verify_max_abs_diff", "verify_atol", "preflight_passed", "preflight_runtime")
 
 
 def checkpoints(a) -> Dict[str, Path]:
@@ -43,10 +61,6 @@ def real_baseline(a, out: Path) -> Path:
     import numpy as np
     import torch
 
-    from bench.quality import balanced_seeded_indices
-    from redistill.io import atomic_write
-    from train.data import DATASETS
-
     path = out / "samples.npz"
     if path.exists():
         return path
@@ -58,8 +72,8 @@ def real_baseline(a, out: Path) -> Path:
     return path
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench.diffusion_bench", description=__doc__.split("\n\n")[0])
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", default="ddpm_bench", help="the pair and recipe (default: ddpm_bench)")
     ap.add_argument("--name", default="ddpm-bench", help="run name; the student alone is NAME-student")
     ap.add_argument("--runs", default="runs")
@@ -76,15 +90,34 @@ def main(argv=None) -> int:
     ap.add_argument("--data-root", default="data/cifar10")
     ap.add_argument("--remarks", default=None, help="a Markdown file of remarks written after looking at the results, "
                     "added to the page under its own heading (the rest of the page is generated)")
-    argv = list(sys.argv[1:] if argv is None else argv)
-    a = ap.parse_args(argv)
+    ap.add_argument("--pages-only", action="store_true",
+                    help="run nothing: rewrite <results>.md/.json from the run files already in <results>/ and "
+                         "<results>_deploy.json (checkpoint and manifest figures from <results>.json)")
+    return ap
 
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    a = parser().parse_args(argv)
+    command = " ".join([PROG, *(shlex.quote(x) for x in argv if x != "--pages-only")])
+    if a.pages_only:
+        old = _read_json(Path(a.results + ".json"), "the benchmark's record")
+        facts = {r["network"]: {k: r.get(k) for k in BUNDLE_KEYS} for r in old["rows"]}
+        write_results(a, command, facts, page_command=" ".join([PROG, *map(shlex.quote, argv)]), old=old)
+        return 0
+    run_benchmark(a)
+    copy_run_files(a, Path(a.results))
+    write_results(a, command, bundle_facts(a))
+    return 0
+
+
+def run_benchmark(a) -> None:
+    """Every step (finished ones are skipped), ending with ``redistill compare``."""
     cli = [sys.executable, "-m", "redistill.cli"]
     work = Path(a.runs) / f"{a.name}-work"
     steps = Steps(work / "state.json")
     common = [f"out_dir={a.runs}", f"data.root={a.data_root}", "--resume"]
     steps.run("train teacher and student+RED", cli + ["distill", a.preset, f"name={a.name}", *common], work / "logs" / "red.log")
-    teacher_ckpt = Path(a.runs) / a.name / "teacher" / "best.pt"
     steps.run("train student alone", cli + ["distill", a.preset, "method=student", f"name={a.name}-student", *common],
               work / "logs" / "student.log")
     if not Path(a.classifier).is_file():
@@ -113,7 +146,7 @@ def main(argv=None) -> int:
         bundles.append(str(out))
         steps.run(f"export {label}", cli + ["export", str(ck), "--target", "tx2", "--out", str(out), "--data-root", a.data_root],
                   work / "logs" / f"export-{slug(label)}.log")
-    steps.run("deploy (loopback)", [sys.executable, "-m", "deploy.loopback_bench", *bundles, "--reports", a.reports,
+    steps.run("deploy (loopback)", [sys.executable, "-m", "bench.loopback_bench", *bundles, "--reports", a.reports,
                                     "--out", a.results + "_deploy"], work / "logs" / "deploy.log")
     steps.state.pop("compare", None)  # always refresh the tables
     steps.run("compare", cli + ["compare", str(Path(a.runs) / a.name), str(Path(a.runs) / f"{a.name}-student"), *bundles,
@@ -121,61 +154,83 @@ def main(argv=None) -> int:
                                 "--out", str(Path(a.results) / "compare")], work / "logs" / "compare.log")
     total = sum(v["seconds"] for v in steps.state.values())
     print(f"[ddpm-bench] all steps done; {total / 60:.1f} min of step time (state: {steps.path})", flush=True)
-    write_results(a, steps.state, argv, teacher_ckpt)
-    return 0
 
 
-def _summary(run_dir: Path, stage: str) -> dict:
-    return json.loads((run_dir / stage / "summary.json").read_text())
+def bundle_facts(a) -> Dict[str, dict]:
+    """Per network, what only the checkpoint and the bundle manifest hold: parameters, verification, pre-flight."""
+    out = {}
+    for label, ck_path in checkpoints(a).items():
+        ck = load_checkpoint(ck_path)
+        manifest = json.loads((Path(a.bundles) / f"{a.name}-{slug(label)}-fp32" / "manifest.json").read_text())
+        verify = (manifest.get("verification") or {}).get("fp32") or {}
+        pre = (manifest.get("preflight") or {}).get("fp32") or {}
+        out[label] = {"params": sum(v.numel() for k, v in ck["model"].items() if v.is_floating_point() and "running_" not in k),
+                      "verify_max_abs_diff": verify.get("max_abs_diff"), "verify_atol": verify.get("atol"),
+                      "preflight_passed": pre.get("passed"), "preflight_runtime": pre.get("runtime")}
+    return out
 
 
-def _history(run_dir: Path, stage: str) -> List[dict]:
-    path = run_dir / stage / "metrics.jsonl"
+def _jsonl(path: Path) -> List[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def write_results(a, state: Dict[str, dict], argv, teacher_ckpt: Path) -> None:
-    """``<results>.md/.json`` and ``<results>/`` (grids, run files): every figure read from the step outputs."""
-    from redistill.memory import fmt_bytes
-    from redistill.sysinfo import machine_line
-    from train.checkpoint import load_checkpoint
+def level_sizes(arch: str, image_size: int) -> str:
+    """The feature-map sizes of a U-Net's levels, e.g. 32/16/8/4 px for unet-1-222 at 32 px."""
+    name = parse_arch(arch)
+    sizes = [image_size // name.stem]
+    for s in name.strides:
+        sizes.append(sizes[-1] // s)
+    return "/".join(map(str, sizes)) + " px"
 
-    work = Path(a.runs) / f"{a.name}-work"
-    res_dir = Path(a.results)
-    res_dir.mkdir(parents=True, exist_ok=True)
-    dep = json.loads(Path(a.results + "_deploy.json").read_text())
+
+def collect_rows(a, facts: Dict[str, dict]) -> List[dict]:
+    """One row per network from the copied run files, the deploy record and the checkpoint/manifest ``facts``."""
+    res = Path(a.results)
+    dep = _read_json(Path(a.results + "_deploy.json"), "the loopback deploy record")
     deps = {r["bundle"].rstrip("/").split("/")[-1]: r for r in dep["results"]}
     rows = []
     for label, suffix, stage in NETWORKS:
-        run_dir = Path(a.runs) / f"{a.name}{suffix}"
-        summ = _summary(run_dir, stage)
-        hist = _history(run_dir, stage)
-        q = json.loads((work / "quality" / f"{slug(label)}.json").read_text())
+        run = res / "runs" / f"{a.name}{suffix}"
+        summ = _read_json(run / stage / "summary.json", f"{label}'s summary")
+        cfg = yaml.safe_load((run / "config.yaml").read_text())
+        hist = _jsonl(run / stage / "metrics.jsonl")
+        q = _read_json(res / "quality" / f"{slug(label)}.json", f"{label}'s quality record")
         d = deps.get(f"{a.name}-{slug(label)}-fp32") or {}
-        manifest = json.loads((Path(a.bundles) / f"{a.name}-{slug(label)}-fp32" / "manifest.json").read_text())
-        ck = load_checkpoint(run_dir / stage / "best.pt")
+        uses_red = stage == "student" and METHODS.get(summ["method"]).needs_sites
         rows.append({
-            "network": label, "arch": summ["arch"], "method": summ["method"],
-            "params": sum(v.numel() for k, v in ck["model"].items() if v.is_floating_point() and "running_" not in k),
-            "red_blocks": len(ck["red"]["sites"]), "steps": hist[-1]["steps"] if hist else None,
+            "network": label, "arch": summ["arch"], "method": summ["method"], "params": facts[label]["params"],
+            "red_blocks": len(cfg["red"]["sites"]) if uses_red else 0, "steps": hist[-1]["steps"] if hist else None,
             "train_s": round(sum(h["train_time_s"] for h in hist), 1),
             "train_diffusion_loss": hist[-1].get("train_diffusion") if hist else None,
             "train_red_loss": hist[-1].get("train_red") if hist else None,
             "first_epoch_losses": {k: hist[0].get(k) for k in ("train_diffusion", "train_red")} if hist else None,
             "test_diffusion_loss": summ["best"]["test_diffusion_loss"], "best_epoch": summ["best"]["epoch"],
             "test_images": summ["best"]["test_images"],
-            "cfd": q["cfd"], "precision": q["precision"], "recall": q["recall"],
-            "theory_peak_bytes": (manifest.get("memory") or {}).get("peak_bytes"),
+            "cfd": q["cfd"], "precision": q["precision"], "recall": q["recall"], "fid": q.get("fid"),
+            "theory_peak_bytes": d.get("theoretical_peak_bytes"),
             "measured_activation_bytes": d.get("measured_activation_bytes"),
             "p50_ms": (d.get("latency_ms") or {}).get("p50_ms"),
-            "verify_max_abs_diff": ((manifest.get("verification") or {}).get("fp32") or {}).get("max_abs_diff"),
-            "trt82_preflight_passed": ((manifest.get("preflight") or {}).get("fp32") or {}).get("passed"),
+            **{k: facts[label].get(k) for k in BUNDLE_KEYS if k != "params"},
         })
-    real_q = json.loads((work / "quality" / "real.json").read_text())
+    return rows
+
+
+def write_results(a, command: str, facts: Dict[str, dict], page_command: Optional[str] = None, old: Optional[dict] = None) -> None:
+    """``<results>.md/.json`` from the run files in ``<results>/``, the deploy record and ``facts``."""
+    res = Path(a.results)
+    rows = collect_rows(a, facts)
+    state = _read_json(res / "state.json", "the benchmark's step record")
+    real_q = _read_json(res / "quality" / "real.json", "the real-image floor")
+    cfg = yaml.safe_load((res / "runs" / a.name / "config.yaml").read_text())
+    samples = {p.parent.name: json.loads(p.read_text()) for p in sorted((res / "samples").glob("*/sample.json"))}
+    dep = json.loads(Path(a.results + "_deploy.json").read_text())
     by = {r["network"]: r for r in rows}
     t, red, alone = by["teacher"], by["student+RED"], by["student alone"]
-    ratio = lambda x, y: (x / y) if x and y else None  # noqa: E731
-    facts = {
+
+    def ratio(x, y):
+        return (x / y) if x and y else None
+
+    derived = {
         "theory_ratio_red": ratio(t["theory_peak_bytes"], red["theory_peak_bytes"]),
         "theory_ratio_alone": ratio(t["theory_peak_bytes"], alone["theory_peak_bytes"]),
         "measured_ratio_red": ratio(t["measured_activation_bytes"], red["measured_activation_bytes"]),
@@ -183,72 +238,94 @@ def write_results(a, state: Dict[str, dict], argv, teacher_ckpt: Path) -> None:
         "latency_ratio_red": ratio(t["p50_ms"], red["p50_ms"]),
         "cfd_real_floor": real_q["cfd"],
     }
-    train_s = sum(r["train_s"] for r in rows)
-    other_s = sum(v["seconds"] for k, v in state.items() if not k.startswith("train"))
-    cfd_name = real_q["cfd_name"]
-    import yaml
+    old = old or {}
+    created = old.get("created") if page_command else timestamp()
+    record = {"command": command, "machine": old.get("machine") if page_command else machine(),
+              **({"created": created} if created else {}), "rows": rows, "real_floor": real_q, "facts": derived,
+              "targets": TARGETS, "steps": state}
+    md = "\n".join(render(record, cfg, samples, dep, res, page_command) + remarks_section(a.remarks)) + "\n"
+    md += samples_section(res, rows, samples)
+    atomic_write_text(a.results + ".md", md)
+    atomic_write_json(a.results + ".json", record)
+    print(f"[ddpm-bench] wrote {a.results}.md", flush=True)
 
-    cfg = yaml.safe_load((Path(a.runs) / a.name / "config.yaml").read_text())
-    data, optim, dif, red_cfg = cfg["data"], cfg["optim"], cfg["diffusion"], cfg["red"]
-    subset = f"a {data['train_subset']:,}-image subset of the" if data["train_subset"] else "the"
-    L = ["# Diffusion benchmark: DDPM U-Net teacher vs x2 student alone vs student+RED (CIFAR-10, 32 px)", "",
-         "Command: `" + " ".join(["python -m bench.diffusion_bench", *(argv or [])]) + "` (resumable; run in the background)", "",
-         f"Machine: {machine_line()}", "",
-         f"Wall time: **{(train_s + other_s) / 60:.1f} min** (budget 2.5 h): training {train_s / 60:.1f} min (the sum of "
-         "every epoch's time in the runs' `metrics.jsonl`: " + ", ".join(f"{r['network']} {r['train_s'] / 60:.1f}" for r in rows)
-         + f"), the other steps {other_s / 60:.1f} min (`runs/{a.name}-work/state.json`). Part of the training shared the "
-         "two cores with other work (tests, exports), so steps are slower than on an idle machine.", "",
-         "## Setup and why", "",
-         f"- Pair: the `{a.preset}` preset. Teacher `unet-1-222` (levels at 32/16/8/4 px), x2 student `unet-2-221` "
-         "(its head downsamples: 16/8/4/4 px; the paper's strides [2,2,2,1] for [1,2,2,2]). The paper's U-Net layout "
-         "(multipliers [1,2,2,2], attention at level 1, 2 residual blocks per level, T=1000, linear betas 1e-4..0.02, "
-         f"epsilon prediction) at **width {cfg['unet']['ch']} instead of 128**: the paper's width trains about 16x slower "
-         "per image, which does not fit a 2-core CPU in 2.5 h.",
-         f"- Training: every network for the same {t['steps']} steps ({cfg['epochs']} epoch(s) over {subset} CIFAR-10 "
-         f"training images, {data['val_fraction']:.0%} of them held out, batch {data['batch_size']}), {optim['name']} lr "
+
+def render(r: dict, cfg: dict, samples: Dict[str, dict], dep: dict, res: Path, page_command: Optional[str]) -> List[str]:
+    """The page down to the remarks: every figure from the record ``r`` and the copied run files."""
+    rows, real_q, facts, state = r["rows"], r["real_floor"], r["facts"], r["steps"]
+    by = {row["network"]: row for row in rows}
+    t, red, alone = by["teacher"], by["student+RED"], by["student alone"]
+    data, optim, dif, red_cfg, unet = cfg["data"], cfg["optim"], cfg["diffusion"], cfg["red"], cfg["unet"]
+    size = data["image_size"]
+    train_s = sum(row["train_s"] for row in rows)
+    other_s = sum(v["seconds"] for k, v in state.items() if not k.startswith("train"))
+    subset = f"a {data['train_subset']:,}-image subset of the" if data["train_subset"] else "all the"
+    ddim = samples.get(f"{slug('teacher')}-ddim") or {}
+    ddpm = samples.get(f"{slug('teacher')}-ddpm")
+    exports = [v["argv"] for k, v in state.items() if k.startswith("export ")]
+    target = exports[0][exports[0].index("--target") + 1] if exports and "--target" in exports[0] else "?"
+    preset = _preset(state)
+    fid = any(row.get("fid") is not None for row in rows)
+    L = [f"# Diffusion benchmark: DDPM U-Net teacher vs student alone vs student+RED (`{data['root']}`, {size} px)", "",
+         f"Command: `{r['command']}` (resumable; run in the background)"
+         + (f"; this page rewritten from the run files by `{page_command}`" if page_command else ""), "",
+         f"Machine: {machine_line(r['machine'])}", "",
+         f"Wall time: **{(train_s + other_s) / 60:.1f} min**: training {train_s / 60:.1f} min (the sum of every epoch's "
+         "time in the runs' `metrics.jsonl`: " + ", ".join(f"{row['network']} {row['train_s'] / 60:.1f}" for row in rows)
+         + f"), the other steps {other_s / 60:.1f} min (`{res.name}/state.json`).", "",
+         "## Setup", "",
+         f"- Pair: the `{preset}` preset. Teacher `{t['arch']}` (levels at {level_sizes(t['arch'], size)}), student "
+         f"`{red['arch']}` (levels at {level_sizes(red['arch'], size)}). U-Net width {unet['ch']}, channel multipliers "
+         f"{unet['ch_mult']}, attention at level(s) {unet['attn']}, {unet['num_res_blocks']} residual blocks per level, "
+         f"dropout {unet['dropout']:g}; T={dif['timesteps']}, {dif['schedule']} betas {dif['beta_start']:g}..{dif['beta_end']:g}, "
+         "epsilon prediction.",
+         f"- Training: every network for the same {t['steps']} steps ({cfg['epochs']} epoch(s) over {subset} training "
+         f"images, {data['val_fraction']:.0%} of them held out, batch {data['batch_size']}), {optim['name']} lr "
          f"{optim['lr']} with {optim['schedule']} decay, gradient clipping {optim['grad_clip']}, EMA {dif['ema_decay']} "
          "(evaluated, sampled and exported). "
          f"Student+RED: `{cfg['loss']['w_ce']} * diffusion loss + {cfg['loss']['w_dist']} * RED loss`, "
-         f"{red['red_blocks']} RED blocks (head output; last down and up blocks of the student's two largest levels), each "
-         f"matched to the frozen teacher's block of equal H x W, alpha {red_cfg['alpha']}, {red_cfg['distance']} distance. "
-         "The best epoch is picked by the denoising loss on the held-out images at fixed noise; the test loss is on "
-         f"{t.get('test_images') or data['test_subset']:,} test images at fixed noise.",
-         f"- Samples: {a.n} per network with DDIM ({a.steps} steps, eta 0, seed 0), plus {a.ddpm_n} with the "
-         f"{dif['timesteps']}-step DDPM sampler for a grid.",
-         f"- Quality: **{cfd_name}** (CFD) and k-NN precision/recall (k=3) on the same features, against "
-         f"{real_q['n_real']} CIFAR-10 test images. This is the Frechet distance of the project's own classifier's "
-         "penultimate features, **not FID** (no Inception weights can be fetched here; `redistill quality "
-         "--inception-weights` adds FID where they are on disk). Its scale is this classifier's: compare rows with each "
-         f"other and with the real-image floor ({real_q['n_generated']} real training images scored the same way), not "
-         "with published FIDs.",
-         "- Memory and latency: each network's EMA weights exported to an FP32 bundle for the TX2 target (TensorRT 8.2 "
-         "pre-flight, ONNX verified against PyTorch), then one denoising step at batch 1 measured through the real deploy "
-         "path (ssh to a loopback sshd, the on-device agent with ONNX Runtime's CPU backend). **Not a Jetson**: TensorRT "
-         "did not run.", "",
-         "## Results", "",
-         "| network | params | RED blocks | test denoising loss | CFD (lower is better) | precision | recall | "
-         "theoretical peak (one step) | measured activation (ORT CPU) | latency p50 |",
-         "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        L.append(f"| {r['network']} (`{r['arch']}`) | {r['params'] / 1e6:.2f} M | {r['red_blocks']} | "
-                 f"{r['test_diffusion_loss']:.5f} | {r['cfd']:.2f} | {r['precision']:.3f} | {r['recall']:.3f} | "
-                 f"{fmt_bytes(r['theory_peak_bytes'])} | {fmt_bytes(r['measured_activation_bytes'])} | {r['p50_ms'] or 0:.2f} ms |")
-    L.append(f"| real training images (floor) | - | - | - | {real_q['cfd']:.2f} | {real_q['precision']:.3f} | "
-             f"{real_q['recall']:.3f} | - | - | - |")
+         f"{red['red_blocks']} RED blocks (student -> teacher: "
+         + ", ".join(f"{s['student']} {s['where']} -> {s['teacher']}" for s in red_cfg["sites"])
+         + f"), alpha {red_cfg['alpha']}, {red_cfg['distance']} distance. The best epoch is picked by the denoising "
+         f"loss on the held-out images at fixed noise; the test loss is on {t['test_images']:,} test images at fixed noise.",
+         f"- Samples: {ddim.get('n')} per network with DDIM ({ddim.get('steps')} steps, eta {ddim.get('eta') or 0:g}, seed "
+         f"{ddim.get('seed')})" + (f", plus {ddpm['n']} with the {ddpm['steps']}-step DDPM sampler for a grid." if ddpm else "."),
+         f"- Quality: **{real_q['cfd_name']}** (CFD) and k-NN precision/recall (k={real_q['k']}) on the same features, "
+         f"against {real_q['n_real']} real images (`{real_q['real_source']}`, seed {real_q['real_seed']}); the floor row "
+         f"scores {real_q['n_generated']} real training images the same way. "
+         + ("FID with the Inception weights given." if fid else "**No FID**: no `--inception-weights` were given."),
+         f"- Memory and latency: each network's EMA weights exported to an FP32 bundle for the `{target}` target "
+         "(pre-flight of its runtime, ONNX verified against PyTorch), then one denoising step at batch 1 measured "
+         "through the loopback deploy bench (ssh to an sshd on this machine, the on-device agent)"
+         + (f"; deploy record: {dep['note']}." if dep.get("note") else "."), "",
+         "## Results", ""]
+    L += md_table(["network", "params", "RED blocks", "test denoising loss", "CFD (lower is better)", "precision", "recall"]
+                  + (["FID"] if fid else []) + ["theoretical peak (one step)", "measured activation", "latency p50"],
+                  [[f"{row['network']} (`{row['arch']}`)", f"{row['params'] / 1e6:.2f} M", row["red_blocks"],
+                    f"{row['test_diffusion_loss']:.5f}", f"{row['cfd']:.2f}", f"{row['precision']:.3f}", f"{row['recall']:.3f}"]
+                   + ([f"{row['fid']:.2f}" if row.get("fid") is not None else "-"] if fid else [])
+                   + [fmt_bytes(row["theory_peak_bytes"]), fmt_bytes(row["measured_activation_bytes"]),
+                      f"{row['p50_ms'] or 0:.2f} ms"] for row in rows]
+                  + [["real training images (floor)", "-", "-", "-", f"{real_q['cfd']:.2f}", f"{real_q['precision']:.3f}",
+                      f"{real_q['recall']:.3f}"] + (["-"] if fid else []) + ["-", "-", "-"]])
     L += ["", f"- *test denoising loss*: mean epsilon MSE of the EMA weights on {t['test_images']:,} test images, time "
           "steps and noise fixed by a seed (the same inputs for every network).",
+          "- *CFD*: the Frechet distance of the penultimate features of the classifier named above; its scale is that "
+          "classifier's, so compare rows with each other and with the floor, not with published FIDs.",
           "- *theoretical peak*: the liveness peak of the exported graph (`redistill memory`, FP32, batch 1, one step, "
           "inputs x and t), weights excluded.",
           "- *measured activation*: the agent's memory run in a fresh process (resident memory during inference minus "
           "after loading); an upper bound at page granularity.", "",
-          "## Targets", "", "| target | result | verdict |", "|---|---|---|",
-          f"| student+RED theoretical peak >= 3.5x below the teacher's (one step, 32 px, FP32, batch 1) | "
-          f"{facts['theory_ratio_red']:.2f}x | {'met' if facts['theory_ratio_red'] >= TARGETS['theory_ratio'] else '**missed**'} |",
-          "", "## Reading (generated from the figures above)", ""]
-    L.append(f"- Memory: the student+RED's theoretical peak is {facts['theory_ratio_red']:.2f}x below the teacher's "
-             f"(student alone {facts['theory_ratio_alone']:.2f}x; the paper reports 4x). Measured on ONNX Runtime CPU the "
-             f"ratio is {facts['measured_ratio_red'] or 0:.2f}x (student alone {facts['measured_ratio_alone'] or 0:.2f}x).")
-    best = min(rows, key=lambda r: r["cfd"])
+          "## Targets", ""]
+    L += md_table(["target", "result", "verdict"],
+                  [[f"student+RED theoretical peak >= {TARGETS['theory_ratio']}x below the teacher's (one step, {size} px, "
+                    "FP32, batch 1)", f"{facts['theory_ratio_red']:.2f}x",
+                    "met" if facts["theory_ratio_red"] >= TARGETS["theory_ratio"] else "**missed**"]])
+    L += ["", "## Reading (generated from the figures above)", "",
+          f"- Memory: the student+RED's theoretical peak is {facts['theory_ratio_red']:.2f}x below the teacher's "
+          f"(student alone {facts['theory_ratio_alone']:.2f}x). Measured on ONNX Runtime CPU the ratio is "
+          f"{facts['measured_ratio_red'] or 0:.2f}x (student alone {facts['measured_ratio_alone'] or 0:.2f}x)."]
+    best = min(rows, key=lambda row: row["cfd"])
     L.append(f"- Quality: CFD teacher {t['cfd']:.2f}, student+RED {red['cfd']:.2f}, student alone {alone['cfd']:.2f} "
              f"(real-image floor {real_q['cfd']:.2f}); the lowest is the {best['network']}. "
              + ("RED lowered the student's CFD" if red["cfd"] < alone["cfd"] else "RED did not lower the student's CFD")
@@ -259,55 +336,46 @@ def write_results(a, state: Dict[str, dict], argv, teacher_ckpt: Path) -> None:
         L.append(f"- The RED term: in the first epoch the student+RED's mean RED loss was {f0['train_red']:.4f} against a "
                  f"diffusion loss of {f0['train_diffusion']:.4f} (student alone: "
                  f"{(alone['first_epoch_losses'] or {}).get('train_diffusion') or 0:.4f}); by the last epoch "
-                 f"{red['train_red_loss']:.4f} against {red['train_diffusion_loss']:.4f} ({alone['train_diffusion_loss']:.4f} alone). "
-                 f"alpha = {red_cfg['alpha']} was set once before any result (the paper's ImageNet value; the issue gives "
-                 "none for DDPM) and not tuned, so this run cannot say whether a smaller alpha or a RED warm-down would "
-                 "let the matched features help instead of competing with the denoising objective.")
-    L.append(f"- Scale: {t['steps']} steps of a width-32 U-Net is a small fraction of DDPM's 800k steps at width 128, so "
-             "every network's samples are far from real images (compare each CFD with the floor); the comparison "
-             "between networks at equal steps is what this benchmark can show, and a single seed cannot tell small "
-             "differences from noise.")
-    diffs = [r["verify_max_abs_diff"] for r in rows if r["verify_max_abs_diff"] is not None]
-    passed = all(r["trt82_preflight_passed"] for r in rows)
-    L.append(f"- Export: {'every' if passed else '**not every**'} bundle passed the TensorRT 8.2 pre-flight (opset 13, "
-             f"operator allow-list), and ONNX Runtime matched PyTorch's epsilon within max |diff| "
-             f"{max(diffs) if diffs else float('nan'):.1e} (tolerance 1e-4) on noisy test images at time steps 0 to 999.")
+                 f"{red['train_red_loss']:.4f} against {red['train_diffusion_loss']:.4f} ({alone['train_diffusion_loss']:.4f} "
+                 f"alone), with alpha {red_cfg['alpha']}.")
+    diffs = [row["verify_max_abs_diff"] for row in rows if row.get("verify_max_abs_diff") is not None]
+    passed = all(row.get("preflight_passed") for row in rows)
+    runtimes = sorted({row["preflight_runtime"] for row in rows if row.get("preflight_runtime")})
+    atols = sorted({row["verify_atol"] for row in rows if row.get("verify_atol") is not None})
+    L.append(f"- Export: {'every' if passed else '**not every**'} bundle passed the `{target}` pre-flight"
+             + (f" ({', '.join(runtimes)})" if runtimes else "") + ", and ONNX Runtime matched PyTorch's epsilon within "
+             f"max |diff| {max(diffs) if diffs else float('nan'):.1e}"
+             + (f" (tolerance {', '.join(f'{x:g}' for x in atols)})" if atols else "") + " on noisy test images.")
     L.append(f"- Latency of one step on this CPU: teacher {t['p50_ms'] or 0:.2f} ms, student+RED {red['p50_ms'] or 0:.2f} ms "
              f"({facts['latency_ratio_red'] or 0:.2f}x faster), student alone {alone['p50_ms'] or 0:.2f} ms.")
-    first = work / "logs" / "red-first-launch.log"
-    if first.is_file():
-        L.append("- The teacher and student+RED were started before this command, as `redistill distill "
-                 f"{a.preset} out_dir={a.runs} --resume` with the same configuration, and this command resumed the finished "
-                 "run; that log is `diffusion/logs/red-first-launch.log`, and their training time above is read from "
-                 "the runs' metrics.")
-    if a.remarks:
-        L += ["", "## Remarks (written by hand after looking at the grids and tables)", "",
-              Path(a.remarks).read_text().strip()]
-    L += ["", "## Samples", ""]
+    return L
+
+
+def _preset(state: Dict[str, dict]) -> str:
+    argv = next((v["argv"] for k, v in state.items() if k.startswith("train")), [])
+    return argv[argv.index("distill") + 1] if "distill" in argv else "?"
+
+
+def samples_section(res: Path, rows: List[dict], samples: Dict[str, dict]) -> str:
+    """The grids: a list of the files and each network's DDIM grid inline."""
+    L = ["", "## Samples", ""]
     for label in [r["network"] for r in rows]:
-        s = slug(label)
-        for kind in ("ddim", "ddpm"):
-            src = work / "samples" / f"{s}-{kind}" / "grid.png"
-            if src.is_file():
-                shutil.copyfile(src, res_dir / f"{s}-{kind}.png")
-        L.append(f"- {label}: DDIM {a.steps} steps `diffusion/{s}-ddim.png` (the first {min(64, a.n)} of {a.n})"
-                 + (f", DDPM {dif['timesteps']} steps `diffusion/{s}-ddpm.png` ({a.ddpm_n})" if (res_dir / f"{s}-ddpm.png").exists() else ""))
+        s, ddim, ddpm = slug(label), samples.get(f"{slug(label)}-ddim") or {}, samples.get(f"{slug(label)}-ddpm") or {}
+        L.append(f"- {label}: DDIM {ddim.get('steps')} steps `{res.name}/{s}-ddim.png` (the first "
+                 f"{ddim.get('grid_images') or min(64, ddim.get('n') or 0)} of {ddim.get('n')})"
+                 + (f", DDPM {ddpm.get('steps')} steps `{res.name}/{s}-ddpm.png` ({ddpm.get('n')})"
+                    if ddpm and (res / f"{s}-ddpm.png").exists() else ""))
     for label in [r["network"] for r in rows]:
-        L.append(f"\n**{label}** (DDIM, seed 0)\n\n![{label}](diffusion/{slug(label)}-ddim.png)")
-    L += ["", "Files: `diffusion/` (grids, quality JSON, sample settings, each run's config, metrics and summaries, step "
-          "logs, state.json), `diffusion/compare/` (`redistill compare` over the three runs, bundles and device reports) "
-          "and `diffusion_deploy.md/.json` (device measurements); every figure above is read from those."]
-    atomic_write_text(a.results + ".md", "\n".join(L) + "\n")
-    atomic_write_json(a.results + ".json", {"rows": rows, "real_floor": real_q, "facts": facts, "targets": TARGETS,
-                                           "steps": state, "command": "python -m bench.diffusion_bench " + " ".join(argv or [])})
-    copy_run_files(a, res_dir)
-    print(f"[ddpm-bench] wrote {a.results}.md", flush=True)
+        L.append(f"\n**{label}** (DDIM, seed {(samples.get(f'{slug(label)}-ddim') or {}).get('seed')})\n\n"
+                 f"![{label}]({res.name}/{slug(label)}-ddim.png)")
+    L += ["", f"Files: `{res.name}/` (grids, quality JSON, sample settings, each run's config, metrics and summaries, step "
+          f"logs, state.json), `{res.name}/compare/` (`redistill compare` over the three runs, bundles and device reports) "
+          f"and `{res.name}_deploy.md/.json` (device measurements); every figure above is read from those."]
+    return "\n".join(L) + "\n"
 
 
 def copy_run_files(a, dest: Path) -> None:
-    """Copy run configs, metrics, summaries, quality JSON, sample settings, step logs and state (no checkpoints)."""
-    from bench.distill_report import clean_log
-
+    """Copy run configs, metrics, summaries, quality JSON, sample settings and grids, step logs and state (no checkpoints)."""
     work = Path(a.runs) / f"{a.name}-work"
     for run in (Path(a.runs) / a.name, Path(a.runs) / f"{a.name}-student"):
         for f in list(run.glob("*.json")) + list(run.glob("*.yaml")) + list(run.glob("*/*.json*")):
@@ -321,9 +389,11 @@ def copy_run_files(a, dest: Path) -> None:
         target = dest / f.relative_to(work)
         target.parent.mkdir(parents=True, exist_ok=True)
         if f.suffix == ".log":
-            target.write_text(clean_log(f.read_text(errors="replace")))
+            atomic_write_text(target, clean_log(f.read_text(errors="replace")))
         else:
             shutil.copyfile(f, target)
+    for grid in sorted((work / "samples").glob("*/grid.png")):
+        shutil.copyfile(grid, dest / f"{grid.parent.name}.png")
 
 
 if __name__ == "__main__":

@@ -1,18 +1,29 @@
-"""Write ``bench/results/distill_<name>.md`` from a finished run's own files (summary.json, metrics.jsonl).
+"""Write ``bench/results/distill_<name>.md`` from a finished run's own files (config, summary.json, metrics.jsonl).
 
     python -m bench.distill_report runs/quick --command "make distill" --wall-s 812 --out bench/results/distill_quick
+    python -m bench.distill_report --pages-only --out bench/results/distill_quick   # rewrite from the committed copy
+
+The run's config, summaries and metrics are copied to ``<out>_run/`` and the page is written from
+that copy, so ``--pages-only`` rewrites it from the committed files alone.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 from pathlib import Path
 from typing import List, Optional
 
+import yaml
+
 from redistill.errors import UserError
 from redistill.io import atomic_write_json, atomic_write_text
-from redistill.sysinfo import machine_line
+from redistill.memory import fmt_bytes
+from redistill.report import machine, machine_line, md_table, remarks_section
+
+RUN_FILES = ("config.yaml", "summary.json", "teacher/metrics.jsonl", "teacher/summary.json",
+             "student/metrics.jsonl", "student/summary.json")
 
 
 def _history(stage_dir: Path) -> List[dict]:
@@ -22,9 +33,17 @@ def _history(stage_dir: Path) -> List[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def build_report(run_dir: Path, command: str, wall_s: Optional[float]) -> dict:
+def build_report(run_dir: Path, command: str, wall_s: Optional[float], where=None) -> dict:
+    """Every figure of the page, from the run folder's files; ``where`` is the machine record (default: this one)."""
+    if not (run_dir / "summary.json").is_file():
+        raise UserError(f"{run_dir}/summary.json not found: give the run folder of a finished `redistill distill` run")
     summary = json.loads((run_dir / "summary.json").read_text())
-    out = {"run_dir": str(run_dir), "command": command, "wall_seconds": wall_s, "machine": machine_line(), "stages": {}}
+    cfg_path = run_dir / "config.yaml"
+    cfg = yaml.safe_load(cfg_path.read_text()) if cfg_path.is_file() else {}
+    data = cfg.get("data") or {}
+    out = {"run_dir": str(run_dir), "command": command, "wall_seconds": wall_s,
+           "machine": machine() if where is None else where, "stages": {},
+           "data": {k: data.get(k) for k in ("name", "root", "image_size", "val_fraction", "test_subset")} if data else None}
     for role in ("teacher", "student"):
         s = summary.get(role)
         if not s or s.get("reused"):
@@ -45,10 +64,7 @@ def build_report(run_dir: Path, command: str, wall_s: Optional[float]) -> dict:
 
 def copy_run_files(run_dir: Path, dest: Path, log: Optional[str]) -> str:
     """Copy the run's config, summaries and metrics (not its checkpoints) so the figures stay traceable."""
-    import shutil
-
-    for rel in ("config.yaml", "summary.json", "teacher/metrics.jsonl", "teacher/summary.json",
-                "student/metrics.jsonl", "student/summary.json"):
+    for rel in RUN_FILES:
         if (run_dir / rel).is_file():
             (dest / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(run_dir / rel, dest / rel)
@@ -65,54 +81,71 @@ def clean_log(text: str) -> str:
     return "\n".join(keep) + "\n"
 
 
-def render(r: dict) -> str:
+def render(r: dict, remarks: Optional[str] = None) -> str:
+    """The page from a ``build_report`` record (and the hand-written remarks, if any)."""
     t, s = r["stages"].get("teacher"), r["stages"].get("student")
-    lines = ["# `make distill` default preset on this machine", "",
-             f"Command: `{r['command']}` (from a fresh clone: creates `.venv`, unpacks the data, trains)", "",
-             f"Machine: {r['machine']}", ""]
+    lines = [f"# Distillation run `{Path(r['run_dir']).name}`", "",
+             f"Command: `{r['command']}`", "",
+             f"Machine: {machine_line(r['machine'])}", ""]
     if r["wall_seconds"] is not None:
-        lines += [f"Wall time, set-up included: **{r['wall_seconds'] / 60:.1f} min** ({r['wall_seconds']:.0f} s)", ""]
-    lines += ["| network | arch | method | epochs | test top-1 (best by val) | test top-1 (last) | images/s (train step) | train time |",
-              "|---|---|---|---|---|---|---|---|"]
-    for role, st in (("teacher", t), ("student", s)):
-        if st:
-            step = "teacher training" if role == "teacher" else "distillation step (student + frozen teacher forward)"
-            lines.append(f"| {role} | `{st['arch']}` | {st['method']} | {st['epochs']} | {st['test_top1_best']:.2f} % "
-                         f"(epoch {st['best_epoch']}) | {st['test_top1_last']:.2f} % | {st['train_images_per_s_median']:.0f} "
-                         f"({step}) | {st['train_seconds']:.0f} s |")
+        lines += [f"Wall time of the command: **{r['wall_seconds'] / 60:.1f} min** ({r['wall_seconds']:.0f} s)", ""]
+    step = {"teacher": "teacher training", "student": "distillation step (student + frozen teacher forward)"}
+    lines += md_table(["network", "arch", "method", "epochs", "test top-1 (best by val)", "test top-1 (last)",
+                       "images/s (train step)", "train time"],
+                      [[role, f"`{st['arch']}`", st["method"], st["epochs"],
+                        f"{st['test_top1_best']:.2f} % (epoch {st['best_epoch']})", f"{st['test_top1_last']:.2f} %",
+                        f"{st['train_images_per_s_median']:.0f} ({step[role]})", f"{st['train_seconds']:.0f} s"]
+                       for role, st in (("teacher", t), ("student", s)) if st])
     if r.get("memory"):
         m = r["memory"]
         lines += ["", f"Theoretical peak activation memory ({m['definition']}, {m['image_size']} px): teacher "
-                  f"{m['teacher_peak_bytes'] / 1024:.1f} KiB, student+RED {m['student_peak_bytes'] / 1024:.1f} KiB, "
+                  f"{fmt_bytes(m['teacher_peak_bytes'])}, student+RED {fmt_bytes(m['student_peak_bytes'])}, "
                   f"**{m['reduction']:.2f}x** lower."]
-    n = (t or s)["test_images"]
+    st = t or s
+    d = r.get("data")
+    where = f" of `{d['root']}` ({d['name']}, {d['image_size']} px)" if d else ""
+    whole = ", the whole test split" if d and not d.get("test_subset") else ""
+    split = f"a {d['val_fraction']:.0%} validation split of the training images" if d else "the validation split"
     lines += ["", "## Reading", "",
-              f"- Accuracies are on the full CIFAR-10 test split ({n} images) of the JPEG archive, which runs about a "
-              "point below the PNG-exact CIFAR-10; the epoch is picked on a 5 % validation split of the training "
-              "images, never on the test set.",
-              "- The preset is sized for time, not accuracy: a few epochs at 32 px. It shows the pipeline works on "
-              "real images and gives checkpoints for export; it is not a reproduction of the paper's accuracies "
-              "(those need the paper recipes on a GPU).",
+              f"- Accuracies are on {st['test_images']} test images{where}{whole}; the epoch is picked by "
+              + (f"{split}, never on the test set." if st["picked_by"] == "validation split" else f"{st['picked_by']}."),
               "- images/s is the median over epochs of training images per second, data loading and augmentation included.",
               f"- Per-epoch figures: `{r['run_dir']}/{{teacher,student}}/metrics.jsonl`, committed with the run's "
               f"config and summaries (and the console log, when given) in `{r['copied_to']}/`; validation top-1 by epoch: "
               + "; ".join(f"{k} {v['val_top1']}" for k, v in r["stages"].items()) + "."]
+    lines += remarks_section(remarks)
     return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("run_dir")
+    ap.add_argument("run_dir", nargs="?", help="the run folder (not with --pages-only)")
     ap.add_argument("--command", default="make distill")
     ap.add_argument("--wall-s", type=float, default=None, help="measured wall time of the command, seconds")
     ap.add_argument("--out", default="bench/results/distill_quick", help="output path without extension")
     ap.add_argument("--log", default=None, help="console log of the command, copied beside the results")
+    ap.add_argument("--remarks", default=None, help="a hand-written Markdown file added under its own heading")
+    ap.add_argument("--pages-only", action="store_true",
+                    help="rewrite OUT.md/.json from the copied run files in OUT_run/ (command, wall time and machine "
+                         "from OUT.json)")
     a = ap.parse_args(argv)
-    r = build_report(Path(a.run_dir), a.command, a.wall_s)
-    r["copied_to"] = copy_run_files(Path(a.run_dir), Path(a.out + "_run"), a.log)
+    copy = Path(a.out + "_run")
+    if a.pages_only:
+        if a.run_dir:
+            raise UserError("--pages-only reads OUT_run/; give no run folder")
+        old = json.loads(Path(a.out + ".json").read_text())
+        r = build_report(copy, old["command"], old.get("wall_seconds"), old.get("machine"))
+        r["run_dir"] = old["run_dir"]
+    else:
+        if not a.run_dir:
+            raise UserError("give the run folder of a finished `redistill distill` run (or --pages-only)")
+        copy_run_files(Path(a.run_dir), copy, a.log)
+        r = build_report(copy, a.command, a.wall_s)
+        r["run_dir"] = a.run_dir
+    r["copied_to"] = str(copy)
     atomic_write_json(a.out + ".json", r)
-    atomic_write_text(a.out + ".md", render(r))
-    print(render(r))
+    atomic_write_text(a.out + ".md", render(r, a.remarks))
+    print(render(r, a.remarks))
     return 0
 
 

@@ -2,26 +2,31 @@
 
     python -m bench.memory_pairs [--image-size 128] [--out-dir bench/results]
 
-For each paper pair (a train/configs preset) the teacher, the student without
-RED and the student with its RED blocks are built untrained, exported to ONNX
-and analysed at batch 1, FP32; the reductions are teacher / student figures.
+The pairs are the presets in train/configs that are paper pairs (``train.config.paper_pairs``), so a
+new pair is one preset file. For each, the teacher, the student without RED
+and the student with its RED blocks are built untrained, exported to ONNX and analysed at batch 1,
+FP32; the reductions are teacher / student figures.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from redistill.io import atomic_write_json, atomic_write_text
-from redistill.sysinfo import machine_line
+from redistill.memory import DEFINITION, fmt_bytes
+from redistill.memory.plot import plot_reports
+from redistill.report import machine, machine_line, md_table, remarks_section, timestamp
+from train.config import paper_pairs
+from train.design import analyze_model, pair_designs
 
-PRESETS = ("mobilenetv2_x4", "mobilenetv2_x8", "mobilenetv3_small_x4", "resnext18_x4")
 TARGET = 4.5  # the issue's acceptance: student+RED liveness reduction of at least this much
 
-#: the paper's own estimator (fp32, batch 1, 128 px; MB as printed in the paper), teacher -> x4 student
+#: the paper's own estimator (fp32, batch 1, 128 px; MB as printed in the paper), teacher -> student, by preset
 PAPER_MB = {
     "mobilenetv2_x4": (7.5, 0.51),
     "mobilenetv3_small_x4": (1.41, 0.31),
@@ -31,8 +36,6 @@ PAPER_MB = {
 
 def run_pair(preset: str, image_size: int, dtype: Optional[str] = None):
     """(cfg, {label: MemoryReport}) for a preset's teacher, student and student+RED."""
-    from train.design import analyze_model, pair_designs
-
     designs, cfg = pair_designs(preset, image_size)
     reports = {label: analyze_model(m, image_size, dtype=dtype, inplace=True, name=label) for label, m in designs}
     return cfg, reports
@@ -43,6 +46,7 @@ def _ratio(a, b):
 
 
 def pair_row(preset: str, cfg, reports) -> Dict[str, Any]:
+    """The figures of one pair: peaks (liveness, in-place, layer-wise), reductions, the paper's figures, where the peaks are."""
     t, s, r = reports["teacher"], reports["student"], reports["student+RED"]
     row = {
         "preset": preset,
@@ -69,50 +73,42 @@ def pair_row(preset: str, cfg, reports) -> Dict[str, Any]:
     return row
 
 
-def _mib(n) -> str:
-    return "-" if n is None else f"{n / (1 << 20):.3f}"
-
-
-def render_markdown(rows: List[Dict[str, Any]], command: str, image_size: int, where: str) -> str:
-    from redistill.memory import DEFINITION
-
+def render_markdown(doc: Dict[str, Any], remarks: Optional[str] = None) -> str:
+    """The page, from the ``.json`` record alone (so ``--pages-only`` rewrites it without building anything)."""
+    rows, image_size = doc["pairs"], doc["image_size"]
     lines = [
         "# Theoretical peak activation memory of the paper pairs",
         "",
-        f"Command: `{command}`",
+        f"Command: `{doc['command']}`",
         "",
-        f"Machine: {where}. Untrained models built by name (`train/models.py`, `train/trainer.build_student`), "
-        f"exported with the legacy exporter (opset 13, BatchNorm folded), analysed by `redistill/memory/analysis.py`; "
-        f"{image_size} px, FP32, batch 1. Sizes in MiB (2^20 bytes); exact bytes in the `.json` beside this file.",
+        f"Machine: {machine_line(doc['machine'])}.",
         "",
-        "## Peaks (MiB)",
+        "Untrained models built by name (`train/models.py`, `train.design.build_student`), exported with the "
+        "legacy exporter (opset 13, BatchNorm folded), analysed by `redistill/memory/analysis.py`; "
+        f"{image_size} px, {doc['dtype'].upper()}, batch {doc['batch']}. Rows: every preset for which "
+        "`train.config.is_paper_pair` holds. Sizes in binary units "
+        "(KiB = 2^10, MiB = 2^20 bytes); exact bytes in the `.json` beside this file.",
         "",
-        "| pair | teacher | student (no RED) | student+RED | teacher in-place | student+RED in-place "
-        "| teacher layer-wise | student+RED layer-wise | paper teacher / student (MB) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "## Peaks",
+        "",
     ]
-    for r in rows:
-        paper = f"{r['paper_teacher_mb']} / {r['paper_student_mb']}" if r["paper_teacher_mb"] else "not published"
-        lines.append(
-            f"| {r['preset']} (`{r['teacher_arch']}` -> `{r['student_arch']}`, {r['red_blocks']} RED) "
-            f"| {_mib(r['teacher_peak_bytes'])} | {_mib(r['student_peak_bytes'])} | {_mib(r['student_red_peak_bytes'])} "
-            f"| {_mib(r['teacher_inplace_peak_bytes'])} | {_mib(r['student_red_inplace_peak_bytes'])} "
-            f"| {_mib(r['teacher_layerwise_peak_bytes'])} | {_mib(r['student_red_layerwise_peak_bytes'])} | {paper} |"
-        )
-    lines += [
-        "",
-        f"## Reduction factors (teacher / student; target for student+RED by liveness: >= {TARGET}x)",
-        "",
-        "| pair | student, liveness | student+RED, liveness | student+RED, in-place | student+RED, layer-wise "
-        "| paper | meets target |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r['preset']} | {r['reduction_student']}x | **{r['reduction_student_red']}x** "
-            f"| {r['reduction_student_red_inplace']}x | {r['reduction_student_red_layerwise']}x "
-            f"| {str(r['paper_reduction']) + 'x' if r['paper_reduction'] else '-'} | {'yes' if r['meets_target'] else 'NO'} |"
-        )
+    lines += md_table(
+        ["pair", "teacher", "student (no RED)", "student+RED", "teacher in-place", "student+RED in-place",
+         "teacher layer-wise", "student+RED layer-wise", "paper teacher / student (MB)"],
+        [[f"{r['preset']} (`{r['teacher_arch']}` -> `{r['student_arch']}`, {r['red_blocks']} RED)",
+          *(fmt_bytes(r[k]) for k in ("teacher_peak_bytes", "student_peak_bytes", "student_red_peak_bytes",
+                                      "teacher_inplace_peak_bytes", "student_red_inplace_peak_bytes",
+                                      "teacher_layerwise_peak_bytes", "student_red_layerwise_peak_bytes")),
+          f"{r['paper_teacher_mb']} / {r['paper_student_mb']}" if r["paper_teacher_mb"] else "not published"]
+         for r in rows])
+    lines += ["", f"## Reduction factors (teacher / student; target for student+RED by liveness: >= {doc['target_reduction']}x)", ""]
+    lines += md_table(
+        ["pair", "student, liveness", "student+RED, liveness", "student+RED, in-place", "student+RED, layer-wise",
+         "paper", "meets target"],
+        [[r["preset"], f"{r['reduction_student']}x", f"**{r['reduction_student_red']}x**",
+          f"{r['reduction_student_red_inplace']}x", f"{r['reduction_student_red_layerwise']}x",
+          f"{r['paper_reduction']}x" if r["paper_reduction"] else "-", "yes" if r["meets_target"] else "NO"]
+         for r in rows])
     lines += ["", "## Where each peak is", ""]
     for r in rows:
         lines.append(f"- **{r['preset']}** teacher: {r['teacher_peak_explanation']}")
@@ -120,75 +116,59 @@ def render_markdown(rows: List[Dict[str, Any]], command: str, image_size: int, w
     short = [r for r in rows if not r["meets_target"]]
     if short:
         lines += ["", "## Pairs short of the target", ""]
-        for r in short:
-            lines.append(
-                f"- **{r['preset']}**: {r['reduction_student_red']}x < {TARGET}x. The student+RED peak is set by "
-                f"{r['student_red_peak_explanation']}. {_why(r)}"
-            )
+        lines += [f"- **{r['preset']}**: {r['reduction_student_red']}x < {doc['target_reduction']}x. {_where(r)}" for r in short]
+    lines += remarks_section(remarks)
     lines += ["", "## Definitions", "", DEFINITION, "",
-              "The paper's figures come from its own hand-written per-architecture estimator (REFERENCE.md section 1) "
-              "and are printed in MB; the layer-wise column applies the same rule (conv input + output + held tensors) "
-              "generically to the exported graph.", ""]
+              "The paper's figures are from its own per-architecture estimator, printed in MB; the layer-wise column "
+              "applies the same rule (conv input + output + held tensors) generically to the exported graph.", ""]
     return "\n".join(lines)
 
 
-#: findings from reading the analysis, shown with a pair that falls short (not used to change anything)
-NOTES = {
-    "resnext18_x4": (
-        "train/models.py builds resnext18 from torchvision's grouped Bottleneck (expansion 4, 32x4d), so layer1 "
-        "outputs 256 channels at the resolution the teacher's maxpool already halved; the paper's figures "
-        "(5.0 -> 0.75 MB) fit 64-channel layer1 outputs instead: `redistill memory --arch resnet18-1-21222 "
-        "--inplace` gives 5.00 MiB (stem ReLU/maxpool, 4 + 1 MiB) and `--arch resnet18-4-11221` 0.75 MiB "
-        "(3 x 256 KiB in layer1.0), a 6.7x reduction."
-    ),
-}
-
-
-def _why(r: Dict[str, Any]) -> str:
-    """A sentence on why the student+RED peak stays high, from where the peaks sit."""
+def _where(r: Dict[str, Any]) -> str:
+    """Where the student+RED peak sits against the plain student's and the teacher's (figures only)."""
     if r["student_red_peak_bytes"] > r["student_peak_bytes"]:
-        why = ("The RED blocks raise the peak above the plain student's "
-               f"({_mib(r['student_peak_bytes'])} MiB): a RED block keeps its input alive for the product while its "
-               "convolutions run, so it holds several full-size maps at once.")
-    elif r["teacher_peak_node"] == r["student_red_peak_node"]:
-        why = (f"Teacher and student peak at the same node, where the student's maps are only "
-               f"{r['reduction_student_red']}x smaller: the teacher has already downsampled before that node, so the "
-               "student's more aggressive early pooling gains less there than at the stem.")
-    else:
-        why = (f"The plain student peaks at the same place ({_mib(r['student_peak_bytes'])} MiB at "
-               f"{r['student_peak_node']}): once the first layers shrink, the peak moves to a later stage.")
-    note = NOTES.get(r["preset"])
-    return why + (" " + note if note else "")
+        return (f"The RED blocks raise the peak above the plain student's ({fmt_bytes(r['student_peak_bytes'])} at "
+                f"{r['student_peak_node']}) to {fmt_bytes(r['student_red_peak_bytes'])} at {r['student_red_peak_node']}.")
+    if r["teacher_peak_node"] == r["student_red_peak_node"]:
+        return (f"Teacher and student+RED peak at the same node, {r['teacher_peak_node']}, where the student's live "
+                f"set is {r['reduction_student_red']}x smaller.")
+    return (f"The plain student peaks at {r['student_peak_node']} ({fmt_bytes(r['student_peak_bytes'])}), the "
+            f"student+RED at {r['student_red_peak_node']} ({fmt_bytes(r['student_red_peak_bytes'])}).")
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.memory_pairs", description=__doc__.splitlines()[0])
     parser.add_argument("--image-size", type=int, default=128)
     parser.add_argument("--out-dir", default="bench/results")
-    parser.add_argument("--presets", nargs="+", default=list(PRESETS))
+    parser.add_argument("--presets", nargs="+", default=None,
+                        help="presets to analyse (default: every paper pair in train/configs)")
     parser.add_argument("--plot-preset", default="mobilenetv2_x4", help="pair drawn to memory_<preset>.png ('' = none)")
+    parser.add_argument("--remarks", default=None, help="a hand-written Markdown file added under its own heading")
+    parser.add_argument("--pages-only", action="store_true",
+                        help="build nothing: rewrite memory_paper_pairs.md from memory_paper_pairs.json")
     args = parser.parse_args(argv)
+    out = Path(args.out_dir)
+    if args.pages_only:
+        doc = json.loads((out / "memory_paper_pairs.json").read_text())
+        atomic_write_text(out / "memory_paper_pairs.md", render_markdown(doc, args.remarks))
+        print(f"wrote {out / 'memory_paper_pairs.md'}")
+        return 0
     command = "python -m bench.memory_pairs" + "".join(
         f" {shlex.quote(a)}" for a in (sys.argv[1:] if argv is None else argv))
-    out = Path(args.out_dir)
     rows = []
     all_reports = {}
-    for preset in args.presets:
+    for preset in args.presets or paper_pairs():
         print(f"analysing {preset} ...", flush=True)
         cfg, reports = run_pair(preset, args.image_size)
         all_reports[preset] = reports
         rows.append(pair_row(preset, cfg, reports))
-    where = machine_line()
-    md = render_markdown(rows, command, args.image_size, where)
+    doc = {"command": command, "created": timestamp(), "machine": machine(), "image_size": args.image_size, "batch": 1,
+           "dtype": "fp32", "target_reduction": TARGET, "pairs": rows,
+           "summaries": {p: {k: v.summary() for k, v in reps.items()} for p, reps in all_reports.items()}}
+    md = render_markdown(doc, args.remarks)
     atomic_write_text(out / "memory_paper_pairs.md", md)
-    atomic_write_json(out / "memory_paper_pairs.json", {
-        "command": command, "machine": where, "image_size": args.image_size, "batch": 1, "dtype": "fp32",
-        "target_reduction": TARGET, "pairs": rows,
-        "summaries": {p: {k: v.summary() for k, v in reps.items()} for p, reps in all_reports.items()},
-    })
+    atomic_write_json(out / "memory_paper_pairs.json", doc)
     if args.plot_preset and args.plot_preset in all_reports:
-        from redistill.memory.plot import plot_reports
-
         reps = all_reports[args.plot_preset]
         cfg_row = next(r for r in rows if r["preset"] == args.plot_preset)
         plot_reports(list(reps.values()), out / f"memory_{args.plot_preset}.png",

@@ -7,9 +7,9 @@
   here, not from the Inception-v3 every published FID uses, so CFD values are
   only comparable with CFD values from the same classifier checkpoint.
 * Precision and recall (Kynkaenniemi et al. 2019, k-NN radii) on the same features.
-* FID, only when Inception weights are on disk (``inception_weights=PATH``):
-  torchvision's Inception-v3, or pytorch-fid's FID Inception when ``pytorch_fid``
-  is importable, 2048-d pool features at 299 px. Nothing is ever downloaded.
+* FID, only when the FID Inception weights are on disk (``inception_weights=PATH``):
+  torchmetrics' ``FrechetInceptionDistance`` (torch-fidelity's Inception-v3, 2048-d
+  pool features at 299 px) given that local file. Nothing is ever downloaded.
 
 Reference statistics of the real images are cached in a .npz keyed by the
 feature network's sha256, the image count, the seed and the data set.
@@ -29,6 +29,9 @@ from torch import nn
 
 from redistill.errors import UserError
 from redistill.io import atomic_write, sha256_file
+from train.checkpoint import load_checkpoint, model_from_checkpoint
+from train.config import DataConfig
+from train.data import load_data
 
 CFD_NAME = "classifier-feature Frechet distance (CFD)"
 
@@ -70,8 +73,6 @@ class ClassifierFeatures(_Hooked):
     """Penultimate-layer features of a ReDistill classifier checkpoint (input of its last Linear)."""
 
     def __init__(self, checkpoint, device="cpu"):
-        from train.checkpoint import load_checkpoint, model_from_checkpoint
-
         self.path = Path(checkpoint)
         ck = load_checkpoint(self.path)
         if ck.get("task", "classify") != "classify":
@@ -94,58 +95,66 @@ class ClassifierFeatures(_Hooked):
         return (x01 - self.mean.to(x.device)) / self.std.to(x.device)
 
 
-def _fid_inception(num_classes: int) -> Tuple[nn.Module, str]:
-    """pytorch-fid's FID Inception built without its download, or torchvision's Inception-v3."""
-    try:
-        from pytorch_fid import inception as pf  # optional
-    except ImportError:
-        pf = None
-    from torchvision.models import inception_v3
-
-    net = inception_v3(weights=None, aux_logits=False, init_weights=False, num_classes=num_classes, transform_input=False)
-    if pf is not None and num_classes == 1008:
-        # what pytorch_fid.inception.fid_inception_v3 builds, minus load_state_dict_from_url
-        net.Mixed_5b, net.Mixed_5c, net.Mixed_5d = pf.FIDInceptionA(192, 32), pf.FIDInceptionA(256, 64), pf.FIDInceptionA(288, 64)
-        net.Mixed_6b = pf.FIDInceptionC(768, 128)
-        net.Mixed_6c, net.Mixed_6d = pf.FIDInceptionC(768, 160), pf.FIDInceptionC(768, 160)
-        net.Mixed_6e = pf.FIDInceptionC(768, 192)
-        net.Mixed_7b, net.Mixed_7c = pf.FIDInceptionE_1(1280), pf.FIDInceptionE_2(2048)
-        return net, "pytorch-fid FID Inception (standard FID)"
-    if num_classes == 1008:
-        return net, "torchvision Inception-v3 blocks with 1008-class FID weights (install pytorch-fid for the exact FID network)"
-    return net, "torchvision Inception-v3"
+#: what the FID weights file must be: the 1008-class Inception-v3 of TensorFlow's FID, as torch-fidelity converts it
+FID_WEIGHTS = ("torch-fidelity's weights-inception-2015-12-05-6726825d.pth or pytorch-fid's "
+               "pt_inception-2015-12-05-6726825d.pth")
 
 
-class InceptionFeatures(_Hooked):
-    """2048-d pool features of an Inception-v3 whose weights are read from a local file (weights_only=True)."""
+class InceptionFID:
+    """torchmetrics' ``FrechetInceptionDistance`` on a local FID Inception weights file (never a download).
+
+    The file is read once with ``weights_only=True`` before torch-fidelity loads it, so a file that is not
+    a plain state dict is refused instead of unpickled. Images go in as [-1, 1] floats and are scored as
+    uint8 pixels, resized to 299 px the way TensorFlow's FID does (torchmetrics ``antialias=False``).
+    """
 
     def __init__(self, weights, device="cpu"):
+        from torchmetrics.image.fid import FrechetInceptionDistance
+
         self.path = Path(weights)
         if not self.path.is_file():
-            raise UserError(f"--inception-weights {self.path} not found: give a local torchvision inception_v3 or "
-                            "pytorch-fid pt_inception-2015-12-05 .pth file (nothing is downloaded)")
+            raise UserError(f"--inception-weights {self.path} not found: give a local copy of {FID_WEIGHTS} "
+                            "(nothing is downloaded)")
         try:
             state = torch.load(self.path, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001 - any unreadable file is the same user error
             raise UserError(f"--inception-weights {self.path} is not a loadable PyTorch state_dict ({type(e).__name__})") from None
-        for key in ("state_dict", "model"):
-            if isinstance(state, dict) and isinstance(state.get(key), dict):
-                state = state[key]
-        if not isinstance(state, dict) or "fc.weight" not in state:
-            raise UserError(f"--inception-weights {self.path} is not an Inception-v3 state_dict (no fc.weight)")
-        state = {k: v for k, v in state.items() if not k.startswith("AuxLogits.")}
-        net, self.variant = _fid_inception(int(state["fc.weight"].shape[0]))
-        missing, unexpected = net.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise UserError(f"--inception-weights {self.path} does not fit Inception-v3 (missing {missing[:3]}, "
-                            f"unexpected {unexpected[:3]})")
-        super().__init__(net, net.fc, device)
+        fc = state.get("fc.weight") if isinstance(state, dict) else None
+        if fc is None or tuple(fc.shape) != (1008, 2048):
+            raise UserError(f"--inception-weights {self.path} is not an Inception-v3 state_dict of the FID network "
+                            f"(fc.weight {tuple(fc.shape) if fc is not None else 'missing'}, want (1008, 2048)): "
+                            f"give {FID_WEIGHTS}")
+        try:
+            self.metric = FrechetInceptionDistance(feature=2048, reset_real_features=False, normalize=False,
+                                                   feature_extractor_weights_path=str(self.path), antialias=False)
+        except RuntimeError as e:
+            raise UserError(f"--inception-weights {self.path} does not fit the FID Inception-v3 "
+                            f"({str(e).splitlines()[0]}): give {FID_WEIGHTS}") from None
+        self.metric = self.metric.to(device)
+        self.device = torch.device(device)
         self.sha256 = sha256_file(self.path)
-        self.name = f"FID (Inception-v3 pool3, 2048-d, 299 px; {self.variant}) {self.path}"
+        self.name = f"FID (torchmetrics FrechetInceptionDistance, Inception-v3 pool3, 2048-d, 299 px) {self.path}"
 
-    def _prepare(self, x: torch.Tensor) -> torch.Tensor:
-        # both torchvision's (transform_input) and pytorch-fid's Inception take [-1, 1] pixels
-        return F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
+    @torch.inference_mode()
+    def update(self, images: torch.Tensor, real: bool, batch_size: int = 64) -> None:
+        """Add [N, 3, H, W] images in [-1, 1] to the real or the generated statistics."""
+        for s in range(0, len(images), batch_size):
+            x = ((images[s:s + batch_size].float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+            self.metric.update(x.to(self.device), real=real)
+
+    def real_state(self) -> Dict[str, np.ndarray]:
+        m = self.metric
+        return {"sum": m.real_features_sum.cpu().numpy(), "cov_sum": m.real_features_cov_sum.cpu().numpy(),
+                "n": np.array(int(m.real_features_num_samples))}
+
+    def set_real_state(self, state: Dict[str, np.ndarray]) -> None:
+        m = self.metric
+        m.real_features_sum = torch.as_tensor(state["sum"], dtype=torch.float64, device=self.device)
+        m.real_features_cov_sum = torch.as_tensor(state["cov_sum"], dtype=torch.float64, device=self.device)
+        m.real_features_num_samples = torch.as_tensor(int(state["n"]), device=self.device)
+
+    def compute(self) -> float:
+        return float(self.metric.compute())
 
 
 def feature_stats(features: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
@@ -251,14 +260,35 @@ def balanced_seeded_indices(labels: torch.Tensor, n: int, seed: int = 0) -> list
 def real_images(data_root: str, n: int, image_size: int = 32, data_name: str = "imagefolder", seed: int = 0,
                 split: str = "test") -> Tuple[torch.Tensor, str]:
     """A seeded, class-balanced subset of ``n`` real images in [-1, 1] ([n, 3, S, S]) and the data set's name."""
-    from train.config import DataConfig
-    from train.data import load_data
-
     data = load_data(DataConfig(name=data_name, root=str(data_root), image_size=image_size),
                      mean=(0.5,) * 3, std=(0.5,) * 3, need_train=False)
     ds = data.test
     idx = balanced_seeded_indices(ds.set.labels, n, seed)
     return torch.stack([ds[i][0] for i in idx]), data.source
+
+
+def _cached(prefix: str, key: str, n: int, seed: int, image_size: int, data_name: str, data_root: str, cache_dir,
+            compute: Callable[[], Dict[str, np.ndarray]]) -> Tuple[Dict[str, np.ndarray], Optional[str], bool]:
+    """``compute()``'s arrays, kept in ``cache_dir`` as a .npz keyed by the feature network ``key`` and the real set.
+
+    Returns (arrays, cache file or None, whether they came from the cache).
+    """
+    ident = json.dumps({"key": key, "n": n, "seed": seed, "size": image_size, "data": [data_name, str(Path(data_root).resolve())]},
+                       sort_keys=True)
+    if cache_dir is None:
+        return compute(), None, False
+    tag = hashlib.sha256(ident.encode()).hexdigest()[:12]
+    path = Path(cache_dir) / f"{prefix}-{key[:16]}-n{n}-s{seed}-{tag}.npz"
+    if path.is_file():
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                if str(z["ident"]) == ident:
+                    return {k: z[k] for k in z.files if k != "ident"}, str(path), True
+        except (OSError, KeyError, ValueError):
+            pass  # unreadable cache: recompute and overwrite
+    arrays = compute()
+    atomic_write(path, lambda f: np.savez(f, ident=np.array(ident), **arrays))
+    return arrays, str(path), False
 
 
 def reference_features(extractor: Callable[[torch.Tensor], np.ndarray], key: str, data_root: str, n: int,
@@ -269,28 +299,35 @@ def reference_features(extractor: Callable[[torch.Tensor], np.ndarray], key: str
     ``key`` names the feature network (its sha256); the cache file is keyed by it, the image count, the seed,
     the image size and the data folder.
     """
-    ident = json.dumps({"key": key, "n": n, "seed": seed, "size": image_size, "data": [data_name, str(Path(data_root).resolve())]},
-                       sort_keys=True)
-    path = None
-    if cache_dir is not None:
-        tag = hashlib.sha256(ident.encode()).hexdigest()[:12]
-        path = Path(cache_dir) / f"quality-ref-{key[:16]}-n{n}-s{seed}-{tag}.npz"
-        if path.is_file():
-            try:
-                with np.load(path, allow_pickle=False) as z:
-                    if str(z["ident"]) == ident:
-                        return {"features": z["features"].astype(np.float64), "mu": z["mu"], "sigma": z["sigma"],
-                                "n": int(z["features"].shape[0]), "source": str(z["source"]), "cache": str(path), "cached": True}
-            except (OSError, KeyError, ValueError):
-                pass  # unreadable cache: recompute and overwrite
-    images, source = real_images(data_root, n, image_size, data_name, seed)
-    feats = extractor(images).astype(np.float32).astype(np.float64)  # what the cache holds, so cached == fresh
-    mu, sigma = feature_stats(feats)
-    if path is not None:
-        arrays = dict(features=feats.astype(np.float32), mu=mu, sigma=sigma, ident=np.array(ident), source=np.array(source))
-        atomic_write(path, lambda f: np.savez(f, **arrays))
-    return {"features": feats, "mu": mu, "sigma": sigma, "n": len(feats), "source": source,
-            "cache": str(path) if path else None, "cached": False}
+    def compute():
+        images, source = real_images(data_root, n, image_size, data_name, seed)
+        feats = extractor(images).astype(np.float32)  # what the cache holds, so cached == fresh
+        mu, sigma = feature_stats(feats)
+        return {"features": feats, "mu": mu, "sigma": sigma, "source": np.array(source)}
+
+    z, path, cached = _cached("quality-ref", key, n, seed, image_size, data_name, data_root, cache_dir, compute)
+    feats = z["features"].astype(np.float64)
+    return {"features": feats, "mu": z["mu"], "sigma": z["sigma"], "n": len(feats), "source": str(z["source"]),
+            "cache": path, "cached": cached}
+
+
+def inception_fid(fake: torch.Tensor, weights, data_root: str, *, real: int, data_name: str, seed: int, cache_dir,
+                  device="cpu", batch_size: int = 64) -> Dict[str, Any]:
+    """FID of ``fake`` against ``real`` real test images by torchmetrics on local weights; real statistics cached."""
+    fid = InceptionFID(weights, device)
+    size = int(fake.shape[-1])
+
+    def compute():
+        images, _ = real_images(data_root, real, size, data_name, seed)
+        fid.update(images, real=True, batch_size=batch_size)
+        return fid.real_state()
+
+    state, path, _ = _cached("fid-ref", fid.sha256, real, seed, size, data_name, data_root, cache_dir, compute)
+    fid.set_real_state(state)
+    fid.update(fake, real=False, batch_size=batch_size)
+    return {"fid": fid.compute(), "fid_name": fid.name, "fid_reference_cache": path,
+            "inception": {"weights": str(fid.path), "sha256": fid.sha256,
+                          "variant": "torch-fidelity FID Inception through torchmetrics FrechetInceptionDistance"}}
 
 
 def evaluate_quality(fake: torch.Tensor, classifier, data_root: str, *, real: int = 10000, data_name: str = "imagefolder",
@@ -317,12 +354,8 @@ def evaluate_quality(fake: torch.Tensor, classifier, data_root: str, *, real: in
         "reference_cache": ref["cache"],
     }
     if inception_weights:
-        ix = InceptionFeatures(inception_weights, device)
-        iref = reference_features(ix, ix.sha256, data_root, real, size, data_name, seed, cache)
-        imu, isig = feature_stats(ix(fake, min(batch_size, 64)))
-        out["fid"] = frechet_distance(imu, isig, iref["mu"], iref["sigma"])
-        out["fid_name"] = ix.name
-        out["inception"] = {"weights": str(ix.path), "sha256": ix.sha256, "variant": ix.variant}
+        out.update(inception_fid(fake, inception_weights, data_root, real=real, data_name=data_name, seed=seed,
+                                 cache_dir=cache, device=device, batch_size=min(batch_size, 64)))
     return out
 
 

@@ -2,29 +2,57 @@
 
 One command, resumable (every finished step is skipped on a re-run), meant for the background:
 
-    nohup python -m bench.reproduce > runs/repro/log.txt 2>&1 &
+    nohup python -m bench.reproduce --remarks bench/results/reproduce_remarks.md > runs/repro/log.txt 2>&1 &
 
-On the CIFAR-10 archive it trains the MobileNetV3-small teacher, then the x4 student alone, with
-KD, with RED and with RED+KD (same epochs, schedule and seed; students with every seed), exports
-each to an FP32 bundle, measures each on the loopback device (ONNX Runtime CPU through the real
-deploy path), adds memory probes of the same architectures at the paper's 128 px, and runs
-``redistill compare``. Step timings go to ``runs/repro/state.json``.
+On the data folder it trains the preset's teacher, then its student with every student method of the
+method registry (student alone, KD, RED, RED+KD; same epochs, schedule and seed; students with every
+seed), exports each to an FP32 bundle, measures each on the loopback device (ONNX Runtime CPU through
+the real deploy path), adds memory probes of the same architectures at ``--probe-size`` px, and runs
+``redistill compare``. Step timings go to ``runs/repro/state.json``. Every run's config, metrics and
+summaries, the step logs and state.json are copied to ``<results>_run/``, and the page is written from
+those copies; ``--pages-only`` rewrites the page from them without running anything.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import shlex
+import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List
+from typing import Any, Dict, List, Optional
 
-from redistill.io import atomic_write_json
+import yaml
 
-METHODS = ("student", "kd", "red", "red_kd")
+from bench.distill_report import clean_log
+from redistill.errors import UserError
+from redistill.io import atomic_write_json, atomic_write_text
+from redistill.memory import fmt_bytes
+from redistill.report import machine, machine_line, md_table, remarks_section, timestamp
+from train.checkpoint import load_checkpoint, make_payload, save_checkpoint
+from train.config import load_config
+from train.design import build_student
+from train.losses import METHODS, methods_in_order
+from train.models import build_model
+
+PROG = "python -m bench.reproduce"
+
+TARGETS = {
+    "recovered": 0.60,  # RED recovers at least this share of the teacher - student-alone gap (and more than KD)
+    "theory_ratio": 4.5,  # student+RED theoretical peak at least this many times below the teacher's
+    "measured_ratio": 4.0,  # measured ORT CPU activation memory at least this many times below the teacher's
+    "measured_over_theory": 1.5,  # measured / theoretical within this factor
+    "latency_ratio": 2.0,  # teacher p50 / student+RED p50 at least this
+}
+
+
+def student_methods() -> List[str]:
+    """The methods a student is trained with: every registered method but the teacher's."""
+    return [m.name for m in methods_in_order() if not m.teacher_only]
 
 
 class Steps:
@@ -51,14 +79,9 @@ class Steps:
         print(f"[repro] {name}: {seconds:.0f} s", flush=True)
 
 
-def make_probes(out: Path, teacher_ckpt: Path, size: int) -> List[Path]:
+def make_probes(out: Path, teacher_ckpt: Path, size: int, preset: str) -> List[Path]:
     """Untrained checkpoints of teacher, student and student+RED at ``size`` px: memory depends on shapes, not weights."""
     import torch
-
-    from train.checkpoint import load_checkpoint, make_payload, save_checkpoint
-    from train.config import load_config
-    from train.models import build_model
-    from train.trainer import build_student
 
     ref = load_checkpoint(teacher_ckpt)
     torch.manual_seed(0)
@@ -68,7 +91,7 @@ def make_probes(out: Path, teacher_ckpt: Path, size: int) -> List[Path]:
         paths.append(path)
         if path.exists():
             continue
-        cfg = load_config("quick", [f"method={method}", f"data.image_size={size}"])
+        cfg = load_config(preset, [f"method={method}", f"data.image_size={size}"])
         teacher = build_model(cfg.teacher.arch, ref["num_classes"], size)
         if role == "teacher":
             model, arch, plans = teacher, cfg.teacher.arch, []
@@ -77,13 +100,13 @@ def make_probes(out: Path, teacher_ckpt: Path, size: int) -> List[Path]:
             arch = cfg.student.arch
         save_checkpoint(make_payload(model.eval(), arch=arch, role=role, method=f"probe-{method}", num_classes=ref["num_classes"],
                                      image_size=size, classes=ref["classes"], mean=ref["mean"], std=ref["std"],
-                                     width_mult=1.0, plans=plans, red_distance="cosine", config=cfg.to_dict(),
+                                     width_mult=1.0, plans=plans, red_distance=cfg.red.distance, config=cfg.to_dict(),
                                      epoch=0, history=[], best_val=0.0), path)
     return paths
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench.reproduce", description=__doc__.split("\n\n")[0])
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", default="quick", help="the pair and recipe (default: quick = MobileNetV3-small x4, 32 px)")
     ap.add_argument("--epochs", type=int, default=4)
     ap.add_argument("--seeds", default="0,1", help="student seeds; the teacher uses the first")
@@ -94,8 +117,27 @@ def main(argv=None) -> int:
     ap.add_argument("--probe-size", type=int, default=128, help="input size of the memory probes (0 = none)")
     ap.add_argument("--results", default="bench/results/reproduce")
     ap.add_argument("--data-root", default="data/cifar10")
-    a = ap.parse_args(argv)
+    ap.add_argument("--remarks", default=None, help="a Markdown file of remarks written after looking at the results, "
+                    "added to the page under its own heading (the rest of the page is generated)")
+    ap.add_argument("--pages-only", action="store_true",
+                    help="run nothing: rewrite <results>.md/.json from the run files already in <results>_run/ and "
+                         "<results>/compare.json, <results>_deploy.json, <results>_probe<size>.json")
+    return ap
 
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    a = parser().parse_args(argv)
+    command = " ".join([PROG, *(shlex.quote(x) for x in argv if x != "--pages-only")])
+    if not a.pages_only:
+        run_benchmark(a)
+        copy_logs(a, Path(a.results + "_run"))
+    write_results(a, command, page_command=" ".join([PROG, *map(shlex.quote, argv)]) if a.pages_only else None)
+    return 0
+
+
+def run_benchmark(a) -> None:
+    """Every step of the benchmark (finished ones are skipped), ending with ``redistill compare``."""
     cli = [sys.executable, "-m", "redistill.cli"]
     work = Path(a.runs) / a.prefix
     steps = Steps(work / "state.json")
@@ -107,7 +149,7 @@ def main(argv=None) -> int:
     teacher_ckpt = Path(a.runs) / t_name / "teacher" / "best.pt"
     names = []
     for seed in seeds:
-        for m in METHODS:
+        for m in student_methods():
             name = f"{a.prefix}-{m}-s{seed}"
             names.append(name)
             steps.run(f"train {name}", cli + ["distill", a.preset, f"method={m}", f"name={name}", f"seed={seed}", *common,
@@ -120,180 +162,258 @@ def main(argv=None) -> int:
                   work / "logs" / f"export-{name}.log")
     probe_bundles = []
     if a.probe_size:
-        for ck in make_probes(work / f"probe{a.probe_size}", teacher_ckpt, a.probe_size):
+        for ck in make_probes(work / f"probe{a.probe_size}", teacher_ckpt, a.probe_size, a.preset):
             out = Path(a.bundles) / f"{a.prefix}-probe{a.probe_size}-{ck.stem}-fp32"
             probe_bundles.append(str(out))
             steps.run(f"export probe {ck.stem}", cli + ["export", str(ck), "--target", "cpu", "--out", str(out),
                                                         "--data-root", a.data_root, "--eval-subset", "100"],
                       work / "logs" / f"export-probe-{ck.stem}.log")
-    steps.run("deploy (loopback)", [sys.executable, "-m", "deploy.loopback_bench", *bundles, "--reports", a.reports,
-                                    "--out", a.results + "_deploy"], work / "logs" / "deploy.log")
+    loopback = [sys.executable, "-m", "bench.loopback_bench"]
+    steps.run("deploy (loopback)", loopback + [*bundles, "--reports", a.reports, "--out", a.results + "_deploy"],
+              work / "logs" / "deploy.log")
     if probe_bundles:
-        steps.run("deploy probes (loopback)", [sys.executable, "-m", "deploy.loopback_bench", *probe_bundles, "--reports",
-                                               a.reports + "-probes", "--out", a.results + f"_probe{a.probe_size}"],
+        steps.run("deploy probes (loopback)", loopback + [*probe_bundles, "--reports", a.reports + "-probes",
+                                                          "--out", a.results + f"_probe{a.probe_size}"],
                   work / "logs" / "deploy-probes.log")
     steps.state.pop("compare", None)  # always refresh the tables
     steps.run("compare", cli + ["compare", *[str(Path(a.runs) / n) for n in [t_name] + names], *bundles, a.reports,
                                 "--out", a.results], work / "logs" / "compare.log")
     total = sum(v["seconds"] for v in steps.state.values())
     print(f"[repro] all steps done; {total / 60:.1f} min of step time in total (state: {steps.path})", flush=True)
-    write_results(a, steps.state, argv)
-    return 0
 
 
-TARGETS = {
-    "recovered": 0.60,  # RED recovers at least 60 % of the teacher - student-alone gap (and more than KD)
-    "theory_ratio": 4.5,  # student+RED theoretical peak at least 4.5x below the teacher's
-    "measured_ratio": 4.0,  # measured ORT CPU activation memory at least 4x below the teacher's
-    "measured_over_theory": 1.5,  # measured / theoretical within 1.5x
-    "latency_ratio": 2.0,  # student p50 at most half the teacher's
-}
+# --- the page, from the run files -----------------------------------------------------------------------------
 
 
-def _fmt_b(n) -> str:
-    from redistill.memory import fmt_bytes
+def _read_json(path: Path, what: str) -> Any:
+    if not path.is_file():
+        raise UserError(f"{path} not found ({what}); run the benchmark first, or give the --results/--prefix it used")
+    return json.loads(path.read_text())
 
-    return "n/a" if n is None else fmt_bytes(n)
+
+def _mean(xs):
+    xs = [x for x in xs if x is not None]
+    return sum(xs) / len(xs) if xs else None
+
+
+def _ratio(x, y):
+    return (x / y) if x and y else None
+
+
+def _label(method: str) -> str:
+    return METHODS.get(method).label if method in METHODS else method
+
+
+def _one(values, fmt=str) -> str:
+    """One value when every network had the same, else each network's."""
+    distinct = sorted({fmt(v) for v in values})
+    if not distinct:
+        return "n/a"
+    return distinct[0] if len(distinct) == 1 else " / ".join(distinct)
+
+
+def read_runs(run_copy: Path, prefix: str) -> Dict[str, dict]:
+    """Each copied run's config, by run name (``<prefix>-teacher``, ``<prefix>-<method>-s<seed>``)."""
+    runs = {p.name: yaml.safe_load((p / "config.yaml").read_text())
+            for p in sorted(run_copy.glob(f"{prefix}-*")) if (p / "config.yaml").is_file()}
+    if f"{prefix}-teacher" not in runs:
+        raise UserError(f"{run_copy}/{prefix}-teacher/config.yaml not found: the run files of the benchmark are missing")
+    return runs
+
+
+def data_counts(run_copy: Path, state: Dict[str, dict]) -> Optional[Dict[str, int]]:
+    """Train / val / test image counts from the teacher's step log (the trainer's ``data:`` line), if it has one."""
+    log = (state.get("train teacher") or {}).get("log")
+    path = run_copy / "logs" / Path(log).name if log else None
+    if path is None or not path.is_file():
+        return None
+    m = re.search(r"(\d+) train, (\d+) val, (\d+) test images", path.read_text(errors="replace"))
+    return dict(zip(("train", "val", "test"), map(int, m.groups()))) if m else None
+
+
+def _setup(a, runs: Dict[str, dict], state: Dict[str, dict], dep: dict, run_copy: Path, has_probes: bool) -> List[str]:
+    """The "Setup" bullets: every figure from the runs' configs, the state and the deploy record."""
+    teacher = runs[f"{a.prefix}-teacher"]
+    students = [c for n, c in runs.items() if n != f"{a.prefix}-teacher"]
+    every = [teacher] + students
+    argv = (state.get("train teacher") or {}).get("argv") or []
+    preset = argv[argv.index("distill") + 1] if "distill" in argv else "?"
+    red = next((c for c in students if METHODS.get(c["method"]).needs_sites), None) if students else None
+    d = teacher["data"]
+    counts = data_counts(run_copy, state)
+    if counts:
+        images = f"{counts['train']:,} training images ({counts['val']:,} held out for picking the best epoch), " \
+                 f"{counts['test']:,} test images"
+    else:
+        n = f"{d['train_subset']:,}" if d["train_subset"] else "all"
+        images = f"{n} training images ({d['val_fraction']:.0%} held out for picking the best epoch)"
+    methods = sorted({c["method"] for c in students}, key=lambda m: METHODS.get(m).order)
+    seeds = sorted({c["seed"] for c in students})
+    optim = _one(every, lambda c: (f"{c['optim']['name']} lr {c['optim']['lr']:g}, {c['optim']['schedule']} schedule, "
+                                   f"{c['optim']['warmup_epochs']:g} epoch warm-up, weight decay {c['optim']['weight_decay']:g}"))
+    students = students or [teacher]
+    rows = dep.get("results") or []
+    lines = [
+        f"- Pair: the `{preset}` preset, teacher `{teacher['teacher']['arch']}` and student `{teacher['student']['arch']}`"
+        + (f" with {len(red['red']['sites'])} RED sites" if red else "") + ".",
+        f"- Data: `{d['root']}` ({d['name']}) at {d['image_size']} px; {images}."
+        + (f" Memory is also measured at {a.probe_size} px on probes of the same architectures (untrained weights: "
+           "memory depends on shapes, not values)." if has_probes else ""),
+        f"- Training: {_one(every, lambda c: str(c['epochs']))} epochs for every network (teacher, "
+        + ", ".join(_label(m) for m in methods) + f"); {optim}; batch {_one(every, lambda c: str(c['data']['batch_size']))}, "
+        f"augmentation {_one(every, lambda c: c['data']['augment'])}.",
+        f"- Seeds: teacher {teacher['seed']}; every student method with seeds {', '.join(map(str, seeds))}. "
+        "Means and spreads are over those seeds.",
+        f"- Loss: {_one(students, lambda c: format(c['loss']['w_ce'], 'g'))} * cross-entropy + "
+        f"{_one(students, lambda c: format(c['loss']['w_dist'], 'g'))} * the mean of the method's distillation losses; "
+        + (f"RED alpha {red['red']['alpha']:g} with {red['red']['distance']} distance; " if red else "")
+        + f"KD temperature {_one(students, lambda c: format(c['loss']['kd_temperature'], 'g'))}.",
+        "- Measurement: each network exported to an FP32 bundle (ONNX verified against PyTorch) and deployed through "
+        "the loopback deploy bench (ssh to an sshd on this machine, the on-device agent); backend "
+        + _one(rows, lambda r: f"{r['backend']} ({', '.join(r.get('providers') or [])})") + ", precision "
+        + _one(rows, lambda r: r["precision"]) + ", batch " + _one(rows, lambda r: str(r["batch"]))
+        + "; latency and, in a separate process, activation memory."
+        + (f" Deploy record: {dep['note']}." if dep.get("note") else ""),
+    ]
+    return lines
+
+
+def _checks(facts: Dict[str, Optional[float]]) -> List[list]:
+    """[target, result, met (None: not measured)] for each of TARGETS."""
+    red, kd = facts["recovered_red"], facts["recovered_kd"]
+
+    def x(v, fmt, test):
+        return ["n/a", None] if v is None else [fmt.format(v), test(v)]
+
+    return [
+        [f"RED recovers >= {TARGETS['recovered']:.0%} of the teacher - student-alone gap",
+         *x(red, "{:.0%}", lambda v: v >= TARGETS["recovered"])],
+        ["... and more than KD", *(["n/a", None] if None in (red, kd) else [f"RED {red:.0%} vs KD {kd:.0%}", red > kd])],
+        [f"student+RED theoretical peak >= {TARGETS['theory_ratio']:g}x below the teacher's",
+         *x(facts["theory_ratio"], "{:.2f}x", lambda v: v >= TARGETS["theory_ratio"])],
+        [f"measured activation memory >= {TARGETS['measured_ratio']:g}x below the teacher's",
+         *x(facts["measured_ratio"], "{:.2f}x", lambda v: v >= TARGETS["measured_ratio"])],
+        [f"measured / theoretical within {TARGETS['measured_over_theory']:g}x (student+RED)",
+         *x(facts["measured_over_theory_student_red"], "{:.1f}x", lambda v: v <= TARGETS["measured_over_theory"])],
+        [f"student+RED latency p50 at most 1/{TARGETS['latency_ratio']:g} of the teacher's",
+         *x(facts["latency_ratio_red"], "{:.2f}x faster", lambda v: v >= TARGETS["latency_ratio"])],
+    ]
 
 
 def _verdict(ok) -> str:
     return "n/a" if ok is None else ("met" if ok else "**missed**")
 
 
-def write_results(a, state: Dict[str, dict], argv) -> None:
-    """``<results>.md/.json``: the benchmark's choices, timings, accuracy, memory and latency against the targets."""
-    from redistill.sysinfo import machine_line
-    from redistill.io import atomic_write_text
-
-    cmp = json.loads((Path(a.results) / "compare.json").read_text())
-    dep = json.loads(Path(a.results + "_deploy.json").read_text())
+def write_results(a, command: str, page_command: Optional[str] = None) -> dict:
+    """``<results>.md/.json`` from the run files: the setup, timings, accuracy, memory and latency against TARGETS."""
+    run_copy = Path(a.results + "_run")
+    state = _read_json(run_copy / "state.json", "the benchmark's step record")
+    cmp = _read_json(Path(a.results) / "compare.json", "redistill compare's output")
+    dep = _read_json(Path(a.results + "_deploy.json"), "the loopback deploy record")
     probe_path = Path(a.results + f"_probe{a.probe_size}.json")
-    probes = json.loads(probe_path.read_text())["results"] if a.probe_size and probe_path.exists() else []
+    probes = json.loads(probe_path.read_text())["results"] if a.probe_size and probe_path.is_file() else []
+    old_path = Path(a.results + ".json")
+    old = json.loads(old_path.read_text()) if page_command and old_path.is_file() else {}
+    runs = read_runs(run_copy, a.prefix)
+    teacher_cfg = runs[f"{a.prefix}-teacher"]
+    size = teacher_cfg["data"]["image_size"]
+
     pairs = {r["method"]: r for r in cmp["pairs"]}
     deps = {r["bundle"].rstrip("/").split("/")[-1]: r for r in dep["results"]}
+    t_dep = deps.get(f"{a.prefix}-teacher-fp32") or {}
+    by_method = {m: [r for n, r in deps.items() if n.startswith(f"{a.prefix}-{m}-s")] for m in student_methods()}
 
-    t_dep = deps.get(f"{a.prefix}-teacher-fp32")
-    r_deps = [r for n, r in deps.items() if n.startswith(f"{a.prefix}-red-s")]
-    s_deps = [r for n, r in deps.items() if n.startswith(f"{a.prefix}-student-s")]
-    mean = lambda xs: sum(xs) / len(xs) if xs else None  # noqa: E731
-    red_act = mean([r["measured_activation_bytes"] for r in r_deps])
-    red_theory = mean([r["theoretical_peak_bytes"] for r in r_deps])
-    red_p50 = mean([r["latency_ms"]["p50_ms"] for r in r_deps])
-    t_act, t_theory, t_p50 = ((t_dep or {}).get("measured_activation_bytes"), (t_dep or {}).get("theoretical_peak_bytes"),
-                              ((t_dep or {}).get("latency_ms") or {}).get("p50_ms"))
-    ratio = lambda x, y: (x / y) if x and y else None  # noqa: E731
-    red_rec = (pairs.get("red") or {}).get("recovered")
-    kd_rec = (pairs.get("kd") or {}).get("recovered")
+    def avg(method, key):
+        return _mean([(r.get("latency_ms") or {}).get("p50_ms") if key == "p50" else r.get(key) for r in by_method[method]])
+
+    t_theory, t_act, t_p50 = t_dep.get("theoretical_peak_bytes"), t_dep.get("measured_activation_bytes"), \
+        (t_dep.get("latency_ms") or {}).get("p50_ms")
+    red_theory, red_act, red_p50 = avg("red", "theoretical_peak_bytes"), avg("red", "measured_activation_bytes"), avg("red", "p50")
+    rec = {m: (pairs.get(m) or {}).get("recovered") for m in student_methods()}
     facts = {
-        "recovered_red": red_rec, "recovered_kd": kd_rec, "recovered_red_kd": (pairs.get("red_kd") or {}).get("recovered"),
-        "theory_ratio": ratio(t_theory, red_theory), "measured_ratio": ratio(t_act, red_act),
-        "measured_over_theory_teacher": ratio(t_act, t_theory), "measured_over_theory_student_red": ratio(red_act, red_theory),
-        "latency_ratio_red": ratio(t_p50, red_p50),
-        "latency_ratio_student": ratio(t_p50, mean([r["latency_ms"]["p50_ms"] for r in s_deps])),
+        "recovered_red": rec.get("red"), "recovered_kd": rec.get("kd"), "recovered_red_kd": rec.get("red_kd"),
+        "theory_ratio": _ratio(t_theory, red_theory), "measured_ratio": _ratio(t_act, red_act),
+        "measured_over_theory_teacher": _ratio(t_act, t_theory), "measured_over_theory_student_red": _ratio(red_act, red_theory),
+        "latency_ratio_red": _ratio(t_p50, red_p50), "latency_ratio_student": _ratio(t_p50, avg("student", "p50")),
     }
-    checks = [
-        ("RED recovers >= 60 % of the teacher - student-alone gap", f"{red_rec:.0%}" if red_rec is not None else "n/a",
-         None if red_rec is None else red_rec >= TARGETS["recovered"]),
-        ("... and more than KD", f"RED {red_rec:.0%} vs KD {kd_rec:.0%}" if None not in (red_rec, kd_rec) else "n/a",
-         None if None in (red_rec, kd_rec) else red_rec > kd_rec),
-        ("student+RED theoretical peak >= 4.5x below the teacher's", f"{facts['theory_ratio']:.2f}x" if facts["theory_ratio"] else "n/a",
-         None if not facts["theory_ratio"] else facts["theory_ratio"] >= TARGETS["theory_ratio"]),
-        ("measured ORT CPU activation memory >= 4x below the teacher's", f"{facts['measured_ratio']:.2f}x" if facts["measured_ratio"] else "n/a",
-         None if not facts["measured_ratio"] else facts["measured_ratio"] >= TARGETS["measured_ratio"]),
-        ("measured / theoretical within 1.5x (student+RED)",
-         f"{facts['measured_over_theory_student_red']:.1f}x" if facts["measured_over_theory_student_red"] else "n/a",
-         None if not facts["measured_over_theory_student_red"] else facts["measured_over_theory_student_red"] <= TARGETS["measured_over_theory"]),
-        ("student+RED ORT CPU latency p50 at most half the teacher's", f"{facts['latency_ratio_red']:.2f}x faster" if facts["latency_ratio_red"] else "n/a",
-         None if not facts["latency_ratio_red"] else facts["latency_ratio_red"] >= TARGETS["latency_ratio"]),
-    ]
+    checks = _checks(facts)
     order = sorted((m for m in cmp["models"] if m["top1"] and m["top1"].get("mean") is not None),
                    key=lambda m: -m["top1"]["mean"])
     total_s = sum(v["seconds"] for v in state.values())
-    L = [f"# Reproduction benchmark: {cmp['models'][0]['arch'] if cmp['models'] else ''} pair on CIFAR-10", "",
-         f"Command: `python -m bench.reproduce {' '.join(argv or [])}`".replace(" `", " `").rstrip() + " (resumable; run in the background)", "",
-         f"Machine: {machine_line()}", "",
-         f"Wall time: **{total_s / 60:.1f} min** of step time (each step's own wall time, `runs/{a.prefix}/state.json`); "
-         "the training ran while other work shared the two cores part of the time, so steps are slower than on an idle machine.", "",
-         "## Choices and why", "",
-         f"- Pair: the `{a.preset}` preset, MobileNetV3-small teacher `mobilenetv3_small-1-22121111211` and its x4 student "
-         "`mobilenetv3_small-4-22111111111` with the paper's five RED sites. Of the two pairs the issue allows it is the one "
-         "that fits: ResNeXt18 trains about 4x slower per image here.",
-         "- Input size 32 px (CIFAR-10's own), not the paper's 128 px: at 128 px one epoch of the teacher alone takes "
-         "about 16x longer, over the whole 2.5 h budget for a few epochs. Memory is also measured at 128 px with probes of "
-         "the same architectures (untrained weights: memory depends on shapes, not on values).",
-         f"- {a.epochs} epochs for every network (teacher, student alone, KD, RED, RED+KD), Adam 3e-3 with cosine decay and "
-         "0.2 epoch warm-up (the quick preset's schedule, chosen on the validation split), batch 128, the full 47,500 "
-         "training images (2,500 held out for picking the best epoch), the full 10,000-image test split.",
-         f"- Seeds: teacher {a.seeds.split(',')[0]}; every student method with seeds {a.seeds}. Means and spreads are over those seeds.",
-         "- Loss weights as the paper: 0.5 CE + 0.5 mean distillation loss, RED alpha 50 with cosine distance, KD T=4.",
-         "- Measurement: each network exported to an FP32 bundle (verified against PyTorch) and deployed through the real "
-         "ssh path to a loopback sshd; the agent's ONNX Runtime CPU backend measures latency and, in a separate process, "
-         "activation memory. This machine is not a Jetson.", "",
-         "## Accuracy (test top-1, %)", "",
-         "| method | n | mean | std | min - max |", "|---|---|---|---|---|"]
-    for m in order:
-        t = m["top1"]
-        L.append(f"| {m['method']} | {t.get('n')} | {t['mean']:.2f} | {t.get('std') or 0:.2f} | {t.get('min', t['mean']):.2f} - {t.get('max', t['mean']):.2f} |")
-    L += ["", "| method | recovered share of the teacher - student-alone gap |", "|---|---|"]
-    for meth in ("kd", "red", "red_kd"):
-        r = pairs.get(meth)
-        if r and r.get("recovered") is not None:
-            L.append(f"| {meth} | {r['recovered']:.0%} (gap {r['gap']:.2f} points) |")
-    L += ["", "## Memory and latency (ONNX Runtime CPU, batch 1, FP32)", "",
-          "| network | input | theoretical peak (liveness) | measured activation | measured / theoretical | latency p50 |", "|---|---|---|---|---|---|"]
-    rows = [("teacher", "32 px", t_theory, t_act, t_p50),
-            ("student alone (mean of seeds)", "32 px", mean([r["theoretical_peak_bytes"] for r in s_deps]),
-             mean([r["measured_activation_bytes"] for r in s_deps]), mean([r["latency_ms"]["p50_ms"] for r in s_deps])),
-            ("student+RED (mean of seeds)", "32 px", red_theory, red_act, red_p50)]
+    where = old.get("machine") or (dep.get("machine") if page_command else machine())
+    teacher_arch = teacher_cfg["teacher"]["arch"]
+
+    L = [f"# Reproduction benchmark: the {teacher_arch} pair on `{teacher_cfg['data']['root']}`", "",
+         f"Command: `{command}` (resumable; run in the background)"
+         + (f"; this page rewritten from the run files by `{page_command}`" if page_command else ""), "",
+         f"Machine: {machine_line(where)}", "",
+         f"Wall time: **{total_s / 60:.1f} min**, the sum of each step's own wall time "
+         f"(`{run_copy.name}/state.json`).", "",
+         "## Setup", "", *_setup(a, runs, state, dep, run_copy, bool(probes)), "",
+         "## Accuracy (test top-1, %)", ""]
+    L += md_table(["method", "n", "mean", "std", "min - max"],
+                  [[_label(m["method"]), m["top1"].get("n"), f"{m['top1']['mean']:.2f}", f"{m['top1'].get('std') or 0:.2f}",
+                    f"{m['top1'].get('min', m['top1']['mean']):.2f} - {m['top1'].get('max', m['top1']['mean']):.2f}"]
+                   for m in order])
+    L += [""] + md_table(["method", "recovered share of the teacher - student-alone gap"],
+                         [[_label(m), f"{pairs[m]['recovered']:.0%} (gap {pairs[m]['gap']:.2f} points)"]
+                          for m in student_methods() if (pairs.get(m) or {}).get("recovered") is not None])
+    backend = _one(dep["results"], lambda r: f"{r['backend']} {', '.join(r.get('providers') or [])}".strip())
+    rows = [("teacher", f"{size} px", t_theory, t_act, t_p50)]
+    rows += [(f"{_label(m) if m == 'student' else 'student+' + _label(m)} (mean of seeds)", f"{size} px", avg(m, "theoretical_peak_bytes"), avg(m, "measured_activation_bytes"),
+              avg(m, "p50")) for m in ("student", "red") if by_method.get(m)]
+    probe_rows = []
     for pr in probes:
         name = pr["bundle"].rstrip("/").split("/")[-1].replace(f"{a.prefix}-probe{a.probe_size}-", "").replace("-fp32", "")
-        rows.append((f"{name} (probe)", f"{a.probe_size} px", pr["theoretical_peak_bytes"], pr["measured_activation_bytes"],
-                     pr["latency_ms"]["p50_ms"]))
-    for name, size, th, me, p50 in rows:
-        L.append(f"| {name} | {size} | {_fmt_b(th)} | {_fmt_b(me)} | {ratio(me, th) or 0:.1f}x | {p50 or 0:.3f} ms |")
-    L += ["", "## Targets", "", "| target | result | verdict |", "|---|---|---|"]
-    L += [f"| {name} | {val} | {_verdict(ok)} |" for name, val, ok in checks]
+        probe_rows.append((f"{name} (probe)", f"{a.probe_size} px", pr["theoretical_peak_bytes"],
+                           pr["measured_activation_bytes"], pr["latency_ms"]["p50_ms"]))
+    rows += probe_rows
+    L += ["", f"## Memory and latency ({backend}, batch {_one(dep['results'], lambda r: str(r['batch']))}, "
+          f"{_one(dep['results'], lambda r: r['precision']).upper()})", ""]
+    L += md_table(["network", "input", "theoretical peak (liveness)", "measured activation", "measured / theoretical", "latency p50"],
+                  [[n, s, _b(th), _b(me), f"{_ratio(me, th) or 0:.1f}x", f"{p50 or 0:.3f} ms"] for n, s, th, me, p50 in rows])
+    L += ["", "## Targets", ""] + md_table(["target", "result", "verdict"], [[n, v, _verdict(ok)] for n, v, ok in checks])
     L += ["", "## Reading (generated from the figures above)", "",
-          "- Ordering by mean test top-1: " + " > ".join(f"{m['method']} ({m['top1']['mean']:.2f})" for m in order) + "."]
-    if red_rec is not None:
-        L.append(f"- RED recovered {red_rec:.0%} of the {pairs['red']['gap']:.2f}-point gap"
-                 + (f", KD {kd_rec:.0%}" if kd_rec is not None else "")
-                 + (f", RED+KD {facts['recovered_red_kd']:.0%}" if facts["recovered_red_kd"] is not None else "") + ".")
+          "- Ordering by mean test top-1: " + " > ".join(f"{_label(m['method'])} ({m['top1']['mean']:.2f})" for m in order) + "."]
+    if facts["recovered_red"] is not None:
+        others = [f"{_label(m)} {rec[m]:.0%}" for m in student_methods() if m not in ("student", "red") and rec.get(m) is not None]
+        L.append(f"- RED recovered {facts['recovered_red']:.0%} of the {pairs['red']['gap']:.2f}-point gap"
+                 + (", " + ", ".join(others) if others else "") + ".")
     if facts["measured_over_theory_student_red"]:
-        L.append(f"- Measured ONNX Runtime activation memory is {facts['measured_over_theory_teacher'] or 0:.1f}x the liveness "
-                 f"peak for the teacher and {facts['measured_over_theory_student_red']:.1f}x for student+RED at 32 px, where "
-                 "the student's whole liveness peak (tens of KiB) is below what the measurement resolves: it counts resident "
-                 "pages, buffers under glibc's 64 KiB mmap threshold come from the heap, and the output arrays are "
-                 "allocated by the caller. At the probes' larger size the figures follow the theory more closely (table above).")
-        L.append("- Where the measurement is below the liveness peak (the teacher at 128 px), the likely cause is that "
-                 "ONNX Runtime fuses element-wise activations into the preceding Conv (HardSwish's HardSigmoid + Mul, Clip), "
-                 "so tensors the analysis counts on the exported graph never exist at run time; the analysis is of the "
-                 "graph as written, before any runtime fusion.")
+        L.append(f"- Measured activation memory is {facts['measured_over_theory_teacher'] or 0:.1f}x the liveness peak for "
+                 f"the teacher and {facts['measured_over_theory_student_red']:.1f}x for student+RED at {size} px"
+                 + ("; at the probes' size: " + ", ".join(f"{n} {_ratio(me, th) or 0:.1f}x" for n, s, th, me, _ in probe_rows)
+                    if probes else "") + ".")
+        below = [n for n, _, th, me, _ in rows if th and me and me < th]
+        if below:
+            L.append("- Measured below the liveness peak: " + ", ".join(below) + ".")
     if facts["latency_ratio_red"]:
-        L.append(f"- Latency: at 32 px the student+RED is {facts['latency_ratio_red']:.2f}x as fast as the teacher and the "
-                 f"student alone {facts['latency_ratio_student'] or 0:.2f}x: the RED blocks' convs cost about what the "
-                 "aggressive pooling saves when the images are this small. The probes show the larger input's figures.")
-    if red_rec is not None:
-        beat = "beat" if kd_rec is not None and red_rec > kd_rec else "did not beat"
-        L.append(f"- Accuracy: with {a.epochs} epochs at 32 px RED alone {beat} KD here. The "
-                 "paper's result is after 300 epochs at 128 px (STL10), where the RED sites' maps are 16x larger than the "
-                 "2x2 to 8x8 maps they match here; this benchmark cannot tell whether that closes the difference.")
-    L += ["", "Files: `reproduce/compare.md` (full table, per-seed rows), `reproduce/*.png` (plots), "
-          "`reproduce_deploy.md` and `reproduce_probe128.md` (device measurements), `reproduce_run/` (each run's "
-          "config, metrics and summaries, the step logs and state.json) — every figure above is read from those."]
+        L.append(f"- Latency: at {size} px the student+RED is {facts['latency_ratio_red']:.2f}x as fast as the teacher and "
+                 f"the student alone {facts['latency_ratio_student'] or 0:.2f}x.")
+    if facts["recovered_red"] is not None and facts["recovered_kd"] is not None:
+        beat = "beat" if facts["recovered_red"] > facts["recovered_kd"] else "did not beat"
+        L.append(f"- Accuracy: with {_one(runs.values(), lambda c: str(c['epochs']))} epochs at {size} px RED alone "
+                 f"{beat} KD here.")
+    L += remarks_section(a.remarks)
+    L += ["", f"Files: `{Path(a.results).name}/compare.md` (full table, per-seed rows), `{Path(a.results).name}/*.png` "
+          f"(plots), `{Path(a.results).name}_deploy.md`" + (f" and `{probe_path.name[:-5]}.md`" if probes else "")
+          + f" (device measurements), `{run_copy.name}/` (each run's config, metrics and summaries, the step logs and "
+          "state.json): every figure above is read from those."]
     atomic_write_text(a.results + ".md", "\n".join(L) + "\n")
-    atomic_write_json(a.results + ".json", {"facts": facts, "targets": TARGETS, "checks": [list(c) for c in checks],
-                                           "steps": state, "compare": str(Path(a.results) / "compare.json")})
-    copy_logs(a, Path(a.results + "_run"))
+    created = old.get("created") if page_command else timestamp()
+    record = {"command": command, "machine": where, **({"created": created} if created else {}), "facts": facts,
+              "targets": TARGETS, "checks": checks, "steps": state, "compare": str(Path(a.results) / "compare.json")}
+    atomic_write_json(a.results + ".json", record)
     print(f"[repro] wrote {a.results}.md", flush=True)
+    return record
+
+
+def _b(n) -> str:
+    return "n/a" if n is None else fmt_bytes(n)
 
 
 def copy_logs(a, dest: Path) -> None:
     """Copy every run's config, metrics and summaries, the step logs and state.json (no checkpoints)."""
-    import shutil
-
-    from bench.distill_report import clean_log
-
     work = Path(a.runs) / a.prefix
     for run in sorted(Path(a.runs).glob(f"{a.prefix}-*")):
         for f in list(run.glob("*.json")) + list(run.glob("*.yaml")) + list(run.glob("*/*.json*")):
@@ -304,7 +424,7 @@ def copy_logs(a, dest: Path) -> None:
         if f.is_file():
             (dest / f.relative_to(work)).parent.mkdir(parents=True, exist_ok=True)
             if f.suffix == ".log":
-                (dest / f.relative_to(work)).write_text(clean_log(f.read_text(errors="replace")))
+                atomic_write_text(dest / f.relative_to(work), clean_log(f.read_text(errors="replace")))
             else:
                 shutil.copyfile(f, dest / f.relative_to(work))
 

@@ -1,14 +1,13 @@
 """Sample-quality metrics: Frechet distance, k-NN precision/recall, classifier and Inception features, `redistill quality`."""
 
 import json
-import time
 
 import numpy as np
 import pytest
 import torch
 
-from bench.quality import (ClassifierFeatures, InceptionFeatures, balanced_seeded_indices, evaluate_quality,
-                           feature_stats, frechet_distance, last_linear, precision_recall, reference_features)
+from bench.quality import (ClassifierFeatures, InceptionFID, balanced_seeded_indices, evaluate_quality, feature_stats,
+                           frechet_distance, last_linear, precision_recall, reference_features)
 from redistill.cli import main
 from redistill.errors import UserError
 
@@ -50,10 +49,16 @@ def test_frechet_distance_closed_forms():
     d1, d2 = np.array([1.0, 4.0, 0.25]), np.array([9.0, 1.0, 0.25])
     want = 1.0 + np.sum(d1 + d2 - 2 * np.sqrt(d1 * d2))
     assert frechet_distance(np.zeros(3), np.diag(d1), np.array([1.0, 0, 0]), np.diag(d2)) == pytest.approx(want, rel=1e-9)
-    # a general case against the defining formula with a symmetric square root, and a singular covariance
-    b = rng.normal(size=(200, 6)) * 1.5 + 0.2
-    d = frechet_distance(mu, sigma, *feature_stats(b))
-    assert d > 0 and np.isfinite(d)
+    # a full, non-diagonal covariance S against c^2 S: the square root is c S, so the distance is |dmu|^2 + (1 - c)^2 tr S
+    c, shift = 1.7, np.array([0.5, -1.0, 0.0, 2.0, 0.3, -0.2])
+    want = shift @ shift + (1 - c) ** 2 * np.trace(sigma)
+    assert frechet_distance(mu, sigma, mu + shift, c * c * sigma) == pytest.approx(want, rel=1e-9)
+    # a general case against the defining formula: tr (S1 S2)^1/2 is the sum of the square roots of S1 S2's eigenvalues
+    b = rng.normal(size=(200, 6)) @ rng.normal(size=(6, 6)) + 0.2
+    mu2, sigma2 = feature_stats(b)
+    root = np.sqrt(np.clip(np.linalg.eigvals(sigma @ sigma2).real, 0, None)).sum()
+    want = (mu - mu2) @ (mu - mu2) + np.trace(sigma) + np.trace(sigma2) - 2 * root
+    assert frechet_distance(mu, sigma, mu2, sigma2) == pytest.approx(want, rel=1e-9)
     few = rng.normal(size=(3, 6))  # rank-2 covariance
     assert np.isfinite(frechet_distance(*feature_stats(few), mu, sigma))
 
@@ -123,28 +128,71 @@ def test_classifier_must_be_a_classifier(tmp_path):
         ClassifierFeatures(ck)
 
 
-def _random_inception(path, num_classes=1000):
+def _random_fid_inception(path):
+    """A random Inception-v3 with the FID network's 1008 classes, its BatchNorm statistics set on one batch
+    so that its features are of order one; saved as a plain state dict, like the real weights file."""
     from torchvision.models import inception_v3
 
     torch.manual_seed(0)
-    net = inception_v3(weights=None, aux_logits=False, init_weights=False, num_classes=num_classes)
+    net = inception_v3(weights=None, aux_logits=False, init_weights=False, num_classes=1008)
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.momentum = None  # running statistics = this batch's
+    with torch.no_grad():
+        net.train()(torch.rand(4, 3, 299, 299) * 2 - 1)
     torch.save(net.state_dict(), path)
     return path
 
 
-def test_inception_features_from_local_weights(tmp_path):
-    t0 = time.perf_counter()
-    w = _random_inception(tmp_path / "inception.pth")
-    fx = InceptionFeatures(w)
-    f = fx(torch.rand(4, 3, 32, 32) * 2 - 1)
-    assert f.shape == (4, 2048) and np.isfinite(f).all()
-    assert fx.name.startswith("FID (Inception-v3")
-    assert time.perf_counter() - t0 < 60
+@pytest.fixture
+def offline(monkeypatch):
+    """Any attempt to download weights fails the test."""
+    import torch_fidelity.feature_extractor_inceptionv3 as tf_inception
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"tried to download {args[:1]}")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", refuse)
+    monkeypatch.setattr(tf_inception, "load_state_dict_from_url", refuse)
+
+
+def test_fid_is_torchmetrics_on_local_weights(tmp_path, offline):
+    w = _random_fid_inception(tmp_path / "pt_inception.pth")
+    fid = InceptionFID(w)
+    assert fid.name.startswith("FID (torchmetrics FrechetInceptionDistance") and len(fid.sha256) == 64
+    g = torch.Generator().manual_seed(0)
+    a = torch.rand(12, 3, 32, 32, generator=g) * 2 - 1
+    b = (torch.rand(12, 3, 32, 32, generator=g) * 2 - 1) * 0.5 + 0.3
+    fid.update(a, real=True, batch_size=5)
+    fid.update(b, real=False)
+    got = fid.compute()
+    # the same distance from the Inception features by the closed form: the library scores what it should
+    feats = [fid.metric.inception(((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)).double().numpy() for x in (a, b)]
+    assert np.abs(feats[0]).mean() > 1e-3  # features of order one, so the comparison means something
+    assert got == pytest.approx(frechet_distance(*feature_stats(feats[1]), *feature_stats(feats[0])), rel=1e-3)
+    # the real statistics survive a cache round trip, and a set against itself scores about zero
+    state = fid.real_state()
+    again = InceptionFID(w)
+    again.set_real_state(state)
+    again.update(a, real=False)
+    assert abs(again.compute()) < 1e-3 * got
+
+
+def test_fid_weights_are_checked_before_use(tmp_path, offline):
     torch.save({"conv.weight": torch.zeros(1)}, tmp_path / "bad.pth")
-    with pytest.raises(UserError, match="not an Inception-v3"):
-        InceptionFeatures(tmp_path / "bad.pth")
+    with pytest.raises(UserError, match="not an Inception-v3 state_dict of the FID network"):
+        InceptionFID(tmp_path / "bad.pth")
+    torch.save({"fc.weight": torch.zeros(1000, 2048)}, tmp_path / "imagenet.pth")  # torchvision's ImageNet head
+    with pytest.raises(UserError, match=r"want \(1008, 2048\)"):
+        InceptionFID(tmp_path / "imagenet.pth")
+    torch.save({"fc.weight": torch.zeros(1008, 2048)}, tmp_path / "partial.pth")
+    with pytest.raises(UserError, match="does not fit the FID Inception-v3"):
+        InceptionFID(tmp_path / "partial.pth")
+    (tmp_path / "pickle.pth").write_bytes(b"not a state dict")
+    with pytest.raises(UserError, match="not a loadable PyTorch state_dict"):
+        InceptionFID(tmp_path / "pickle.pth")
     with pytest.raises(UserError, match="nothing is downloaded"):
-        InceptionFeatures(tmp_path / "missing.pth")
+        InceptionFID(tmp_path / "missing.pth")
 
 
 def test_quality_command_on_samples_and_on_a_checkpoint(classifier_ck, tiny_images, tmp_path, capsys):
@@ -169,13 +217,17 @@ def test_quality_command_on_samples_and_on_a_checkpoint(classifier_ck, tiny_imag
 
 
 @pytest.mark.slow
-def test_quality_command_with_inception_weights(classifier_ck, tiny_images, tmp_path, capsys):
+def test_quality_command_with_inception_weights(classifier_ck, tiny_images, tmp_path, offline):
     from tests.train.test_sampling import save_denoiser
 
     ck = save_denoiser(tmp_path / "best.pt", data_root=tiny_images)
-    w = _random_inception(tmp_path / "pt_inception.pth", num_classes=1008)
-    q = tmp_path / "q.json"
-    assert main(["quality", str(ck), "--steps", "2", "--n", "8", "--classifier", str(classifier_ck), "--real", "8",
-                 "--inception-weights", str(w), "--cache", str(tmp_path), "--json", str(q)]) == 0
+    w = _random_fid_inception(tmp_path / "pt_inception.pth")
+    q, q2 = tmp_path / "q.json", tmp_path / "q2.json"
+    args = ["quality", str(ck), "--steps", "2", "--n", "8", "--classifier", str(classifier_ck), "--real", "8",
+            "--inception-weights", str(w), "--cache", str(tmp_path / "cache")]
+    assert main(args + ["--json", str(q)]) == 0
     r = json.loads(q.read_text())
-    assert r["fid"] >= 0 and "Inception-v3" in r["fid_name"] and r["inception"]["variant"]
+    assert r["fid"] > 0 and "torchmetrics" in r["fid_name"] and r["inception"]["sha256"]
+    assert main(args + ["--json", str(q2)]) == 0  # the real statistics from the cache: the same FID
+    assert json.loads(q2.read_text())["fid"] == pytest.approx(r["fid"], rel=1e-6)
+    assert len(list((tmp_path / "cache").glob("fid-ref-*.npz"))) == 1

@@ -1,0 +1,55 @@
+"""Every committed results page is what its writer makes of the committed run files (nothing typed by hand).
+
+Each page is rewritten in a scratch copy of bench/results by the option that rereads the run files,
+and must come out identical; a writer or formatter change that moves a figure fails here until the
+pages are regenerated.
+"""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from bench import diffusion_bench, distill_report, loopback_bench, memory_pairs, reproduce
+from redistill.cli import main as redistill_main
+
+REPO = Path(__file__).resolve().parents[2]
+RESULTS = REPO / "bench" / "results"
+
+
+def _deploy_page(name: str) -> int:
+    """A loopback deploy page from its record (the bench's own page writer)."""
+    doc = json.loads(Path(f"bench/results/{name}.json").read_text())
+    Path(f"bench/results/{name}.md").write_text(loopback_bench.render_md(doc))
+    return 0
+
+
+#: page -> (what it is made from, the command that rewrites it from those files)
+PAGES = {
+    **{f"{n}.md": ([f"{n}.json"], lambda n=n: _deploy_page(n))
+       for n in ("reproduce_deploy", "reproduce_probe128", "diffusion_deploy")},
+    "distill_quick.md": (["distill_quick.json", "distill_quick_run", "distill_quick_remarks.md"],
+                         lambda: distill_report.main(["--pages-only", "--remarks", "bench/results/distill_quick_remarks.md"])),
+    "export_quick.md": (["export_quick.json"],
+                        lambda: redistill_main(["export-report", "--pages-only", "--out", "bench/results/export_quick"])),
+    "memory_paper_pairs.md": (["memory_paper_pairs.json"], lambda: memory_pairs.main(["--pages-only"])),
+    "reproduce.md": (["reproduce", "reproduce_run", "reproduce.json", "reproduce_deploy.json", "reproduce_probe128.json",
+                      "reproduce_remarks.md"],
+                     lambda: reproduce.main(["--pages-only", "--remarks", "bench/results/reproduce_remarks.md"])),
+    "diffusion.md": (["diffusion", "diffusion.json", "diffusion_deploy.json", "diffusion_remarks.md"],
+                     lambda: diffusion_bench.main(["--pages-only", "--remarks", "bench/results/diffusion_remarks.md"])),
+}
+
+
+@pytest.mark.parametrize("page", sorted(PAGES))
+def test_committed_page_is_regenerated_unchanged(page, tmp_path, monkeypatch, capsys):
+    inputs, rewrite = PAGES[page]
+    scratch = tmp_path / "bench" / "results"
+    scratch.mkdir(parents=True)
+    for name in inputs:
+        src = RESULTS / name
+        (shutil.copytree if src.is_dir() else shutil.copyfile)(src, scratch / name)
+    monkeypatch.chdir(tmp_path)
+    assert rewrite() == 0
+    assert (scratch / page).read_text() == (RESULTS / page).read_text()

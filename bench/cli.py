@@ -54,7 +54,8 @@ def add_commands(sub) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n"
         "  redistill compare\n"
-        "  redistill compare runs/quick bundles/quick-fp32 reports/tx2 --out /tmp/cmp",
+        "  redistill compare runs/quick bundles/quick-fp32 reports/tx2 --out /tmp/cmp\n"
+        "  redistill compare --pages-only --out bench/results/reproduce   # rewrite the tables and plots from compare.json",
     )
     c.add_argument("paths", nargs="*", metavar="PATH",
                    help="run folders, bundle folders, device report files, or folders holding any of them")
@@ -66,6 +67,8 @@ def add_commands(sub) -> None:
                    help="`redistill quality --json` results (CFD, precision, recall) to join to the denoiser runs they scored")
     c.add_argument("--no-analyze", action="store_true",
                    help="do not rebuild checkpoints to size models that have no bundle (faster; fewer theory figures)")
+    c.add_argument("--pages-only", action="store_true",
+                   help="rewrite compare.md, compare.csv and the plots from OUT/compare.json (no runs, bundles or reports read)")
     c.set_defaults(func=_compare)
 
     r = sub.add_parser(
@@ -100,8 +103,17 @@ def _export_report(args) -> int:
 
 
 def _compare(args) -> int:
-    from bench.compare import compare
+    from bench.compare import FOOTPRINT_PLOT, compare, rewrite_pages
 
+    if args.pages_only:
+        if args.paths or args.runs or args.bundles or args.reports or args.quality or args.no_analyze:
+            raise UserError("--pages-only rewrites the pages from OUT/compare.json; give only --out")
+        files = rewrite_pages(args.out)
+        if FOOTPRINT_PLOT not in files:
+            print(f"kept {FOOTPRINT_PLOT}: this compare.json predates the footprint curves (a full run records them)")
+        for path in files.values():
+            print(f"wrote {path}")
+        return 0
     files = compare(args.paths, runs=args.runs, bundles=args.bundles, reports=args.reports, out=args.out,
                     analyze=not args.no_analyze, quality=args.quality)
     for path in files.values():

@@ -2,6 +2,7 @@
 and write ``bench/results/deploy_loopback.{md,json}`` (measured activation memory next to the manifest's theory).
 
     python -m bench.loopback_bench bundles/quick-fp32 bundles/quick-int8
+    python -m bench.loopback_bench --pages-only      # rewrite OUT.md from OUT.json
 
 This is the full deploy path (ssh, rsync, remote agent, report) on this machine's CPU, not a Jetson.
 The measurement options are the agent's (deploy/agent/contract.py), with one intra-op thread by default.
@@ -10,9 +11,7 @@ The measurement options are the agent's (deploy/agent/contract.py), with one int
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
-import os
-import platform
+import json
 import shlex
 import sys
 import tempfile
@@ -26,7 +25,7 @@ from deploy.ssh import SshOptions, parse_hosts
 from redistill.errors import UserError
 from redistill.io import atomic_write_json, atomic_write_text
 from redistill.memory import fmt_bytes
-from redistill.sysinfo import cpu_model
+from redistill.report import machine, machine_line, md_table, timestamp
 
 PROG = "python -m bench.loopback_bench"
 #: the backend is fixed (this machine is not a Jetson); one intra-op thread is steadier on a shared box
@@ -56,28 +55,27 @@ def summarize(report: dict, bundle: str) -> dict:
 
 
 def render_md(doc: dict) -> str:
+    """The page, from the JSON record alone (so ``--pages-only`` rewrites it unchanged)."""
     rows = []
     for r in doc["results"]:
-        lat = r["latency_ms"]
-        rows.append(f"| {Path(r['bundle']).name} | {r['precision']} | {_mib(r['theoretical_peak_bytes'])} | "
-                    f"{_mib(r['measured_activation_bytes'])} | {_mib(r['process_peak_bytes'])} | {lat['mean_ms']:.3f} | "
-                    f"{lat['p50_ms']:.3f} | {lat['p99_ms']:.3f} | {r['throughput_per_s']:.1f} | "
-                    f"{'pass' if r['output_check']['passed'] else 'FAIL'} ({r['output_check']['max_abs_diff']:.2g}) |")
-    m = doc["machine"]
+        lat, chk = r["latency_ms"], r["output_check"]
+        rows.append([Path(r["bundle"]).name, r["precision"], _mib(r["theoretical_peak_bytes"]),
+                     _mib(r["measured_activation_bytes"]), _mib(r["process_peak_bytes"]), f"{lat['mean_ms']:.3f}",
+                     f"{lat['p50_ms']:.3f}", f"{lat['p99_ms']:.3f}", f"{r['throughput_per_s']:.1f}",
+                     f"{'pass' if chk['passed'] else 'FAIL'} ({chk['max_abs_diff']:.2g})"])
     return "\n".join([
         "# Loopback deploy: ONNX Runtime on this machine's CPU",
         "",
         f"Written by `{doc['command']}` on {doc['created']}.",
         "",
-        f"Machine: {m['cpu']} ({m['cores']} cores), {m['platform']}, Python {m['python']}, onnxruntime {m['onnxruntime']}.",
+        f"Machine: {machine_line(doc['machine'])}.",
         "Every bundle went through the whole deploy path (system ssh to an sshd on 127.0.0.1, rsync, the agent run "
         "by the remote interpreter, report saved by the server). **This is not a Jetson**: the TensorRT backend is "
         "not exercised here and these latencies say nothing about a TX2.",
         "",
-        "| bundle | precision | theoretical peak (manifest) | measured activation (ORT) | process peak (VmHWM) | "
-        "mean ms | p50 ms | p99 ms | images/s | output check (max abs diff) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-        *rows,
+        *md_table(["bundle", "precision", "theoretical peak (manifest)", "measured activation (ORT)",
+                   "process peak (VmHWM)", "mean ms", "p50 ms", "p99 ms", "images/s", "output check (max abs diff)"],
+                  rows),
         "",
         "- *theoretical peak*: `memory.peak_bytes` from the bundle manifest (redistill.memory's largest live set of "
         "activation tensors).",
@@ -96,7 +94,8 @@ def render_md(doc: dict) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
-    p.add_argument("bundles", nargs="+")
+    p.add_argument("bundles", nargs="*", help="bundle folders to deploy (none with --pages-only)")
+    p.add_argument("--pages-only", action="store_true", help="rewrite OUT.md from OUT.json; deploy nothing")
     p.add_argument("--out", default="bench/results/deploy_loopback", help="writes OUT.md and OUT.json")
     p.add_argument("--reports", default="reports/loopback")
     add_measure_options(p, defaults=DEFAULTS, exclude=tuple(FIXED))
@@ -110,6 +109,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     error = measure_option_error(args)
     if error:
         p.error(error)
+    out = Path(args.out)
+    if args.pages_only:
+        if args.bundles:
+            p.error("--pages-only rewrites the page from OUT.json; give no bundles")
+        atomic_write_text(out.with_suffix(".md"), render_md(json.loads(out.with_suffix(".json").read_text())))
+        print(f"wrote {out.with_suffix('.md')}")
+        return 0
+    if not args.bundles:
+        p.error("give the bundle folders to deploy (or --pages-only)")
     import onnxruntime  # only for its version on the page
 
     results = []
@@ -124,13 +132,10 @@ def main(argv: Optional[List[str]] = None) -> int:
                 print(f"loopback_bench: error: {e}", file=sys.stderr)
                 return 2
             results.append({**summarize(res.report, bundle), "report": str(res.report_path)})
-    out = Path(args.out)
     doc = {
-        "schema": "redistill-deploy-loopback", "schema_version": 1,
-        "created": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "schema": "redistill-deploy-loopback", "schema_version": 1, "created": timestamp(),
         "command": PROG + " " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
-        "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "platform": platform.platform(),
-                    "python": platform.python_version(), "onnxruntime": onnxruntime.__version__},
+        "machine": machine(onnxruntime=onnxruntime.__version__),
         "json": str(out.with_suffix(".json")), "reports": args.reports,
         "note": "loopback sshd on this machine, ONNX Runtime CPU backend; not a Jetson, TensorRT not exercised",
         "results": results,

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from bench.compare.join import TEACHER, analyze_checkpoint, key_of, method_label, model_key, pair_order, task_order
 from redistill.io import atomic_write
-from redistill.memory import analyze_onnx
+from redistill.memory import MemoryReport, NodeRow, analyze_onnx
 from redistill.memory.plot import plot_reports
 from train.losses import METHODS, methods_in_order
 from train.tasks import TaskMetric, metric_of, task_metrics
@@ -197,12 +197,43 @@ def footprint_reports(res: Dict[str, Any]) -> Tuple[list, Any]:
     return [], f"no teacher and RED student (method {' or '.join(red)}) with a bundle or checkpoint to analyse"
 
 
+def footprint_record(label: str, r: MemoryReport) -> Dict[str, Any]:
+    """One footprint curve as compare.json keeps it: what ``plot_reports`` draws (per-node live bytes, in-place
+    too, the peak node), so ``--pages-only`` redraws the plot from the record alone."""
+    row = r.peak_row
+    return {"label": label, "model": r.model, "peak_bytes": r.peak_bytes, "inplace_peak_bytes": r.inplace_peak_bytes,
+            "batch": r.batch, "dtype": r.dtype, "peak_node": r.peak_node, "peak_op": row.op if row else None,
+            "peak_index": r.nodes.index(row) if row else None, "live_bytes": [x.live_bytes for x in r.nodes],
+            "inplace_live_bytes": None if r.inplace_peak_bytes is None else [x.inplace_live_bytes for x in r.nodes]}
+
+
+def _report_of(c: Dict[str, Any]) -> MemoryReport:
+    """The MemoryReport ``plot_reports`` needs, rebuilt from a footprint record (other nodes stay unnamed)."""
+    inplace = c["inplace_live_bytes"] or [None] * len(c["live_bytes"])
+    nodes = [NodeRow(i, c["peak_node"] if i == c["peak_index"] else "", c["peak_op"] if i == c["peak_index"] else "",
+                     live, [], inplace_live_bytes=ip) for i, (live, ip) in enumerate(zip(c["live_bytes"], inplace))]
+    return MemoryReport(model=c["model"], batch=c["batch"], dtype=c["dtype"], peak_bytes=c["peak_bytes"],
+                        peak_node=c["peak_node"], layerwise_peak_bytes=None, layerwise_peak_node=None, weights_bytes=0,
+                        input_bytes=0, output_bytes=0, activation_types=[], nodes=nodes,
+                        inplace_peak_bytes=c["inplace_peak_bytes"])
+
+
 def plot_footprint(res: Dict[str, Any], path) -> Path:
-    """Per-node live memory of teacher vs student+RED, via redistill.memory.plot (the `redistill memory --plot` figure)."""
-    title = "Per-layer footprint: teacher vs student+RED"  # the first pair: classifiers before denoisers
+    """Per-node live memory of teacher vs student+RED, via redistill.memory.plot (the `redistill memory --plot` figure).
+    Sets ``res["footprint"]`` (the curves' records, or why there are none) and draws the plot from it."""
     pairs, note = footprint_reports(res)
-    res["footprint"] = [{"label": lab, "model": r.model, "peak_bytes": r.peak_bytes} for lab, r in pairs] or note
-    if not pairs:
-        return _empty_plot(path, title, note)
-    reports = [r for _, r in pairs]
-    return plot_reports(reports, path, title=f"{title} (batch 1, {reports[0].dtype})", labels=[lab for lab, _ in pairs])
+    res["footprint"] = [footprint_record(lab, r) for lab, r in pairs] or note
+    return draw_footprint(res["footprint"], path)
+
+
+def draw_footprint(footprint, path) -> Optional[Path]:
+    """The footprint plot from compare.json's ``footprint``; None (nothing written) for a record from before it
+    kept the curves."""
+    title = "Per-layer footprint: teacher vs student+RED"  # the first pair: classifiers before denoisers
+    if isinstance(footprint, str):
+        return _empty_plot(path, title, footprint)
+    if not all("live_bytes" in c for c in footprint):
+        return None
+    reports = [_report_of(c) for c in footprint]
+    return plot_reports(reports, path, title=f"{title} (batch 1, {reports[0].dtype})",
+                        labels=[c["label"] for c in footprint])

@@ -1,4 +1,4 @@
-"""compare.md, compare.csv and compare.json from ``build``'s rows.
+"""compare.md, compare.csv and compare.json from ``build``'s rows (``from_json`` reads compare.json back into them).
 
 Every task gets its own models, pairs and runs tables, titled and formatted by its ``TaskMetric``; the CSV has
 each task's figure columns side by side (the other task's cells empty), in the tasks registry's order.
@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import csv
 import io
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any, Dict, List, Sequence
 
 from bench.compare.join import method_label, model_label
 from redistill.io import atomic_write_text
 from redistill.memory import fmt_bytes
+from redistill.records import DEFAULT_TASK
 from redistill.report import md_table
 from train.tasks import TaskMetric, metric_of, task_metrics
 
@@ -244,4 +245,40 @@ def to_json(res: Dict[str, Any]) -> Dict[str, Any]:
                          "task": b.manifest.task, **{mt.onnx.section: b.manifest.raw.get(mt.onnx.section) for mt in metrics},
                          "memory": b.manifest.memory, "from_run": b.from_run} for b in m["bundles"]]
         models.append(d)
-    return {"sources": res["sources"], "notes": res["notes"], "models": models, "pairs": res["pairs"]}
+    return {"sources": res["sources"], "notes": res["notes"], "models": models, "pairs": res["pairs"],
+            "footprint": res.get("footprint"), "run_order": [[e["run_dir"], e["role"]] for e in res["entries"]]}
+
+
+_NO_STATS = {"n": 0, "mean": None, "std": None, "min": None, "max": None}
+
+
+def from_json(doc: Dict[str, Any]) -> Dict[str, Any]:
+    """``to_json``'s record back into the rows the tables and plots read, so ``--pages-only`` rewrites them from
+    compare.json alone. A record from before tasks (no ``task``, denoiser keys or ``run_order``) gets the default
+    task, empty figures, and its runs in the order ``collect`` found them (by source, then path, teacher first)."""
+    metrics = list(dict.fromkeys(task_metrics().values()))
+    blank = {mt.key: None for mt in metrics}
+    models = []
+    for m in doc["models"]:
+        m = {"task": DEFAULT_TASK, "generation": [], **{mt.key: dict(_NO_STATS) for mt in metrics},
+             **{f"onnx_{p}_{mt.onnx.name}": None for mt in metrics for p in ("fp32", "int8")}, **m}
+        m["runs"] = [{"task": m["task"], "generation": [], **blank, **{f"last_{k}": None for k in blank}, **e}
+                     for e in m["runs"]]
+        models.append(m)
+    pairs = [{"task": DEFAULT_TASK, **blank, **{f"{w}_{k}": None for k in blank for w in ("teacher", "student_alone")},
+              **p} for p in doc["pairs"]]
+    runs = [e for m in models for e in m["runs"]]
+    if doc.get("run_order") is not None:
+        by_key = {(e["run_dir"], e["role"]): e for e in runs}
+        entries = [by_key[(d, role)] for d, role in doc["run_order"]]
+    else:
+        sources = [PurePath(s).parts for s in doc["sources"]]
+
+        def found(e):
+            parts = PurePath(e["run_dir"]).parts
+            return (next((i for i, s in enumerate(sources) if parts[:len(s)] == s), len(sources)), parts,
+                    e["role"] != "teacher")
+
+        entries = sorted(runs, key=found)
+    return {"sources": doc["sources"], "notes": doc["notes"], "models": models, "pairs": pairs, "entries": entries,
+            "footprint": doc.get("footprint")}

@@ -187,6 +187,32 @@ def test_paths_and_bad_path(cls, tmp_path, capsys):
     assert "not found" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("run", ["cls", "mixed"])
+def test_pages_only_rewrites_the_full_runs_pages(run, request, tmp_path, capsys):
+    """--pages-only from compare.json alone writes the full run's compare.md, compare.csv and plots byte for byte;
+    a record from before ``run_order`` and the footprint curves still gives the same tables (footprint plot kept)."""
+    _, out = request.getfixturevalue(run)
+    doc = _json(out / "compare.json")
+    (tmp_path / "compare.json").write_bytes((out / "compare.json").read_bytes())
+    assert main(["compare", "--pages-only", "--out", str(tmp_path)]) == 0
+    written = sorted(p.name for p in out.iterdir())
+    assert sorted(p.name for p in tmp_path.iterdir()) == written
+    for name in written:
+        assert (tmp_path / name).read_bytes() == (out / name).read_bytes(), name
+    old = tmp_path / "old"
+    old.mkdir()
+    doc.pop("run_order")
+    doc["footprint"] = [{k: c[k] for k in ("label", "model", "peak_bytes")} for c in doc["footprint"]]
+    (old / "compare.json").write_text(json.dumps(doc))
+    capsys.readouterr()
+    assert main(["compare", "--pages-only", "--out", str(old)]) == 0
+    assert "kept footprint_teacher_vs_student_red.png" in capsys.readouterr().out
+    assert not (old / "footprint_teacher_vs_student_red.png").exists()
+    for name in ("compare.md", "compare.csv"):
+        assert (old / name).read_bytes() == (out / name).read_bytes(), name
+    assert main(["compare", "--pages-only", str(out), "--out", str(old)]) == 2  # reads nothing but OUT/compare.json
+
+
 # --- denoisers (DDPM U-Nets): their quality figure is the test denoising loss, lower is better ------------------
 
 

@@ -5,7 +5,6 @@ and must come out identical; a writer or formatter change that moves a figure fa
 pages are regenerated.
 """
 
-import json
 import shutil
 from pathlib import Path
 
@@ -18,17 +17,17 @@ REPO = Path(__file__).resolve().parents[2]
 RESULTS = REPO / "bench" / "results"
 
 
-def _deploy_page(name: str) -> int:
-    """A loopback deploy page from its record (the bench's own page writer)."""
-    doc = json.loads(Path(f"bench/results/{name}.json").read_text())
-    Path(f"bench/results/{name}.md").write_text(loopback_bench.render_md(doc))
-    return 0
+def _compare_pages(out: str) -> int:
+    """compare.md and compare.csv rewritten from the copied folder's compare.json alone (the copied ones removed)."""
+    for name in ("compare.md", "compare.csv"):
+        Path(out, name).unlink()
+    return redistill_main(["compare", "--pages-only", "--out", out])
 
 
 #: page -> (what it is made from, the command that rewrites it from those files)
 PAGES = {
-    **{f"{n}.md": ([f"{n}.json"], lambda n=n: _deploy_page(n))
-       for n in ("reproduce_deploy", "reproduce_probe128", "diffusion_deploy")},
+    **{f"{n}.md": ([f"{n}.json"], lambda n=n: loopback_bench.main(["--pages-only", "--out", f"bench/results/{n}"]))
+       for n in ("deploy_loopback", "reproduce_deploy", "reproduce_probe128", "diffusion_deploy")},
     "distill_quick.md": (["distill_quick.json", "distill_quick_run", "distill_quick_remarks.md"],
                          lambda: distill_report.main(["--pages-only", "--remarks", "bench/results/distill_quick_remarks.md"])),
     "export_quick.md": (["export_quick.json"],
@@ -39,6 +38,8 @@ PAGES = {
                      lambda: reproduce.main(["--pages-only", "--remarks", "bench/results/reproduce_remarks.md"])),
     "diffusion.md": (["diffusion", "diffusion.json", "diffusion_deploy.json", "diffusion_remarks.md"],
                      lambda: diffusion_bench.main(["--pages-only", "--remarks", "bench/results/diffusion_remarks.md"])),
+    **{f"{d}/{page}": ([d], lambda d=d: _compare_pages(f"bench/results/{d}"))
+       for d in ("reproduce", "diffusion/compare") for page in ("compare.md", "compare.csv")},
 }
 
 

@@ -71,4 +71,4 @@ sample: setup
 
 # The resumable 2.5 h CPU benchmark of issue 7 (teacher vs student alone vs student+RED); results in bench/results/diffusion.md
 diffusion-bench: setup data
-	$(BIN)/python -m bench.diffusion_bench --data-root $(DATA)
+	$(BIN)/python -m bench.diffusion_bench --data-root $(DATA) --remarks bench/results/diffusion_remarks.md

@@ -28,7 +28,8 @@ def add_commands(sub) -> None:
     q.add_argument("--real-seed", type=int, default=0, help="seed of the class-balanced real subset (default 0)")
     q.add_argument("--k", type=int, default=3, help="k of the k-NN precision/recall (default 3)")
     q.add_argument("--inception-weights", default=None, metavar="PATH",
-                   help="local Inception-v3 weights (torchvision or pytorch-fid pt_inception .pth): adds FID")
+                   help="local FID Inception weights (torch-fidelity weights-inception-2015-12-05 or pytorch-fid "
+                        "pt_inception-2015-12-05 .pth): adds FID")
     q.add_argument("--data-root", default=None, help="real image folder (default: the one the denoiser/classifier was trained on)")
     q.add_argument("--data-name", default=None, help="imagefolder | cifar10 | stl10")
     q.add_argument("--cache", default=None, metavar="DIR", help="reference-statistics cache folder (default: beside the classifier)")

@@ -7,6 +7,7 @@ import shlex
 from typing import List, Sequence, Tuple
 
 from redistill.errors import UserError
+from redistill.report import add_page_options
 
 
 def add_commands(sub) -> None:
@@ -67,8 +68,8 @@ def add_commands(sub) -> None:
                    help="`redistill quality --json` results (CFD, precision, recall) to join to the denoiser runs they scored")
     c.add_argument("--no-analyze", action="store_true",
                    help="do not rebuild checkpoints to size models that have no bundle (faster; fewer theory figures)")
-    c.add_argument("--pages-only", action="store_true",
-                   help="rewrite compare.md, compare.csv and the plots from OUT/compare.json (no runs, bundles or reports read)")
+    add_page_options(c, "OUT/compare.json (compare.md, compare.csv and the plots; no runs, bundles or reports read)",
+                     remarks=False)
     c.set_defaults(func=_compare)
 
     r = sub.add_parser(
@@ -84,7 +85,7 @@ def add_commands(sub) -> None:
     r.add_argument("--runs", type=int, default=300, help="timed runs per model")
     r.add_argument("--warmup", type=int, default=30, help="untimed runs first")
     r.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads (0 = its default)")
-    r.add_argument("--pages-only", action="store_true", help="rewrite OUT.md from OUT.json (no bundles needed)")
+    add_page_options(r, "OUT.json (no bundles needed)", remarks=False)
     r.set_defaults(func=_export_report)
 
 

@@ -31,7 +31,7 @@ from bench.quality import balanced_seeded_indices
 from bench.reproduce import Steps, _read_json
 from redistill.io import atomic_write, atomic_write_json, atomic_write_text
 from redistill.memory import fmt_bytes
-from redistill.report import machine, machine_line, md_table, remarks_section, timestamp
+from redistill.report import add_page_options, machine, machine_line, md_table, remarks_section, timestamp
 from train.checkpoint import load_checkpoint
 from train.data import DATASETS
 from train.losses import METHODS
@@ -88,11 +88,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--real", type=int, default=10000, help="real test images in the CFD reference")
     ap.add_argument("--results", default="bench/results/diffusion")
     ap.add_argument("--data-root", default="data/cifar10")
-    ap.add_argument("--remarks", default=None, help="a Markdown file of remarks written after looking at the results, "
-                    "added to the page under its own heading (the rest of the page is generated)")
-    ap.add_argument("--pages-only", action="store_true",
-                    help="run nothing: rewrite <results>.md/.json from the run files already in <results>/ and "
-                         "<results>_deploy.json (checkpoint and manifest figures from <results>.json)")
+    add_page_options(ap, "the run files in <results>/ and <results>_deploy.json (checkpoint and manifest figures from "
+                         "<results>.json)")
     return ap
 
 

@@ -20,7 +20,7 @@ import yaml
 from redistill.errors import UserError
 from redistill.io import atomic_write_json, atomic_write_text
 from redistill.memory import fmt_bytes
-from redistill.report import machine, machine_line, md_table, remarks_section
+from redistill.report import add_page_options, machine, machine_line, md_table, remarks_section
 
 RUN_FILES = ("config.yaml", "summary.json", "teacher/metrics.jsonl", "teacher/summary.json",
              "student/metrics.jsonl", "student/summary.json")
@@ -124,10 +124,7 @@ def main(argv=None) -> int:
     ap.add_argument("--wall-s", type=float, default=None, help="measured wall time of the command, seconds")
     ap.add_argument("--out", default="bench/results/distill_quick", help="output path without extension")
     ap.add_argument("--log", default=None, help="console log of the command, copied beside the results")
-    ap.add_argument("--remarks", default=None, help="a hand-written Markdown file added under its own heading")
-    ap.add_argument("--pages-only", action="store_true",
-                    help="rewrite OUT.md/.json from the copied run files in OUT_run/ (command, wall time and machine "
-                         "from OUT.json)")
+    add_page_options(ap, "the copied run files in OUT_run/ (command, wall time and machine from OUT.json)")
     a = ap.parse_args(argv)
     copy = Path(a.out + "_run")
     if a.pages_only:

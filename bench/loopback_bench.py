@@ -25,7 +25,7 @@ from deploy.ssh import SshOptions, parse_hosts
 from redistill.errors import UserError
 from redistill.io import atomic_write_json, atomic_write_text
 from redistill.memory import fmt_bytes
-from redistill.report import machine, machine_line, md_table, timestamp
+from redistill.report import add_page_options, machine, machine_line, md_table, timestamp
 
 PROG = "python -m bench.loopback_bench"
 #: the backend is fixed (this machine is not a Jetson); one intra-op thread is steadier on a shared box
@@ -95,7 +95,7 @@ def render_md(doc: dict) -> str:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     p.add_argument("bundles", nargs="*", help="bundle folders to deploy (none with --pages-only)")
-    p.add_argument("--pages-only", action="store_true", help="rewrite OUT.md from OUT.json; deploy nothing")
+    add_page_options(p, "OUT.json", remarks=False)
     p.add_argument("--out", default="bench/results/deploy_loopback", help="writes OUT.md and OUT.json")
     p.add_argument("--reports", default="reports/loopback")
     add_measure_options(p, defaults=DEFAULTS, exclude=tuple(FIXED))

@@ -20,7 +20,7 @@ from typing import Any, Dict, List, Optional
 from redistill.io import atomic_write_json, atomic_write_text
 from redistill.memory import DEFINITION, fmt_bytes
 from redistill.memory.plot import plot_reports
-from redistill.report import machine, machine_line, md_table, remarks_section, timestamp
+from redistill.report import add_page_options, machine, machine_line, md_table, remarks_section, timestamp
 from train.config import paper_pairs
 from train.design import analyze_model, pair_designs
 
@@ -143,9 +143,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--presets", nargs="+", default=None,
                         help="presets to analyse (default: every paper pair in train/configs)")
     parser.add_argument("--plot-preset", default="mobilenetv2_x4", help="pair drawn to memory_<preset>.png ('' = none)")
-    parser.add_argument("--remarks", default=None, help="a hand-written Markdown file added under its own heading")
-    parser.add_argument("--pages-only", action="store_true",
-                        help="build nothing: rewrite memory_paper_pairs.md from memory_paper_pairs.json")
+    add_page_options(parser, "memory_paper_pairs.json")
     args = parser.parse_args(argv)
     out = Path(args.out_dir)
     if args.pages_only:

@@ -32,7 +32,7 @@ from bench.distill_report import clean_log
 from redistill.errors import UserError
 from redistill.io import atomic_write_json, atomic_write_text
 from redistill.memory import fmt_bytes
-from redistill.report import machine, machine_line, md_table, remarks_section, timestamp
+from redistill.report import add_page_options, machine, machine_line, md_table, remarks_section, timestamp
 from train.checkpoint import load_checkpoint, make_payload, save_checkpoint
 from train.config import load_config
 from train.design import build_student
@@ -117,11 +117,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--probe-size", type=int, default=128, help="input size of the memory probes (0 = none)")
     ap.add_argument("--results", default="bench/results/reproduce")
     ap.add_argument("--data-root", default="data/cifar10")
-    ap.add_argument("--remarks", default=None, help="a Markdown file of remarks written after looking at the results, "
-                    "added to the page under its own heading (the rest of the page is generated)")
-    ap.add_argument("--pages-only", action="store_true",
-                    help="run nothing: rewrite <results>.md/.json from the run files already in <results>_run/ and "
-                         "<results>/compare.json, <results>_deploy.json, <results>_probe<size>.json")
+    add_page_options(ap, "<results>_run/, <results>/compare.json, <results>_deploy.json and <results>_probe<size>.json")
     return ap
 
 

@@ -81,3 +81,14 @@ def remarks_section(path: Union[str, os.PathLike, None]) -> List[str]:
     if not Path(path).is_file():
         raise UserError(f"--remarks {path} not found: give the hand-written remarks file (Markdown)")
     return ["", REMARKS_HEADING, "", Path(path).read_text().strip()]
+
+
+def add_page_options(parser, rewrites_from: str, remarks: bool = True) -> None:
+    """The options every results writer shares: ``--pages-only`` (run nothing, rewrite the page from
+    ``rewrites_from``, the run files kept beside it) and, where a page takes judgement, ``--remarks FILE``."""
+    g = parser.add_argument_group("results page")
+    if remarks:
+        g.add_argument("--remarks", default=None, metavar="FILE",
+                       help="a Markdown file of remarks written by hand after looking at the results, added to the "
+                            "page under its own heading (the rest of the page is generated)")
+    g.add_argument("--pages-only", action="store_true", help=f"run nothing: rewrite the page from {rewrites_from}")

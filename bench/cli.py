@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import shlex
+from pathlib import Path
 from typing import List, Sequence, Tuple
 
 from redistill.errors import UserError
@@ -132,8 +133,8 @@ def _memory(args) -> int:
         raise UserError("--red-config needs --arch NAME (the student architecture to put RED blocks in)")
     reports = []
     if args.models:
-        for path in args.models:
-            reports.append(M.analyze_onnx(path, batch=args.batch, dtype=args.dtype, inplace=args.inplace))
+        for path, label in zip(args.models, distinct_labels(args.models)):
+            reports.append(M.analyze_onnx(path, batch=args.batch, dtype=args.dtype, inplace=args.inplace, name=label))
     else:
         from train.design import analyze_model
 
@@ -161,6 +162,17 @@ def _memory(args) -> int:
         plot_reports(reports, args.plot)
         print(f"wrote {args.plot}")
     return 0
+
+
+def distinct_labels(paths: Sequence[str]) -> List[str]:
+    """Each path's shortest tail no other path ends with: ``A/model.onnx`` and ``B/model.onnx``, not ``model.onnx`` twice."""
+    parts = [Path(p).parts for p in paths]
+    labels = []
+    for i, own in enumerate(parts):
+        others = [q for j, q in enumerate(parts) if j != i]
+        n = next((n for n in range(1, len(own)) if all(q[-n:] != own[-n:] for q in others)), len(own))
+        labels.append(str(Path(*own[-n:])))
+    return labels
 
 
 def command_line(args) -> str:

@@ -11,6 +11,9 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator, Union
 
+from deploy.agent.contract import BUNDLE_SCHEMA
+from redistill.errors import UserError
+
 PathLike = Union[str, os.PathLike]
 
 
@@ -53,19 +56,72 @@ def atomic_torch_save(obj: Any, path: PathLike) -> Path:
     return atomic_write(path, lambda f: torch.save(obj, f))
 
 
-@contextlib.contextmanager
-def atomic_dir(path: PathLike) -> Iterator[Path]:
-    """Build a directory under a temp name and rename it into place only if the block succeeds."""
+def is_bundle_dir(path: PathLike) -> bool:
+    """A folder whose manifest.json names the bundle schema: what export wrote, so it may be replaced."""
+    try:
+        m = json.loads((Path(path) / "manifest.json").read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(m, dict) and m.get("schema") == BUNDLE_SCHEMA
+
+
+def _is_empty_dir(path: Path) -> bool:
+    return path.is_dir() and not path.is_symlink() and not any(path.iterdir())
+
+
+def check_replaceable(path: PathLike, replaceable: Callable[[Path], bool] = is_bundle_dir,
+                      what: str = "a bundle") -> None:
+    """Refuse, naming ``path``, to replace anything but an absent path, an empty folder or one ``replaceable`` accepts."""
     path = Path(path)
+    if not (path.exists() or path.is_symlink()) or _is_empty_dir(path):
+        return
+    if path.is_symlink():
+        kind = "a symbolic link"
+    elif not path.is_dir():
+        kind = "a file"
+    elif replaceable(path):
+        return
+    else:
+        kind = f"a folder that is not {what}"
+    raise UserError(f"{path} is {kind}; refusing to replace it: give a new or empty folder, or {what} to overwrite")
+
+
+def check_writable(path: PathLike) -> None:
+    """Refuse, naming the folder, when ``path`` could not be created: probe its nearest existing parent with a temp folder."""
+    parent = Path(path).absolute().parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UserError(f"cannot write {path}: {parent} is not a folder; choose another location")
+    try:
+        shutil.rmtree(tempfile.mkdtemp(prefix=".redistill-probe.", dir=parent))
+    except OSError as e:
+        raise UserError(f"cannot write {path}: {parent} is not writable ({e.strerror}); choose another location") from None
+
+
+@contextlib.contextmanager
+def atomic_dir(path: PathLike, replaceable: Callable[[Path], bool] = is_bundle_dir) -> Iterator[Path]:
+    """Build a directory under a temp name and rename it into place only if the block succeeds.
+
+    An existing ``path`` is replaced only when it is an empty folder or ``replaceable(path)`` (by default: a
+    bundle); anything else is refused before the block runs, so a wrong ``--out`` never deletes a user's files.
+    """
+    path = Path(path)
+    check_replaceable(path, replaceable)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     os.chmod(tmp, 0o777 & ~_umask())
     try:
         yield tmp
+        check_replaceable(path, replaceable)  # again: the folder may have changed while the block ran
         if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
+            # a fresh empty folder to rename the old one onto: never a name the user may already use
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+            try:
+                os.replace(path, old)
+            except BaseException:
+                old.rmdir()
+                raise
             os.replace(tmp, path)
             shutil.rmtree(old, ignore_errors=True)
         else:

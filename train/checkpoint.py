@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import pickle
-import zipfile
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -18,6 +16,8 @@ from train.red import SitePlan, insert_red_blocks
 
 FORMAT = "redistill-checkpoint"
 VERSION = 1
+#: what every reader of a checkpoint (evaluate, export, resume, memory) takes from it
+REQUIRED = ("arch", "role", "method", "num_classes", "image_size", "classes", "mean", "std", "red", "model")
 
 
 def make_payload(
@@ -58,11 +58,14 @@ def load_checkpoint(path) -> Dict[str, Any]:
         raise UserError(f"checkpoint {p} not found: run `redistill distill` first or give the path to a .pt it wrote")
     try:
         ck = torch.load(p, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
+    except Exception as e:  # torch.load of a file that is no checkpoint raises anything (`echo hi > x.pt`: KeyError)
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
         why = [ln for ln in lines if "Unsupported global" in ln or "error" in ln.lower()]
-        msg = (why or lines or [type(e).__name__])[-1]
-        raise UserError(f"checkpoint {p} is corrupt or not a PyTorch file ({msg[:160]}); re-run training or use last.pt/best.pt") from None
+        msg = (why or lines or [""])[-1]
+        if not why:  # a bare "101" says nothing without its exception's name
+            msg = f"{type(e).__name__}: {msg}" if msg else type(e).__name__
+        raise UserError(f"checkpoint {p} is corrupt or not a PyTorch file ({msg[:160]}): give a best.pt or last.pt "
+                        "written by `redistill distill`, or train again") from None
     if not isinstance(ck, dict) or ck.get("format") != FORMAT:
         raise UserError(
             f"{p} is not a ReDistill checkpoint (no format={FORMAT!r}; a bare state_dict or another tool's file?): "
@@ -70,6 +73,10 @@ def load_checkpoint(path) -> Dict[str, Any]:
         )
     if ck.get("version", 0) > VERSION:
         raise UserError(f"{p} has checkpoint version {ck['version']}, newer than this redistill ({VERSION}); upgrade redistill-edge")
+    missing = [k for k in REQUIRED if k not in ck]
+    if missing:
+        raise UserError(f"{p} lacks {', '.join(missing)} (a damaged or hand-edited checkpoint?): use a best.pt or "
+                        "last.pt written by `redistill distill`")
     return ck
 
 

@@ -127,6 +127,8 @@ def _evaluate(args) -> int:
     from train.tasks import evaluate
     from train.trainer import resolve_device
 
+    if args.subset < 0:
+        raise UserError(f"--subset {args.subset}: give 0 (the whole test split) or a positive image count")
     ck = load_checkpoint(args.checkpoint)
     saved = ck.get("config", {}).get("data", {})
     dcfg = C.DataConfig(name=args.data_name or saved.get("name", "imagefolder"),

@@ -22,9 +22,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from redistill.errors import UserError
-from redistill.io import atomic_write_json, atomic_write_text
+from redistill.io import atomic_write_json, atomic_write_text, check_writable
 from train.checkpoint import load_checkpoint, make_payload, model_from_checkpoint, save_checkpoint
-from train.config import RunConfig, build_kwargs
+from train.config import RunConfig, build_kwargs, flatten_config
 from train.data import DataBundle, load_data
 from train.design import build_student, theoretical_reduction
 from train.losses import METHODS
@@ -262,14 +262,8 @@ def finish_stage(stage_dir: Path, data: DataBundle, cfg: RunConfig, device: torc
 _RESUME_MAY_CHANGE = {"epochs", "device", "log_every", "data.workers", "data.eval_batch_size", "teacher.epochs", "student.epochs"}
 
 
-def _flatten(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[prefix + k] = v
-    return out
+#: keys only the student reads: a run whose trained teacher differs from a new config only in these can lend it
+_STUDENT_ONLY = ("red.", "student.", "method", "loss.w_ce", "loss.w_dist", "loss.kd_temperature")
 
 
 def _check_saved_config(cfg: RunConfig, run_dir: Path, resume: bool) -> None:
@@ -280,12 +274,44 @@ def _check_saved_config(cfg: RunConfig, run_dir: Path, resume: bool) -> None:
         return
     if not resume:
         raise UserError(f"{run_dir} already holds a run: pass --resume to continue it, or name=NEW for a new run")
-    saved = _flatten(yaml.safe_load(path.read_text()) or {})
-    now = _flatten(cfg.to_dict())
-    for k in sorted(set(saved) | set(now)):
-        if k not in _RESUME_MAY_CHANGE and saved.get(k) != now.get(k):
-            raise UserError(f"--resume with a different {k} ({saved.get(k)!r} saved, {now.get(k)!r} now): "
-                            f"resume with the saved config {path} or start a new run with name=NEW")
+    saved = flatten_config(yaml.safe_load(path.read_text()) or {})
+    now = flatten_config(cfg.to_dict())
+    differ = [k for k in sorted(set(saved) | set(now)) if k not in _RESUME_MAY_CHANGE and saved.get(k) != now.get(k)]
+    if not differ:
+        return
+    k = differ[0]
+    msg = (f"--resume with a different {k} ({saved.get(k)!r} saved, {now.get(k)!r} now): "
+           f"resume with the saved config {path} or start a new run with name=NEW")
+    teacher = run_dir / "teacher"
+    if (teacher / "summary.json").is_file() and all(d.startswith(_STUDENT_ONLY) for d in differ):
+        msg += f"; its trained teacher can be reused: teacher.checkpoint={teacher / 'best.pt'} name=NEW"
+    raise UserError(msg)
+
+
+def _reused_teacher(cfg: RunConfig, data: DataBundle, num_classes: int) -> Optional[nn.Module]:
+    """The trained teacher of ``teacher.checkpoint``, checked against the run's data and task; None if not given."""
+    if not cfg.teacher.checkpoint:
+        return None
+    ck = load_checkpoint(cfg.teacher.checkpoint)
+    if ck["classes"] != data.classes or ck["image_size"] != cfg.data.image_size or ck.get("task", "classify") != cfg.task:
+        raise UserError(f"teacher {cfg.teacher.checkpoint} is a {ck.get('task', 'classify')} network trained on "
+                        f"{len(ck['classes'])} classes at {ck['image_size']} px; this run is {cfg.task} with "
+                        f"{num_classes} classes at {cfg.data.image_size} px: give a matching teacher.checkpoint")
+    return model_from_checkpoint(ck)
+
+
+def check_networks(cfg: RunConfig, labels: int, teacher: Optional[nn.Module]) -> List[SitePlan]:
+    """Build the networks the run trains, untrained, and plan every RED site on them as the student build will.
+
+    A missing layer, an H x W mismatch or a site that is no feature map then fails in seconds, not after the
+    teacher's hours of training. ``teacher``: a reused trained one, else None. The global RNG is left as it
+    was, so the weights trained later do not change. Returns the student's site plans ([] without a student).
+    """
+    method = METHODS.get(cfg.method)
+    with torch.random.fork_rng(devices=[]):
+        if teacher is None and (method.teacher_only or method.needs_teacher):
+            teacher = build_model(cfg.teacher.arch, labels, cfg.data.image_size, **build_kwargs(cfg, cfg.teacher))
+        return [] if method.teacher_only else build_student(cfg, labels, teacher)[1]
 
 
 def run_distill(cfg: RunConfig, resume: bool = False) -> Dict[str, Any]:
@@ -304,7 +330,12 @@ def run_distill(cfg: RunConfig, resume: bool = False) -> Dict[str, Any]:
     if num_classes != len(data.classes):
         raise UserError(f"num_classes={cfg.num_classes} but the data set has {len(data.classes)} classes; drop num_classes")
     labels = num_classes if cfg.task == "classify" or cfg.diffusion.conditional else 0  # a denoiser's label embedding
+    method = METHODS.get(cfg.method)
+    reused = _reused_teacher(cfg, data, num_classes) if method.teacher_only or method.needs_teacher else None
+    check_networks(cfg, labels, reused)
+    # only now, with every check passed, does the run folder appear (a config.yaml would claim the run name)
     if ctx.main:
+        check_writable(run_dir / "config.yaml")
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         print(f"data: {data.source}: {len(data.train)} train, {len(data.val) if data.val else 0} val, "
@@ -312,17 +343,11 @@ def run_distill(cfg: RunConfig, resume: bool = False) -> Dict[str, Any]:
               f"{ctx.world} process(es)", flush=True)
     summary: Dict[str, Any] = {"name": cfg.name, "method": cfg.method, "run_dir": str(run_dir)}
 
-    method = METHODS.get(cfg.method)
     teacher_model = None
     if method.teacher_only or method.needs_teacher:
-        if cfg.teacher.checkpoint:
-            ck = load_checkpoint(cfg.teacher.checkpoint)
-            if ck["classes"] != data.classes or ck["image_size"] != cfg.data.image_size or ck.get("task", "classify") != cfg.task:
-                raise UserError(f"teacher {cfg.teacher.checkpoint} is a {ck.get('task', 'classify')} network trained on "
-                                f"{len(ck['classes'])} classes at {ck['image_size']} px; this run is {cfg.task} with "
-                                f"{num_classes} classes at {cfg.data.image_size} px: give a matching teacher.checkpoint")
-            teacher_model = model_from_checkpoint(ck)
-            summary["teacher"] = {"checkpoint": cfg.teacher.checkpoint, "arch": ck["arch"], "reused": True}
+        if reused is not None:
+            teacher_model = reused
+            summary["teacher"] = {"checkpoint": cfg.teacher.checkpoint, "arch": reused.arch_name, "reused": True}
         else:
             tm = build_model(cfg.teacher.arch, labels, cfg.data.image_size, **build_kwargs(cfg, cfg.teacher))
             tdir = run_dir / "teacher"

@@ -6,9 +6,10 @@ Each is read into its typed record (``redistill.records``) with where it came fr
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from deploy.agent.contract import REPORT_SCHEMA
 from export.bundle import bundle_id, read_manifest
@@ -66,12 +67,43 @@ class Collected:
     notes: List[str] = field(default_factory=list)
 
 
-def _read_json(path: Path) -> Optional[Dict[str, Any]]:
+def _load_json(path: Path) -> Tuple[Optional[Dict[str, Any]], Optional[str]]:
+    """(the JSON object in ``path``, None), or (None, why it could not be read); a valid non-object is (None, None)."""
     try:
         data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return None
-    return data if isinstance(data, dict) else None
+    except (OSError, UnicodeDecodeError) as e:
+        return None, f"unreadable ({getattr(e, 'strerror', None) or type(e).__name__})"
+    except json.JSONDecodeError as e:
+        return None, f"not valid JSON ({e.msg} at line {e.lineno}; truncated or partly written?)"
+    return (data if isinstance(data, dict) else None), None
+
+
+def _read_json(path: Path) -> Optional[Dict[str, Any]]:
+    return _load_json(path)[0]
+
+
+#: what every report the agent writes holds, and what compare needs to place a report in a row
+REPORT_NEEDS = (("bundle", "id"), ("bundle", "model", "arch"), ("bundle", "model", "image_size"), ("backend", "name"),
+                ("latency", "p50_ms"), ("memory",))
+
+
+def report_gaps(d: Dict[str, Any]) -> List[str]:
+    """The ``REPORT_NEEDS`` fields a device report lacks, dotted (``bundle.model.arch``); [] for a complete one."""
+    gaps = []
+    for keys in REPORT_NEEDS:
+        v: Any = d
+        for k in keys:
+            v = v.get(k) if isinstance(v, dict) else None
+        if v is None:
+            gaps.append(".".join(keys))
+    return gaps
+
+
+def _skip(c: Collected, path: Path, why: str) -> None:
+    """A file that was not used: one line on stderr now and a note on the compare page, never silence."""
+    note = f"skipped {path}: {why}"
+    print(f"compare: {note}", file=sys.stderr, flush=True)
+    c.notes.append(note)
 
 
 def read_quality(path: Path) -> Quality:
@@ -100,9 +132,14 @@ def read_bundle(bundle_dir: Path) -> Bundle:
 
 
 def read_report(path: Path) -> Report:
-    d = _read_json(path)
+    d, why = _load_json(path)
+    if why:
+        raise UserError(f"{path} is {why}: give a device report file written by `redistill deploy`")
     if not DeviceReport.matches(d):
         raise UserError(f"{path} is not a device report ({REPORT_SCHEMA}): give a file written by `redistill deploy`")
+    gaps = report_gaps(d)
+    if gaps:
+        raise UserError(f"{path} is an incomplete device report (no {', '.join(gaps)}): deploy again to measure it")
     return Report(str(path), DeviceReport.from_dict(d))
 
 
@@ -117,8 +154,10 @@ def _scan(root: Path, c: Collected) -> int:
     for p in sorted(root.rglob("*.json")):
         if _hidden(p, root):
             continue
-        d = _read_json(p)
-        if p.name == "summary.json":
+        d, why = _load_json(p)
+        if why:
+            _skip(c, p, why)
+        elif p.name == "summary.json":
             if RunSummary.matches(d):
                 c.runs.append(read_run(p.parent))
                 found += 1
@@ -127,6 +166,10 @@ def _scan(root: Path, c: Collected) -> int:
                 c.bundles.append(read_bundle(p.parent))
                 found += 1
         elif DeviceReport.matches(d):
+            gaps = report_gaps(d)
+            if gaps:
+                _skip(c, p, f"incomplete device report (no {', '.join(gaps)})")
+                continue
             c.reports.append(Report(str(p), DeviceReport.from_dict(d)))
             found += 1
         elif QualityResult.matches(d):  # joins a run only; not counted as something found

@@ -19,6 +19,7 @@ from bench.compare.tables import csv_columns, render_markdown
 from export.bundle import read_manifest
 from export.pipeline import ExportOptions, run_export
 from redistill.cli import main
+from redistill.errors import UserError
 from tests.conftest import REPO, cli_env
 from train.config import load_config
 from train.tasks import TASKS, ClassifyTask, OnnxFigures, TaskMetric, metric_of
@@ -361,3 +362,42 @@ def test_a_new_task_needs_no_compare_edit(cls, toy_task, tmp_path):
     cols = csv_columns()
     assert {"xent", "xent_std", "onnx_fp32_xent", "int8_xent", "teacher_xent", "student_alone_xent"} <= set(cols)
     assert cols.index("top1") < cols.index("xent")  # the default task's columns first
+
+
+@pytest.fixture(scope="module")
+def tiny_report(tmp_path_factory):
+    """A tiny bundle and the agent's report on it, filed as deploy files it: (bundles folder, reports folder)."""
+    from tests.support.fixtures import tiny_bundle
+
+    root = tmp_path_factory.mktemp("tiny-report")
+    bundle = tiny_bundle(root / "bundles" / "tiny-fp32", image_size=16)
+    _measure(bundle, root / "reports", "1")
+    return root / "bundles", root / "reports"
+
+
+def test_truncated_and_incomplete_reports_are_skipped_with_a_note(tiny_report, tmp_path, capsys):
+    """A truncated report JSON and a report of schema fields only are named on stderr and in compare.md's notes,
+    and never become a "None (None, None px)" row."""
+    import shutil
+
+    bundles, good = tiny_report
+    reports = tmp_path / "reports"
+    shutil.copytree(good, reports)
+    text = next(reports.rglob("1.json")).read_text()
+    cut = reports / "loop0" / "tiny-fp32" / "2.json"
+    cut.write_text(text[: len(text) // 2])
+    bare = reports / "loop0" / "tiny-fp32" / "3.json"
+    bare.write_text(json.dumps({k: json.loads(text)[k] for k in ("schema", "schema_version")}))
+    out = tmp_path / "out"
+    assert main(["compare", "--bundles", str(bundles), "--reports", str(reports), "--out", str(out), "--no-analyze"]) == 0
+    err = capsys.readouterr().err
+    assert f"skipped {cut}: not valid JSON" in err and "truncated" in err
+    assert f"skipped {bare}: incomplete device report (no bundle.id, bundle.model.arch" in err
+    doc, md = _json(out / "compare.json"), (out / "compare.md").read_text()
+    assert any(n.startswith(f"skipped {cut}: not valid JSON") for n in doc["notes"])
+    assert f"- skipped {bare}: incomplete device report" in md
+    assert "None (None" not in md and [m["arch"] for m in doc["models"]] == ["tiny-conv"]
+    (dep,) = doc["models"][0]["deployments"]
+    assert dep["report"].endswith("1.json")
+    with pytest.raises(UserError, match="incomplete device report"):
+        collect([str(bare)])

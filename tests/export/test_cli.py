@@ -78,3 +78,25 @@ def test_cli_export_end_to_end(checkpoint, tmp_path, capsys):
 
     m = verify_bundle(out)
     assert m["input"]["shape"] == ["batch", 3, 32, 32] and m["reference"]["count"] == 2 and m["target"] == "cpu"
+
+
+def _make_commands(target: str):
+    import shutil
+    from pathlib import Path
+
+    if not shutil.which("make"):
+        pytest.skip("make is not installed")
+    repo = Path(__file__).resolve().parents[2]
+    r = subprocess.run(["make", "-n", "-C", str(repo), target, "BIN=bin"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    return [line for line in r.stdout.splitlines() if line.startswith("bin/redistill")]
+
+
+def test_make_export_leaves_the_committed_results_page_alone():
+    """`make export` is an everyday target: its FP32 vs INT8 report goes beside the bundles, not over bench/results."""
+    cmds = _make_commands("export")
+    assert [c.split()[1] for c in cmds] == ["export", "export", "export-report"]
+    assert not any("bench/results" in c for c in cmds)
+    assert cmds[-1].endswith("--out bundles/quick-export-report")
+    (rewrite,) = _make_commands("export-results")
+    assert rewrite.endswith("--out bench/results/export_quick")

@@ -78,6 +78,8 @@ def test_opset_above_13_refused_for_trt(checkpoint, tmp_path):
 
 @pytest.mark.parametrize("content, match", [
     (b"not a zip at all", "corrupt or not a PyTorch file"),
+    (b"hello\n", "corrupt or not a PyTorch file"),  # `echo hello > best.pt`: a KeyError inside torch.load
+    (b"", "corrupt or not a PyTorch file"),
     (None, "not a ReDistill checkpoint"),
 ])
 def test_corrupt_or_foreign_checkpoint(tmp_path, content, match):
@@ -91,17 +93,75 @@ def test_corrupt_or_foreign_checkpoint(tmp_path, content, match):
     assert not (tmp_path / "b").exists()
 
 
-def test_failed_verification_leaves_no_bundle(checkpoint, tmp_path, monkeypatch):
+def test_failed_verification_leaves_no_bundle(bundles, checkpoint, tmp_path, monkeypatch):
     import export.verify as verify
 
     out = tmp_path / "b"
-    out.mkdir()
-    (out / "keep.txt").write_text("an older bundle")
+    shutil.copytree(bundles[0], out)  # an older bundle
+    before = (out / "manifest.json").read_bytes()
     monkeypatch.setattr(verify, "FP32_ATOL", -1.0)  # no graph can pass: the export must fail cleanly
     with pytest.raises(UserError, match="verification failed"):
         run_export(ExportOptions(str(checkpoint), out=str(out), verify_images=4, quiet=True))
     assert [p.name for p in tmp_path.iterdir()] == ["b"], "no temp folder left behind"
-    assert (out / "keep.txt").read_text() == "an older bundle"
+    assert (out / "manifest.json").read_bytes() == before
+    verify_bundle(out)
+
+
+def _no_work(monkeypatch):
+    """Fail the test if the export gets as far as folding: every refusal must come before the long work."""
+    import export.pipeline as pipeline
+
+    def boom(*a, **k):
+        raise AssertionError("the export started its work before refusing --out")
+
+    monkeypatch.setattr(pipeline, "fold_batchnorm", boom)
+
+
+def _tree(root):
+    return sorted((str(p.relative_to(root)), p.read_bytes() if p.is_file() else None) for p in root.rglob("*"))
+
+
+@pytest.mark.parametrize("layout", ["notes", "bundles", "run", "file"])
+def test_out_that_is_not_a_bundle_is_refused_and_kept(bundles, checkpoint, tmp_path, monkeypatch, layout):
+    """`--out DIR` replaces only a bundle: a folder of notes, a folder of bundles, a run folder or a file survive."""
+    out = tmp_path / "out"
+    if layout == "notes":
+        out.mkdir()
+        (out / "notes.txt").write_text("keep")
+    elif layout == "bundles":
+        shutil.copytree(bundles[0], out / "quick-fp32")
+        shutil.copytree(bundles[1], out / "quick-int8")
+    elif layout == "run":
+        out.mkdir()
+        shutil.copy(checkpoint, out / "best.pt")
+        shutil.copy(checkpoint, out / "last.pt")
+    else:
+        out.write_text("keep")
+    before = _tree(tmp_path)
+    _no_work(monkeypatch)
+    with pytest.raises(UserError, match=f"^{out} is a (folder that is not a bundle|file); refusing to replace it") as e:
+        run_export(ExportOptions(str(checkpoint), out=str(out), quiet=True))
+    assert "\n" not in str(e.value)
+    assert _tree(tmp_path) == before
+
+
+def test_reexport_over_a_bundle_replaces_it_atomically(bundles, checkpoint, tmp_path):
+    out = tmp_path / "b"
+    shutil.copytree(bundles[0], out)
+    (out / "stale.txt").write_text("from an older export")  # a bundle folder is replaced whole
+    run_export(ExportOptions(str(checkpoint), out=str(out), verify_images=4, eval_subset=10, quiet=True))
+    assert verify_bundle(out)["accuracy"]["images"] == 10
+    assert not (out / "stale.txt").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == [], "no temp or old folder left behind"
+
+
+def test_unwritable_out_refused_before_any_work(checkpoint, tmp_path, monkeypatch):
+    from tests.redistill.test_io import read_only_folder
+
+    ro = read_only_folder(tmp_path)
+    _no_work(monkeypatch)
+    with pytest.raises(UserError, match=f"cannot write {ro / 'b'}: {ro} is not writable"):
+        run_export(ExportOptions(str(checkpoint), out=str(ro / "b"), quiet=True))
 
 
 def test_wrong_data_classes(checkpoint, tmp_path):

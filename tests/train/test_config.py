@@ -126,3 +126,47 @@ def test_names_given_as_examples_in_the_help_are_registered():
         examples = re.findall(r"\b[a-z][a-z0-9_]*\b", comment.split("e.g.", 1)[1].split(";")[0])
         assert examples and set(examples) <= set(reg.names()), (cls.__name__, name, examples)
         assert getattr(cls(), name) in reg
+
+
+@pytest.mark.parametrize("override, match", [
+    ("optim.lr=-0.1", r"optim.lr=-0.1 is out of range: it must be a positive learning rate"),
+    ("optim.lr=0", r"optim.lr=0.0 is out of range"),
+    ("optim.lr=.nan", r"optim.lr=nan is not a finite number"),
+    ("optim.momentum=1.5", r"optim.momentum=1.5 is out of range: it must be in \[0, 1\)"),
+    ("optim.weight_decay=-1e-4", r"optim.weight_decay=-0.0001 is out of range"),
+    ("optim.gamma=0", r"optim.gamma=0.0 is out of range"),
+    ("optim.milestones=[0.5,1.2]", r"optim.milestones=\[0.5, 1.2\] is out of range"),
+    ("optim.warmup_epochs=-1", r"optim.warmup_epochs=-1.0 is out of range"),
+    ("optim.grad_clip=-1", r"optim.grad_clip=-1.0 is out of range"),
+    ("data.train_subset=-1", r"data.train_subset=-1 is out of range: it must be 0 \(all\)"),
+    ("data.test_subset=-3", r"data.test_subset=-3 is out of range"),
+    ("data.workers=-1", r"data.workers=-1 is out of range"),
+    ("data.cutmix=-0.2", r"data.cutmix=-0.2 is out of range"),
+    ("red.alpha=-50", r"red.alpha=-50.0 is out of range"),
+    ("loss.w_ce=-0.5", r"loss.w_ce=-0.5 is out of range"),
+    ("loss.w_dist=-0.5", r"loss.w_dist=-0.5 is out of range"),
+    ("loss.kd_temperature=0", r"loss.kd_temperature=0.0 is out of range"),
+    ("loss.label_smoothing=1", r"loss.label_smoothing=1.0 is out of range"),
+    ("student.width_mult=0", r"student.width_mult=0.0 is out of range"),
+    ("teacher.epochs=0", r"teacher.epochs=0 is out of range"),
+    ("num_classes=-2", r"num_classes=-2 is out of range"),
+    ("red.sites=[{student: features.0.0, teacher: features.2.block.1.0, alpha: -1}]",
+     r"red.sites\[0\].alpha=-1.0 is out of range"),
+])
+def test_numbers_out_of_range_name_the_key(override, match):
+    with pytest.raises(UserError, match=match):
+        load_config("quick", [override])
+
+
+def test_both_loss_weights_zero_is_refused_only_where_a_student_distils():
+    with pytest.raises(UserError, match="loss.w_ce and loss.w_dist are both 0"):
+        load_config("quick", ["loss.w_ce=0", "loss.w_dist=0"])
+    assert load_config("quick", ["loss.w_ce=0", "loss.w_dist=0", "method=student"]).loss.w_ce == 0
+    assert load_config("quick", ["loss.w_ce=0"]).loss.w_dist == 0.5  # RED alone
+
+
+def test_every_preset_is_in_range():
+    from train.config import presets
+
+    for name in presets():
+        load_config(name)

@@ -166,6 +166,23 @@ def test_corrupt_and_foreign_checkpoints_fail_clearly(tmp_path, capsys):
         load_checkpoint(tmp_path / "missing.pt")
 
 
+@pytest.mark.parametrize("content", [b"hello\n", b""])
+def test_any_non_checkpoint_file_is_one_line(tmp_path, capsys, content):
+    """`echo hello > best.pt; redistill evaluate best.pt` raised KeyError: 101 inside torch.load."""
+    p = tmp_path / "best.pt"
+    p.write_bytes(content)
+    assert main(["evaluate", str(p)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"{p} is corrupt or not a PyTorch file" in err and "best.pt" in err
+
+
+def test_checkpoint_missing_a_key_is_one_line(tmp_path):
+    p = tmp_path / "best.pt"
+    torch.save({"format": "redistill-checkpoint", "version": 1, "arch": "resnet18-4-11221"}, p)
+    with pytest.raises(UserError, match=r"lacks role, method, .*model \(a damaged or hand-edited checkpoint\?\)"):
+        load_checkpoint(p)
+
+
 def test_checkpoint_with_code_is_refused(tmp_path):
     """weights_only=True: a pickle that would run code on load is rejected, not executed."""
     class Evil:
@@ -205,3 +222,44 @@ def test_cutmix_mixup_training_runs_with_soft_targets(tiny_images, tmp_path):
     assert rc == 0
     hist = load_checkpoint(tmp_path / "mix" / "student" / "last.pt")["history"]
     assert hist[0]["train_kd"] > 0 and hist[0]["train_loss"] > 0
+
+
+def _finished_teacher(run_dir, cfg):
+    """What a run whose teacher finished and whose student then failed leaves: config.yaml and teacher/summary.json."""
+    import yaml
+
+    (run_dir / "teacher").mkdir(parents=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    (run_dir / "teacher" / "summary.json").write_text("{}")
+
+
+@pytest.mark.parametrize("change, hint", [
+    ("red.sites=[{student: features.0.0, where: out, teacher: features.2.block.1.0}]", True),
+    ("method=kd", True),
+    ("data.image_size=64", False),  # the teacher itself would differ
+])
+def test_resume_with_other_sites_says_the_teacher_can_be_reused(tmp_path, tiny_images, change, hint):
+    from train.trainer import run_distill
+
+    base = ["name=r", f"out_dir={tmp_path}", f"data.root={tiny_images}", "device=cpu"]
+    _finished_teacher(tmp_path / "r", load_config("quick", base))
+    with pytest.raises(UserError, match="--resume with a different") as e:
+        run_distill(load_config("quick", [*base, change]), resume=True)
+    reuse = f"teacher.checkpoint={tmp_path / 'r' / 'teacher' / 'best.pt'} name=NEW"
+    assert (reuse in str(e.value)) == hint, str(e.value)
+    (tmp_path / "r" / "teacher" / "summary.json").unlink()  # the teacher never finished: nothing to reuse
+    with pytest.raises(UserError, match="--resume with a different") as e:
+        run_distill(load_config("quick", [*base, change]), resume=True)
+    assert "teacher.checkpoint=" not in str(e.value)
+
+
+def test_site_check_leaves_the_training_seed_alone(tiny_images):
+    """Planning on untrained networks must not shift the RNG: the student trained later starts from the same weights."""
+    from train.trainer import check_networks
+
+    cfg = load_config("quick", [f"data.root={tiny_images}"])
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    plans = check_networks(cfg, 4, None)
+    assert len(plans) == 5 and torch.equal(torch.rand(3), expected)

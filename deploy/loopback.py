@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 from typing import List, Optional
 
+from deploy.agent.contract import LOCK_ENV
+
 SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
 
 
@@ -83,7 +85,9 @@ class LoopbackSshd:
                 f"AuthorizedKeysFile {self.dir / 'authorized_keys'}", "StrictModes no", "UsePAM no",
                 f"PidFile {self.dir / f'sshd.{i}.pid'}", "PasswordAuthentication no", "KbdInteractiveAuthentication no",
                 "PubkeyAuthentication yes", "PermitRootLogin prohibit-password", f"AllowUsers {self.user}",
-                "Subsystem sftp internal-sftp", "LogLevel ERROR", "MaxStartups 50", ""]))
+                "Subsystem sftp internal-sftp", "LogLevel ERROR", "MaxStartups 50",
+                # each server is a device of its own: its own measurement lock, not this machine's /tmp one
+                f"SetEnv {LOCK_ENV}={self.dir / f'agent.{i}.lock'}", ""]))
             log = open(self.dir / f"sshd.{i}.log", "ab")
             proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(cfg)], stdout=log, stderr=log, stdin=subprocess.DEVNULL)
             log.close()

@@ -18,6 +18,10 @@ The bundle id is the sha256 of ``manifest.json``; since the manifest holds every
 file's sha256, it identifies the whole bundle. The on-device agent
 (``deploy/agent``) re-verifies every hash with the standard library only. The schema name and
 version are the server-agent contract's (``deploy/agent/contract.py``).
+
+Export also records the id beside the folder, in ``BUNDLE.id.json`` (and in the tarball): the manifest
+inside the folder can then not be edited after export (a looser tolerance, another theoretical peak)
+without deploy noticing that its id no longer matches the record.
 """
 
 from __future__ import annotations
@@ -28,12 +32,15 @@ import os
 import shutil
 import tarfile
 from pathlib import Path
-from typing import Any, Dict, Mapping, Union
+from typing import Any, Dict, Mapping, Optional, Union
 
 from deploy.agent.contract import BUNDLE_SCHEMA, BUNDLE_SCHEMA_VERSION
 from redistill.errors import UserError
-from redistill.io import atomic_dir, atomic_write, sha256_file
+from redistill.io import atomic_dir, atomic_write, atomic_write_json, sha256_file
+
 MANIFEST = "manifest.json"
+#: the export record beside a bundle folder: ``{"schema": EXPORT_RECORD, "bundle": NAME, "bundle_id": ID}``
+EXPORT_RECORD = "redistill-bundle-export-record"
 
 Content = Union[bytes, str, os.PathLike]
 
@@ -66,10 +73,12 @@ def write_bundle(out_dir: Union[str, os.PathLike], files: Mapping[str, Content],
             entries[rel] = {"sha256": sha256_file(dst), "bytes": dst.stat().st_size}
         full = {"schema": BUNDLE_SCHEMA, "schema_version": manifest_version(manifest), **manifest, "files": entries}
         (tmp / MANIFEST).write_text(json.dumps(full, indent=2) + "\n")
+    record = write_export_record(out)
     if tarball:
         def write_tar(f):
             with tarfile.open(fileobj=f, mode="w:gz") as tar:
                 tar.add(out, arcname=out.name)
+                tar.add(record, arcname=record.name)
 
         atomic_write(out.with_name(out.name + ".tar.gz"), write_tar)
     return out
@@ -90,14 +99,37 @@ def read_manifest(bundle: Union[str, os.PathLike]) -> Dict[str, Any]:
     return m
 
 
+def listed_file(bundle: Union[str, os.PathLike], rel: Any) -> Path:
+    """The file ``rel`` of the manifest's list: a regular file inside the bundle folder, reached through no symlink.
+
+    Checked before the file is read, so a manifest naming ``../../etc/passwd`` or a link to it never gets a file
+    outside the bundle hashed or sent.
+    """
+    parts = rel.split("/") if isinstance(rel, str) else []
+    if not parts or rel == MANIFEST or any(p in ("", ".", "..") or "\\" in p for p in parts):
+        raise UserError(f"{Path(bundle) / MANIFEST} lists {rel!r}, a path outside the bundle folder; re-export the bundle")
+    path = Path(bundle)
+    for part in parts:
+        path = path / part
+        if path.is_symlink():
+            raise UserError(f"bundle file {rel} of {bundle} is a symlink (or lies under one): a bundle holds its own "
+                            "files only; re-export the bundle")
+    if not path.is_file():
+        raise UserError(f"bundle file {rel} is missing from {bundle}; re-export the bundle")
+    return path
+
+
 def verify_bundle(bundle: Union[str, os.PathLike]) -> Dict[str, Any]:
-    """Check every file listed in the manifest against its sha256; returns the manifest."""
+    """Check every file listed in the manifest (inside the bundle, no symlink) against its sha256; returns the manifest."""
+    if (Path(bundle) / MANIFEST).is_symlink():
+        raise UserError(f"{Path(bundle) / MANIFEST} is a symlink: a bundle holds its own files only; re-export the bundle")
     m = read_manifest(bundle)
-    for rel, entry in m["files"].items():
-        p = Path(bundle) / rel
-        if not p.is_file():
-            raise UserError(f"bundle file {rel} is missing from {bundle}; re-export the bundle")
-        if sha256_file(p) != entry["sha256"]:
+    files = m.get("files")
+    if not isinstance(files, dict) or not files:
+        raise UserError(f"{Path(bundle) / MANIFEST} lists no files; re-export the bundle")
+    for rel, entry in files.items():
+        p = listed_file(bundle, rel)
+        if not isinstance(entry, dict) or sha256_file(p) != entry.get("sha256"):
             raise UserError(f"bundle file {rel} does not match its sha256 in the manifest (altered or corrupt); re-export the bundle")
     return m
 
@@ -105,3 +137,40 @@ def verify_bundle(bundle: Union[str, os.PathLike]) -> Dict[str, Any]:
 def bundle_id(bundle: Union[str, os.PathLike]) -> str:
     """The sha256 of ``manifest.json``: one hash for the whole bundle."""
     return hashlib.sha256((Path(bundle) / MANIFEST).read_bytes()).hexdigest()
+
+
+def export_record_path(bundle: Union[str, os.PathLike]) -> Path:
+    """``BUNDLE.id.json`` beside the bundle folder (outside it, so it is neither listed nor sent)."""
+    b = Path(bundle)
+    return b.with_name(b.name + ".id.json")
+
+
+def write_export_record(bundle: Union[str, os.PathLike]) -> Path:
+    """Record the bundle's id as export wrote it, atomically."""
+    b = Path(bundle)
+    return atomic_write_json(export_record_path(b), {"schema": EXPORT_RECORD, "bundle": b.name,
+                                                     "bundle_id": bundle_id(b)})
+
+
+def read_export_record(bundle: Union[str, os.PathLike]) -> Optional[str]:
+    """The bundle id export recorded, or None for a bundle without a record (exported before records existed)."""
+    path = export_record_path(bundle)
+    if not path.is_file():
+        return None
+    try:
+        rec = json.loads(path.read_text())
+    except (UnicodeDecodeError, ValueError):
+        rec = None
+    if not isinstance(rec, dict) or rec.get("schema") != EXPORT_RECORD or not isinstance(rec.get("bundle_id"), str):
+        raise UserError(f"{path} is not an export record of {bundle}; re-export the bundle")
+    return rec["bundle_id"]
+
+
+def check_export_record(bundle: Union[str, os.PathLike]) -> Optional[str]:
+    """Refuse a bundle whose manifest changed after export; returns the recorded id (None: no record to check)."""
+    recorded = read_export_record(bundle)
+    current = bundle_id(bundle)
+    if recorded is not None and recorded != current:
+        raise UserError(f"{Path(bundle) / MANIFEST} was changed after export (its sha256 is {current[:12]}, "
+                        f"{export_record_path(bundle).name} recorded {recorded[:12]}): re-export the bundle")
+    return recorded

@@ -15,7 +15,7 @@ from typing import List, Optional
 from redistill import __version__
 from redistill.errors import UserError, did_you_mean
 
-STAGE_CLIS = ("train.cli", "train.diffusion_cli", "bench.quality_cli", "bench.cli", "export.cli", "deploy.cli")
+STAGE_CLIS = ("train.cli", "train.diffusion_cli", "bench.quality_cli", "bench.cli", "train.plan_cli", "export.cli", "deploy.cli")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,8 +48,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     except UserError as e:
         print(f"redistill {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"redistill {args.command}: interrupted; checkpoints written so far are intact (use --resume)", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        # the command's own account when it gives one; --resume only where the command has it
+        said = str(e) or ("interrupted; checkpoints written so far are intact (use --resume)" if hasattr(args, "resume")
+                          else "interrupted")
+        print(f"redistill {args.command}: {said}", file=sys.stderr)
         return 130
 
 

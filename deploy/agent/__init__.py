@@ -10,5 +10,6 @@ standalone package on the device.
 Modules: ``contract`` (schemas, markers, exit codes, measurement options), ``fingerprint`` (the
 folder's sha256), ``bundle`` (manifest and sha256 checks, reference inputs), ``probes`` (memory),
 ``device`` (device facts), ``backends/`` (registry, ONNX Runtime, TensorRT with its CUDA buffers),
-``phases`` (latency and memory), ``report`` (phase subprocesses, the report), ``cli``.
+``phases`` (latency and memory), ``lock`` (one measurement at a time per device), ``report`` (phase
+subprocesses, the report), ``cli``.
 """

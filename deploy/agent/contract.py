@@ -26,19 +26,23 @@ EXIT_REFUSED = 3
 
 PRECISIONS = ("auto", "fp32", "fp16", "int8")
 
+#: the device-wide measurement lock is this file (default: redistill-agent.lock in the temp folder, /tmp)
+LOCK_ENV = "REDISTILL_AGENT_LOCK"
+
 
 class Option(object):
     """One measurement option of the agent; the agent, ``redistill deploy`` and the loopback bench all take it."""
 
-    __slots__ = ("flag", "type", "default", "help", "choices", "minimum")
+    __slots__ = ("flag", "type", "default", "help", "choices", "minimum", "maximum")
 
-    def __init__(self, flag, type, default, help, choices=None, minimum=None):
+    def __init__(self, flag, type, default, help, choices=None, minimum=None, maximum=None):
         self.flag = flag
         self.type = type
         self.default = default
         self.help = help
         self.choices = choices
         self.minimum = minimum
+        self.maximum = maximum
 
     @property
     def dest(self):
@@ -57,11 +61,11 @@ MEASURE_OPTIONS = (
     Option("--iters", int, 200, "timed latency iterations", minimum=1),
     Option("--mem-iters", int, 20, "inferences in the separate memory run", minimum=1),
     Option("--sample-ms", int, 100, "system RAM sampling interval in ms during the memory run", minimum=1),
-    Option("--threads", int, 0, "onnxruntime intra-op threads (0 = its default)"),
+    Option("--threads", int, 0, "onnxruntime intra-op threads (0 = its default)", minimum=0),
     Option("--ort-device", str, "auto", "onnxruntime execution provider (auto = CUDA when onnxruntime has it)",
            choices=("auto", "cpu", "cuda")),
-    Option("--workspace-mb", int, 256, "TensorRT builder workspace in MiB"),
-    Option("--min-top1", float, 0.9, "top-1 agreement the output check needs"),
+    Option("--workspace-mb", int, 256, "TensorRT builder workspace in MiB", minimum=1),
+    Option("--min-top1", float, 0.9, "top-1 agreement the output check needs", minimum=0, maximum=1),
 )
 
 
@@ -83,10 +87,13 @@ def add_measure_options(parser, choices=None, defaults=None, exclude=()):
 
 
 def measure_option_error(namespace):
-    """The first measurement option below its minimum as one line, or None when all are valid."""
+    """The first measurement option outside its range as one line, or None when all are valid."""
     for o in MEASURE_OPTIONS:
-        if o.minimum is not None and getattr(namespace, o.dest) < o.minimum:
-            return "%s must be at least %s" % (o.flag, o.minimum)
+        value = getattr(namespace, o.dest)
+        if o.minimum is not None and value < o.minimum:
+            return "%s must be at least %s (got %s)" % (o.flag, o.minimum, value)
+        if o.maximum is not None and value > o.maximum:
+            return "%s must be at most %s (got %s)" % (o.flag, o.maximum, value)
     return None
 
 

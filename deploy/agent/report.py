@@ -14,6 +14,7 @@ from .common import AgentError, PhaseCrashed, log
 from .contract import AGENT_VERSION, REPORT_SCHEMA, REPORT_SCHEMA_VERSION
 from .device import device_facts
 from .fingerprint import AGENT_DIR, agent_sha256
+from .lock import DeviceLock, lock_path
 from .probes import MEMORY_PHASE_ENV
 
 
@@ -64,9 +65,11 @@ def build_report(args, argv):
     phase_argv = [a for a in argv]
     if args.backend == "auto":
         phase_argv += ["--backend", cls.name]
-    facts = device_facts()
-    lat = run_phase_subprocess("latency", phase_argv)
-    mem = run_phase_subprocess("memory", phase_argv)
+    with DeviceLock(lock_path(), bid, manifest.get("name")) as lock:
+        log("holding the device's measurement lock %s" % lock.path)
+        facts = device_facts()
+        lat = run_phase_subprocess("latency", phase_argv)
+        mem = run_phase_subprocess("memory", phase_argv)
     mem["memory"]["theoretical_peak"] = theoretical_peak(manifest)
     report = {
         "schema": REPORT_SCHEMA, "schema_version": REPORT_SCHEMA_VERSION, "created": iso_now(),

@@ -3,7 +3,15 @@ and the agent folder copied elsewhere (as on a device)."""
 
 import pytest
 
+from deploy.agent.contract import LOCK_ENV
 from tests.support.agent import copy_agent
+
+
+@pytest.fixture(autouse=True)
+def own_measurement_lock(tmp_path, monkeypatch):
+    """Agents these tests start directly take a lock of their own, not the machine's /tmp one another test run holds
+    (agents reached over the loopback sshd get one per server from its SetEnv)."""
+    monkeypatch.setenv(LOCK_ENV, str(tmp_path / "agent.lock"))
 
 
 @pytest.fixture(scope="session")

@@ -108,9 +108,12 @@ def test_copied_agent_refusal_is_one_line_exit_3(agent_copy, bundles):
 
 
 def test_agent_rejects_options_below_their_minimum(capsys):
+    """A bad argument is a refusal like any other: one ERROR_PREFIX line naming the fix, exit EXIT_REFUSED."""
     with pytest.raises(SystemExit) as e:
         agent_args("b", "c", "--iters", "0")
-    assert e.value.code == 2 and "--iters must be at least 1" in capsys.readouterr().err
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert e.value.code == EXIT_REFUSED and last.startswith(ERROR_PREFIX + " bad-argument: ")
+    assert "--iters must be at least 1 (got 0); fix that option" in last
 
 
 @pytest.mark.parametrize("version", ["8.2.1.8", "10.3.0"])

@@ -9,7 +9,7 @@ from bench import loopback_bench
 from deploy import cli as deploy_cli
 from deploy.agent import cli as agent_cli
 from deploy.agent.backends import backend_choices
-from deploy.agent.contract import MEASURE_OPTIONS, measure_argv
+from deploy.agent.contract import EXIT_REFUSED, MEASURE_OPTIONS, measure_argv
 from redistill.errors import UserError
 
 
@@ -62,7 +62,7 @@ def test_deploy_values_reach_the_agent_unchanged():
 def test_every_parser_refuses_a_value_below_the_minimum(capsys):
     with pytest.raises(SystemExit) as e:
         agent_cli.parse_args(["--bundle", "b", "--mem-iters", "0"])
-    assert e.value.code == 2 and "--mem-iters must be at least 1" in capsys.readouterr().err
+    assert e.value.code == EXIT_REFUSED and "--mem-iters must be at least 1" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
         loopback_bench.main(["b", "--warmup", "-1"])
     assert e.value.code == 2 and "--warmup must be at least 0" in capsys.readouterr().err

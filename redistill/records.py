@@ -287,7 +287,8 @@ class DeployInfo:
     """What ``redistill deploy`` added on the server (absent when the agent ran by hand)."""
 
     host: Optional[str] = None
-    bundle_id: Optional[str] = None
+    bundle_id: Optional[str] = None  # the manifest sha256 the server verified before copying
+    exported_bundle_id: Optional[str] = None  # the id export recorded beside the bundle (None: no record)
     server_time: Optional[str] = None
 
     @classmethod

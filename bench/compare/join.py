@@ -99,6 +99,14 @@ def ratio(a, b) -> Optional[float]:
     return a / b if a is not None and b else None
 
 
+def integrity_notes(r) -> List[str]:
+    """A report whose bundle id (computed on the device) differs from the id the server verified at deploy time
+    or from the one export recorded measured a manifest edited after export: its figures are not the bundle's."""
+    ids = {"verified at deploy": r.deploy.bundle_id, "recorded at export": r.deploy.exported_bundle_id}
+    return [f"manifest differs from the one {what} (device {str(r.bundle.id)[:12]}, {what} {i[:12]})"
+            for what, i in ids.items() if i and i != r.bundle.id]
+
+
 def deployment_row(item: Report, bundles_by_id: Dict[str, Bundle]) -> Dict[str, Any]:
     """One device report flattened: where, on what, measured memory and latency, theory from its bundle."""
     r, path = item.report, Path(item.path)
@@ -121,6 +129,7 @@ def deployment_row(item: Report, bundles_by_id: Dict[str, Bundle]) -> Dict[str, 
         "created": r.created or r.deploy.server_time or path.stem, "report": str(path),
         "model": b.model or (manifest.model.raw if manifest else None) or {},
         "task": b.task or (manifest.task if manifest else None) or DEFAULT_TASK,
+        "notes": integrity_notes(r),
     }
 
 

@@ -128,7 +128,7 @@ def render_markdown(res: Dict[str, Any]) -> str:
                          mem(d["theoretical_peak_bytes"]), mem(d["activation_bytes"]),
                          _fmt(d["ratio_measured_theoretical"], ".2f", "x"), mem(d["process_peak_bytes"]),
                          _fmt(d["latency_p50_ms"], ".3f"), _fmt(d["latency_p99_ms"], ".3f"),
-                         "" if d["output_check_passed"] is not False else "output check FAILED"])
+                         "; ".join(deployment_notes(d))])
     out.append(_table(["model", "host", "device", "backend", "precision", "bundle", "theoretical peak",
                        "measured activation", "measured / theoretical", "process peak (VmHWM)",
                        "p50 (ms)", "p99 (ms)", "notes"], rows))
@@ -151,6 +151,11 @@ def render_markdown(res: Dict[str, Any]) -> str:
     if res["notes"]:
         out += ["", "## Notes", ""] + [f"- {n}" for n in res["notes"]]
     return "\n".join(out) + "\n"
+
+
+def deployment_notes(d: Dict[str, Any]) -> List[str]:
+    """What a deployment row's figures need said: a failed output check, a manifest edited after export."""
+    return (["output check FAILED"] if d["output_check_passed"] is False else []) + list(d.get("notes") or [])
 
 
 GENERATION_COLUMNS = ["cfd", "gen_precision", "gen_recall"]
@@ -201,6 +206,7 @@ def csv_rows(res: Dict[str, Any]) -> List[Dict[str, Any]]:
             if d:
                 row.update({k: d[k] for k in DEPLOYMENT_COLUMNS if k in d})
                 row["bundle_theoretical_peak_bytes"] = d["theoretical_peak_bytes"]
+                row["notes"] = "; ".join(filter(None, [row["notes"], *(d.get("notes") or [])]))
             rows.append(row)
     for e in res["entries"]:
         rows.append({"kind": "run", "task": e["task"], "model": model_label(e["arch"], e["method"], e["image_size"], e["task"]),

@@ -401,3 +401,27 @@ def test_truncated_and_incomplete_reports_are_skipped_with_a_note(tiny_report, t
     assert dep["report"].endswith("1.json")
     with pytest.raises(UserError, match="incomplete device report"):
         collect([str(bare)])
+
+
+def test_a_report_of_an_edited_manifest_is_flagged(tiny_report, tmp_path):
+    """The device's bundle id differing from the one the server verified or export recorded is said on the row."""
+    import shutil
+
+    bundles, good = tiny_report
+    reports = tmp_path / "reports"
+    shutil.copytree(good, reports)
+    path = next(reports.rglob("1.json"))
+    report = json.loads(path.read_text())
+    device_id = report["bundle"]["id"]
+    report["deploy"] = {**report.get("deploy", {}), "bundle_id": device_id, "exported_bundle_id": "f" * 64}
+    path.write_text(json.dumps(report))
+    out = tmp_path / "out"
+    assert main(["compare", "--bundles", str(bundles), "--reports", str(reports), "--out", str(out), "--no-analyze"]) == 0
+    (dep,) = _json(out / "compare.json")["models"][0]["deployments"]
+    assert dep["notes"] == [f"manifest differs from the one recorded at export (device {device_id[:12]}, "
+                            f"recorded at export ffffffffffff)"]
+    assert dep["notes"][0] in (out / "compare.md").read_text() and dep["notes"][0] in (out / "compare.csv").read_text()
+    report["deploy"]["exported_bundle_id"] = device_id
+    path.write_text(json.dumps(report))
+    assert main(["compare", "--bundles", str(bundles), "--reports", str(reports), "--out", str(out), "--no-analyze"]) == 0
+    assert _json(out / "compare.json")["models"][0]["deployments"][0]["notes"] == []

@@ -19,6 +19,7 @@ import yaml
 from redistill.errors import UserError, did_you_mean
 
 PRESET_DIR = Path(__file__).resolve().parent / "configs"
+AUTO_SITES = "auto"  # red.sites: auto -> the RED sites of the paper's rule, placed when the config is validated
 
 
 @dataclass
@@ -80,7 +81,7 @@ class REDSiteConfig:
 class REDConfig:
     distance: str = "cosine"  # RED distance on channel-mean maps (DISTANCES, train/red.py), e.g. cosine, mse
     alpha: float = 50.0  # RED loss weight per block (the paper: 50 on STL10, 1 on ImageNet)
-    sites: List[REDSiteConfig] = field(default_factory=list)  # list of {student, where, teacher, teacher_where, alpha}
+    sites: List[REDSiteConfig] = field(default_factory=list)  # list of {student, where, teacher, teacher_where, alpha}, or auto (the paper's rule, train/red.py auto_sites)
 
 
 @dataclass
@@ -277,13 +278,78 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Ru
         if not isinstance(data, dict):
             raise UserError(f"config {p} must be a mapping of keys to values")
     data = _merge(data, parse_overrides(overrides))
-    return validate(_build(RunConfig, data))
+    auto = isinstance(data.get("red"), dict) and data["red"].get("sites") == AUTO_SITES
+    cfg = _build(RunConfig, _merge(data, {"red": {"sites": []}}) if auto else data)
+    if auto:
+        cfg.red.sites = AUTO_SITES  # placed by validate, once the architectures are known to be valid
+    return validate(cfg)
 
 
 def _choice(key: str, value: str, options) -> None:
     """``value`` must be one of ``options`` (a registry or a list); else a one-line error naming ``key``."""
     if value not in options:
         raise UserError(f"config key {key!r} is {value!r}." + did_you_mean(str(value), options))
+
+
+#: numeric keys and their ranges, checked on load: a bad value is one line here, not a torch traceback mid-run
+_RANGES = (
+    ("num_classes", lambda v: v >= 0, "0 (from the data set) or the class count"),
+    ("log_every", lambda v: v >= 0, "a step count >= 0"),
+    ("teacher.width_mult", lambda v: v > 0, "> 0"),
+    ("student.width_mult", lambda v: v > 0, "> 0"),
+    ("teacher.epochs", lambda v: v is None or v >= 1, "at least 1 (or unset: the run's epochs)"),
+    ("student.epochs", lambda v: v is None or v >= 1, "at least 1 (or unset: the run's epochs)"),
+    ("data.train_subset", lambda v: v >= 0, "0 (all) or a positive image count"),
+    ("data.test_subset", lambda v: v >= 0, "0 (all) or a positive image count"),
+    ("data.workers", lambda v: v >= 0, "0 (load in the main process) or a positive count"),
+    ("data.cutmix", lambda v: v >= 0, "0 (off) or a positive Beta alpha"),
+    ("data.mixup", lambda v: v >= 0, "0 (off) or a positive Beta alpha"),
+    ("optim.lr", lambda v: v > 0, "a positive learning rate"),
+    ("optim.momentum", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("optim.weight_decay", lambda v: v >= 0, ">= 0 (0 = off)"),
+    ("optim.milestones", lambda v: all(0 < m < 1 for m in v), "fractions of training in (0, 1), e.g. [0.6, 0.8, 0.9]"),
+    ("optim.gamma", lambda v: v > 0, "a positive lr multiplier (0.2 = lr / 5)"),
+    ("optim.warmup_epochs", lambda v: v >= 0, ">= 0 (0 = off)"),
+    ("optim.grad_clip", lambda v: v >= 0, ">= 0 (0 = off)"),
+    ("red.alpha", lambda v: v >= 0, ">= 0"),
+    ("loss.w_ce", lambda v: v >= 0, ">= 0"),
+    ("loss.w_dist", lambda v: v >= 0, ">= 0"),
+    ("loss.kd_temperature", lambda v: v > 0, "> 0"),
+    ("loss.label_smoothing", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("unet.dropout", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("unet.norm_groups", lambda v: v >= 1, "at least 1"),
+)
+
+
+def _check_ranges(cfg: RunConfig, distils: bool) -> None:
+    """Every number in its range (``_RANGES``), no NaN or infinity anywhere, and each RED site's alpha >= 0."""
+    import math
+
+    flat = flatten_config(cfg.to_dict())
+    for key, value in flat.items():
+        for v in value if isinstance(value, list) else [value]:
+            if isinstance(v, float) and not math.isfinite(v):
+                raise UserError(f"{key}={value!r} is not a finite number")
+    for key, ok, what in _RANGES:
+        if not ok(flat[key]):
+            raise UserError(f"{key}={flat[key]!r} is out of range: it must be {what}")
+    if distils and cfg.loss.w_ce == 0 and cfg.loss.w_dist == 0:
+        raise UserError("loss.w_ce and loss.w_dist are both 0: the student would not train; make at least one positive")
+    for i, s in enumerate(cfg.red.sites if isinstance(cfg.red.sites, list) else []):
+        alpha = getattr(s, "alpha", None)
+        if alpha is not None and not (alpha >= 0 and math.isfinite(alpha)):
+            raise UserError(f"red.sites[{i}].alpha={alpha!r} is out of range: it must be >= 0 (or unset: red.alpha)")
+
+
+def flatten_config(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+    """``{"optim": {"lr": 0.1}}`` -> ``{"optim.lr": 0.1}``; lists (red.sites, milestones) stay one value."""
+    out: Dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten_config(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
 
 
 def validate(cfg: RunConfig) -> RunConfig:
@@ -306,6 +372,7 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise UserError(f"data.image_size={cfg.data.image_size} is out of range: use 32 to 224")
     if cfg.epochs < 1:
         raise UserError("epochs must be at least 1")
+    _check_ranges(cfg, distils=method.needs_teacher)
     if not 0 <= cfg.data.val_fraction < 0.5:
         raise UserError("data.val_fraction must be in [0, 0.5)")
     if cfg.data.batch_size < 1 or cfg.data.eval_batch_size < 1:
@@ -318,6 +385,8 @@ def validate(cfg: RunConfig) -> RunConfig:
         if m.arch:
             parse_arch(m.arch)
     _validate_task(cfg)
+    if cfg.red.sites == AUTO_SITES:
+        cfg.red.sites = _auto_sites(cfg) if method.needs_sites else []
     if method.needs_sites:
         if not cfg.red.sites:
             raise UserError(f"method={cfg.method} needs at least one red.sites entry (student layer + teacher layer)")
@@ -328,6 +397,16 @@ def validate(cfg: RunConfig) -> RunConfig:
             if s.teacher_where is not None:
                 _choice(f"red.sites[{i}].teacher_where", s.teacher_where, WHERE)
     return cfg
+
+
+def _auto_sites(cfg: RunConfig) -> List[REDSiteConfig]:
+    """``red.sites: auto``: the sites the paper's rule places for this teacher, student and image size."""
+    from train.red import auto_sites
+
+    if not cfg.teacher.arch:
+        raise UserError("red.sites: auto places RED blocks by the teacher's architecture: set teacher.arch "
+                        "(also when teacher.checkpoint is given)")
+    return [REDSiteConfig(**s) for s in auto_sites(cfg.student.arch, cfg.teacher.arch, cfg.data.image_size)]
 
 
 def _validate_task(cfg: RunConfig) -> None:

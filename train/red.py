@@ -1,15 +1,17 @@
-"""RED blocks (Residual Encoded Distillation) as real submodules of the student.
+"""RED blocks (Residual Encoded Distillation) as real submodules of the student, and where they go.
 
     y = x * sigmoid(BN(conv1x1(x))) + relu6(BN(conv3x3(x)))
 
 A RED block stays in the deployed student, so it is an ``nn.Module`` inside the
 model (an exporter sees it), not a hook. ``REDSite`` wraps one student layer
-with a block on its input, its output, or both.
+with a block on its input, its output, or both. ``auto_sites`` places them as
+the paper does (``red.sites: auto``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -19,7 +21,8 @@ from torchvision.ops.misc import Conv2dNormActivation
 
 from redistill.errors import UserError, did_you_mean
 from redistill.registry import Registry
-from train.models import example_inputs
+from train.models import FAMILIES, ArchName, example_inputs, parse_arch
+from train.skeleton import family_skeleton
 
 
 class REDBlock(nn.Module):
@@ -192,3 +195,96 @@ def insert_red_blocks(student: nn.Module, plans: Sequence[SitePlan]) -> Dict[str
             blocks[p.key] = made[p.where]
     return blocks
 
+
+
+# --- automatic sites (the paper's rule) ---------------------------------------------------------
+
+_STRIDED = (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)
+
+
+def _stride(module: nn.Module) -> int:
+    s = module.stride
+    return s if isinstance(s, int) else s[0]
+
+
+@lru_cache(maxsize=None)
+def stride_layers(family: str) -> Tuple[str, ...]:
+    """The module that applies each stride digit of ``family``, stem first.
+
+    Found by building the family (``train.skeleton``, no weights) with one digit at 2 and the rest at 1: the
+    layer is the deepest common ancestor of the convs and pools that take that stride, i.e. a MobileNet's
+    stride-2 depthwise conv, a ResNet block (its conv and its downsample), the max-pool, the stem conv.
+    """
+    fam = FAMILIES.get(family)
+    if fam.variable_depth or fam.task != "classify":
+        raise UserError(f"red.sites: auto places RED blocks in classifiers; list the sites of a {family} "
+                        "network by hand (red.sites: [{student, where, teacher}, ...])")
+
+    def strided(digits):
+        model = family_skeleton(family, digits[0], tuple(digits[1:]))
+        return {n for n, m in model.named_modules() if isinstance(m, _STRIDED) and _stride(m) > 1}
+
+    n = len(fam.stages) + 1
+    base = strided([1] * n)
+    layers = []
+    for k in range(n):
+        carriers = [c.split(".") for c in sorted(strided([2 if i == k else 1 for i in range(n)]) - base)]
+        common = []
+        for parts in zip(*carriers):
+            if len(set(parts)) > 1:
+                break
+            common.append(parts[0])
+        if not common:
+            raise UserError(f"{family}: no single layer takes the stride of digit {k}; list red.sites by hand")
+        layers.append(".".join(common))
+    return tuple(layers)
+
+
+def feature_sizes(arch: ArchName, image_size: int) -> List[Tuple[int, int]]:
+    """(input, output) side length at each stride digit, stem first: a stride-s layer maps H to ceil(H / s)
+    (its kernel padded by k // 2, as in every family here)."""
+    sizes, h = [], image_size
+    for s in (arch.stem,) + arch.strides:
+        sizes.append((h, -(-h // s)))
+        h = sizes[-1][1]
+    return sizes
+
+
+def auto_sites(student_arch: str, teacher_arch: str, image_size: int) -> List[dict]:
+    """RED sites placed by the paper's rule, as ``red.sites`` entries ({student, where, teacher, teacher_where}).
+
+    A student layer gets RED blocks when it downsamples and its output is smaller than the teacher's output at
+    the same layer (an aggressive-pooling layer): on its output (the stem) or its input and output (any later
+    layer). Each block is matched to the teacher's downsampling layer whose tensor on the same side has the same
+    H x W (else the other side; a side with no teacher tensor of its size gets no block). ``plan_sites`` checks
+    the shapes when the networks are built.
+    """
+    s, t = parse_arch(student_arch), parse_arch(teacher_arch)
+    if s.family != t.family:
+        raise UserError(f"red.sites: auto pairs layers of one family, but the student is a {s.family} and the teacher "
+                        f"a {t.family}: list red.sites by hand")
+    layers = stride_layers(s.family)
+    s_digits, t_digits = (s.stem,) + s.strides, (t.stem,) + t.strides
+    s_sizes, t_sizes = feature_sizes(s, image_size), feature_sizes(t, image_size)
+    # the teacher's downsampling tensors: (size, side) -> its first layer with that size on that side
+    teacher_at: Dict[Tuple[int, str], int] = {}
+    for j, ((h_in, h_out), d) in enumerate(zip(t_sizes, t_digits)):
+        if d > 1:
+            if j > 0:
+                teacher_at.setdefault((h_in, "in"), j)
+            teacher_at.setdefault((h_out, "out"), j)
+    sites = []
+    for k, ((h_in, h_out), d) in enumerate(zip(s_sizes, s_digits)):
+        if d == 1 or h_out >= t_sizes[k][1]:
+            continue
+        for where, h in ((("out", h_out),) if k == 0 else (("in", h_in), ("out", h_out))):
+            other = "in" if where == "out" else "out"
+            twhere = where if (h, where) in teacher_at else other if (h, other) in teacher_at else None
+            if twhere is not None:
+                sites.append({"student": layers[k], "where": where, "teacher": layers[teacher_at[h, twhere]],
+                              "teacher_where": None if twhere == where else twhere})
+    if not sites:
+        raise UserError(f"{student_arch} downsamples no earlier than {teacher_arch} at {image_size} px (or no teacher "
+                        "tensor matches its sizes): no aggressive-pooling layer to put RED blocks on; move a stride "
+                        "earlier or list red.sites by hand")
+    return sites

@@ -343,13 +343,11 @@ def analyze_onnx(model_or_path, batch: int = 1, dtype: Optional[str] = None, inp
 
     names = _node_names(nodes)
     rows: List[NodeRow] = []
-    order = sorted(tensors.values(), key=lambda t: (t.producer, t.name))
-    for idx, n in enumerate(nodes):
-        if not any(o and o not in constants for o in n.output):
-            continue  # a weight/constant node: what is alive across it is also alive at the next compute node
-        alive = [t.name for t in order if t.producer <= idx <= t.last_use]
-        rows.append(NodeRow(idx, names[idx], n.op_type, sum(tensors[t].bytes for t in alive), alive,
-                            is_layer=n.op_type in LAYER_OPS))
+    # a weight/constant node is left out: what is alive across it is also alive at the next compute node
+    compute = [any(o and o not in constants for o in n.output) for n in nodes]
+    for idx, alive, live_bytes in _live_sets(n_nodes, tensors, compute):
+        rows.append(NodeRow(idx, names[idx], nodes[idx].op_type, live_bytes, alive,
+                            is_layer=nodes[idx].op_type in LAYER_OPS))
 
     if inplace:
         live = _inplace_live(nodes, tensors, set(graph_inputs))
@@ -432,6 +430,46 @@ def _node_names(nodes) -> List[str]:
     return out
 
 
+def _live_sets(n_nodes: int, tensors: Dict[str, TensorInfo], compute: Sequence[bool]):
+    """(node index, tensors alive, their bytes) at every compute node, in one sweep over start and end events.
+
+    A tensor enters the live set at its producer (graph inputs before node 0) and leaves after its last use;
+    the live set keeps (producer, name) order, so each row lists its tensors as a rescan would.
+    """
+    starts: Dict[int, List[TensorInfo]] = {}
+    ends: Dict[int, List[str]] = {}
+    for t in sorted(tensors.values(), key=lambda t: (t.producer, t.name)):
+        if t.last_use < 0:
+            continue  # a graph input no node reads
+        starts.setdefault(max(t.producer, 0), []).append(t)
+        ends.setdefault(t.last_use, []).append(t.name)
+    live: Dict[str, int] = {}
+    total = 0
+    for idx in range(n_nodes):
+        for t in starts.get(idx, ()):
+            live[t.name] = t.bytes
+            total += t.bytes
+        if compute[idx]:
+            yield idx, list(live), total
+        for name in ends.get(idx, ()):
+            total -= live.pop(name)
+
+
+def _interval_sums(n_nodes: int, intervals) -> List[int]:
+    """Per node index, the summed size of the (start, end, size) intervals covering it (ends inclusive)."""
+    diff = [0] * (n_nodes + 1)
+    for start, end, size in intervals:
+        start, end = max(start, 0), min(end, n_nodes - 1)
+        if start <= end:
+            diff[start] += size
+            diff[end + 1] -= size
+    out, running = [], 0
+    for d in diff[:n_nodes]:
+        running += d
+        out.append(running)
+    return out
+
+
 def _inplace_live(nodes, tensors: Dict[str, TensorInfo], graph_inputs: Set[str]) -> List[int]:
     """Per-node live bytes when in-place rules let an output take over a dying input's buffer."""
     buffer_of = {name: name for name in tensors}  # tensor -> buffer (named after its first tensor)
@@ -454,7 +492,7 @@ def _inplace_live(nodes, tensors: Dict[str, TensorInfo], graph_inputs: Set[str])
             buf_end[buf] = max(buf_end[buf], out.last_use)
             del buf_size[out.name], buf_start[out.name], buf_end[out.name]
             break
-    return [sum(size for b, size in buf_size.items() if buf_start[b] <= idx <= buf_end[b]) for idx in range(len(nodes))]
+    return _interval_sums(len(nodes), ((buf_start[b], buf_end[b], size) for b, size in buf_size.items()))
 
 
 def manifest_entry(onnx_path, batch: int = 1, dtype: Optional[str] = None) -> Dict[str, Any]:

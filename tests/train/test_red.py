@@ -1,11 +1,16 @@
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 
 from redistill.errors import UserError
+from train.config import PRESET_DIR, load_config
 from train.losses import LossInputs, kd_loss, red_loss, total_loss
-from train.models import build_model
-from train.red import REDBlock, REDSite, SitePlan, cosine_distance, insert_red_blocks, mse_distance, plan_sites
+from train.models import build_model, parse_arch
+from train.plan import student_schedules
+from train.red import (REDBlock, REDSite, SitePlan, auto_sites, cosine_distance, feature_sizes, insert_red_blocks,
+                       mse_distance, plan_sites, stride_layers)
+from train.skeleton import no_weight_init
 
 
 def _randomize_bn(m):
@@ -96,3 +101,85 @@ def test_unknown_layer_gets_did_you_mean():
     s = build_model("resnet18-4-11221", 10, 64)
     with pytest.raises(UserError, match="Did you mean 'layer2.0'"):
         plan_sites(s, None, [{"student": "layr2.0", "teacher": "x"}], 64, 1.0)
+
+
+# --- automatic sites (red.sites: auto) ------------------------------------------------------------------------
+
+PAPER_PRESETS = ("mobilenetv2_x4", "mobilenetv2_x8", "mobilenetv3_small_x4", "resnext18_x4")
+
+
+def _sites(entries):
+    """Site entries compared as (student, where, teacher, teacher side)."""
+    return [(s["student"], s.get("where", "out"), s["teacher"], s.get("teacher_where") or s.get("where", "out"))
+            for s in entries]
+
+
+@pytest.mark.parametrize("preset", PAPER_PRESETS)
+def test_auto_sites_equal_the_paper_presets(preset):
+    raw = yaml.safe_load((PRESET_DIR / f"{preset}.yaml").read_text())
+    assert isinstance(raw["red"]["sites"], list), "the paper presets keep their hand-written sites as the reference"
+    got = auto_sites(raw["student"]["arch"], raw["teacher"]["arch"], raw["data"]["image_size"])
+    assert _sites(got) == _sites(raw["red"]["sites"])
+
+
+@pytest.mark.parametrize("preset, twin", [("resnet34_x4", "resnext18_x4"), ("quick", "mobilenetv3_small_x4")])
+def test_auto_presets_place_their_twins_sites(preset, twin):
+    """The presets that say `sites: auto` get the hand-written sites of the paper preset they copy."""
+    assert yaml.safe_load((PRESET_DIR / f"{preset}.yaml").read_text())["red"]["sites"] == "auto"
+    cfg = load_config(preset)
+    twin_sites = yaml.safe_load((PRESET_DIR / f"{twin}.yaml").read_text())["red"]["sites"]
+    assert _sites([vars(s) for s in cfg.red.sites]) == _sites(twin_sites)
+
+
+def test_stride_layers_are_the_papers_downsampling_layers():
+    assert stride_layers("mobilenetv2")[:4] == ("features.0.0", "features.1.conv.0.0", "features.2.conv.1.0",
+                                                "features.4.conv.1.0")
+    assert stride_layers("mobilenetv3_small")[:3] == ("features.0.0", "features.1.block.0.0", "features.2.block.1.0")
+    for family in ("resnet18", "resnet34", "resnet50", "resnext18"):
+        assert stride_layers(family) == ("conv1", "maxpool", "layer1.0", "layer2.0", "layer3.0", "layer4.0")
+
+
+def test_feature_sizes_round_up_like_the_padded_layers():
+    assert feature_sizes(parse_arch("resnet18-2-21222"), 224) == [(224, 112), (112, 56), (56, 56), (56, 28),
+                                                                  (28, 14), (14, 7)]
+    assert feature_sizes(parse_arch("resnet18-4-11112"), 100)[-1] == (25, 13)
+
+
+def _schedules_fit(teacher: str, image_size: int, every: int = 1):
+    """Every ``every``-th student schedule of ``teacher``: auto sites that plan_sites accepts on the real networks."""
+    with no_weight_init():  # weight values are never read: only shapes
+        t = build_model(teacher, 10, image_size)
+        checked = 0
+        for arch in student_schedules(parse_arch(teacher))[::every]:
+            sites = auto_sites(str(arch), teacher, image_size)
+            s = build_model(str(arch), 10, image_size)
+            plans = plan_sites(s, t, sites, image_size, 50.0)  # raises on any H x W mismatch
+            assert plans and all(p.channels > 0 for p in plans)
+            assert any(p.where == "out" and p.student == stride_layers(arch.family)[0] for p in plans) == (
+                arch.stem > parse_arch(teacher).stem)
+            checked += 1
+    return checked
+
+
+
+@pytest.mark.parametrize("teacher, size", [("resnet18", 224), ("resnet50", 64)])
+def test_auto_sites_fit_every_schedule_of_resnet18_and_resnet50(teacher, size, one_thread):
+    assert _schedules_fit(teacher, size) == 29
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("teacher", ["mobilenetv2-1-1222121", "mobilenetv3_small-1-22121111211", "resnet18-1-21222",
+                                     "resnet34-1-21222", "resnet50-1-21222", "resnext18-1-21222"])
+def test_auto_sites_fit_every_schedule_of_every_family(teacher, one_thread):
+    assert _schedules_fit(teacher, 32) > 20
+
+
+def test_auto_sites_refuse_what_they_cannot_place():
+    with pytest.raises(UserError, match="one family, but the student is a resnet18 and the teacher a mobilenetv2"):
+        auto_sites("resnet18-4-11221", "mobilenetv2-1-1222121", 128)
+    with pytest.raises(UserError, match="downsamples no earlier than"):
+        auto_sites("resnet18-1-21222", "resnet18-1-21222", 128)
+    with pytest.raises(UserError, match="list the sites of a unet network by hand"):
+        auto_sites("unet-2-221", "unet-1-222", 32)
+    with pytest.raises(UserError, match="set teacher.arch"):
+        load_config(None, ["student.arch=resnet18-4-11221", "teacher.checkpoint=t.pt", "red.sites=auto"])

@@ -1,20 +1,10 @@
-"""bench.plan_timing: its page rewrites from its run file, and its walk timer runs a given analysis module."""
+"""bench.plan_timing: its walk timer runs a given analysis module (its page: tests/bench/test_results_pages.py)."""
 
-import shutil
 from pathlib import Path
 
 from bench import plan_timing
 
 REPO = Path(__file__).resolve().parents[2]
-RESULTS = REPO / "bench" / "results"
-
-
-def test_committed_page_is_regenerated_unchanged(tmp_path, monkeypatch):
-    for name in ("plan_timing.json", "plan_timing_remarks.md"):
-        shutil.copyfile(RESULTS / name, tmp_path / name)
-    monkeypatch.chdir(tmp_path)
-    assert plan_timing.main(["--pages-only", "--out", "plan_timing", "--remarks", "plan_timing_remarks.md"]) == 0
-    assert (tmp_path / "plan_timing.md").read_text() == (RESULTS / "plan_timing.md").read_text()
 
 
 def test_walk_timer_measures_the_module_it_is_given(tmp_path):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import diffusion_bench, distill_report, loopback_bench, memory_pairs, reproduce
+from bench import diffusion_bench, distill_report, loopback_bench, memory_pairs, plan_timing, reproduce
 from redistill.cli import main as redistill_main
 
 REPO = Path(__file__).resolve().parents[2]
@@ -33,6 +33,8 @@ PAGES = {
     "export_quick.md": (["export_quick.json"],
                         lambda: redistill_main(["export-report", "--pages-only", "--out", "bench/results/export_quick"])),
     "memory_paper_pairs.md": (["memory_paper_pairs.json"], lambda: memory_pairs.main(["--pages-only"])),
+    "plan_timing.md": (["plan_timing.json", "plan_timing_remarks.md"],
+                       lambda: plan_timing.main(["--pages-only", "--remarks", "bench/results/plan_timing_remarks.md"])),
     "reproduce.md": (["reproduce", "reproduce_run", "reproduce.json", "reproduce_deploy.json", "reproduce_probe128.json",
                       "reproduce_remarks.md"],
                      lambda: reproduce.main(["--pages-only", "--remarks", "bench/results/reproduce_remarks.md"])),

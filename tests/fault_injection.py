@@ -24,7 +24,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 from deploy.loopback import LoopbackSshd
 from redistill.io import atomic_write_json, atomic_write_text
-from redistill.report import machine, machine_line, md_table, timestamp
+from redistill.report import add_page_options, machine, machine_line, md_table, timestamp
 from tests.conftest import cli_env, make_imagefolder
 
 REPO = Path(__file__).resolve().parent.parent
@@ -211,7 +211,7 @@ CASES: List[Case] = [
     Case("distill-bad-site", "a RED site naming a layer the student lacks (found before the teacher trains)",
          lambda ws: [*REDISTILL, "distill", str(ws.path("bad_site.yaml")), f"data.root={ws.data}",
                      f"out_dir={ws.runs}", "epochs=1"], setup=_bad_site_config, check=_no_teacher_trained),
-    Case("distill-resume-other-sites", "`--resume` of a finished run with different red.sites",
+    Case("distill-resume-changed-red", "`--resume` of a finished run with a changed RED setting (`red.alpha=10`)",
          lambda ws: ws.distill("name=tiny", "red.alpha=10", "--resume")),
     Case("deploy-python-without-numpy", "`JETSON_PYTHON` a stock python3 without numpy",
          lambda ws: ws.deploy(ws.bundle), env=lambda ws: {"JETSON_PYTHON": str(ws.path("nonumpy", "bin", "python"))},
@@ -308,7 +308,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m tests.fault_injection", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=None, help="write OUT.md and OUT.json (the committed table: bench/results/bad_input)")
     ap.add_argument("--only", nargs="*", default=None, help="run only these cases")
+    add_page_options(ap, "OUT.json", remarks=False)
     a = ap.parse_args(argv)
+    if a.pages_only:
+        if not a.out:
+            ap.error("--pages-only needs --out")
+        atomic_write_text(Path(a.out).with_suffix(".md"), render(json.loads(Path(a.out).with_suffix(".json").read_text())))
+        print(f"wrote {a.out}.md")
+        return 0
     cases = [c for c in CASES if a.only is None or c.name in a.only]
     results = []
     with tempfile.TemporaryDirectory(prefix="redistill-faults-") as tmp, LoopbackSshd(Path(tmp) / "sshd") as sshd:

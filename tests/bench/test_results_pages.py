@@ -12,6 +12,7 @@ import pytest
 
 from bench import diffusion_bench, distill_report, loopback_bench, memory_pairs, plan_timing, reproduce
 from redistill.cli import main as redistill_main
+from tests import fault_injection
 
 REPO = Path(__file__).resolve().parents[2]
 RESULTS = REPO / "bench" / "results"
@@ -33,6 +34,8 @@ PAGES = {
     "export_quick.md": (["export_quick.json"],
                         lambda: redistill_main(["export-report", "--pages-only", "--out", "bench/results/export_quick"])),
     "memory_paper_pairs.md": (["memory_paper_pairs.json"], lambda: memory_pairs.main(["--pages-only"])),
+    "bad_input.md": (["bad_input.json"],
+                     lambda: fault_injection.main(["--pages-only", "--out", "bench/results/bad_input"])),
     "plan_timing.md": (["plan_timing.json", "plan_timing_remarks.md"],
                        lambda: plan_timing.main(["--pages-only", "--remarks", "bench/results/plan_timing_remarks.md"])),
     "reproduce.md": (["reproduce", "reproduce_run", "reproduce.json", "reproduce_deploy.json", "reproduce_probe128.json",

@@ -11,18 +11,22 @@ import tempfile
 import warnings
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
+import yaml
 from torch import nn
 
 from redistill.errors import UserError
 from redistill.memory import MemoryReport, analyze_onnx
 from train.checkpoint import load_checkpoint, model_from_checkpoint
-from train.config import RunConfig, build_kwargs, load_config
+from train.config import AUTO_SITES, REDSiteConfig, RunConfig, build_kwargs, load_config, presets
 from train.losses import METHODS
 from train.models import build_model, example_inputs, input_names, output_names, task_of
-from train.red import SitePlan, insert_red_blocks, plan_sites
+from train.red import SitePlan, auto_sites, insert_red_blocks, plan_sites
+
+#: training's largest image size (``train.config``); a design is sized at any size ``build_model`` takes
+TRAIN_MAX_SIZE = 224
 
 
 def build_student(cfg: RunConfig, num_classes: int, teacher: Optional[nn.Module]) -> Tuple[nn.Module, List[SitePlan]]:
@@ -81,7 +85,7 @@ def build_design(arch: str, image_size: int, red_config: Optional[str] = None, n
         num_classes = _default_classes(arch)
     if not red_config:
         return build_model(arch, num_classes, image_size, **build_options)
-    cfg = load_config(red_config, [f"student.arch={arch}", f"data.image_size={image_size}", "method=red"])
+    cfg = design_config(red_config, image_size, [f"student.arch={arch}", "method=red"])
     if not cfg.red.sites:
         raise UserError(f"config {red_config!r} has no red.sites; give a config with RED sites (e.g. mobilenetv2_x4)")
     teacher = None
@@ -95,6 +99,20 @@ def build_design(arch: str, image_size: int, red_config: Optional[str] = None, n
     return model
 
 
+def design_config(source: str, image_size: int, overrides: Sequence[str] = ()) -> RunConfig:
+    """``load_config`` at ``image_size`` for sizing a design, also past training's 224 px: such a config is
+    validated at 224 px, then set to the real size, and ``red.sites: auto`` is placed again for it."""
+    if image_size <= TRAIN_MAX_SIZE:
+        return load_config(source, [*overrides, f"data.image_size={image_size}"])
+    cfg = load_config(source, [*overrides, f"data.image_size={TRAIN_MAX_SIZE}"])
+    cfg.data.image_size = image_size
+    path = Path(source) if Path(source).is_file() else presets()[source]
+    raw = yaml.safe_load(path.read_text()) or {}
+    if isinstance(raw.get("red"), dict) and raw["red"].get("sites") == AUTO_SITES and cfg.red.sites:
+        cfg.red.sites = [REDSiteConfig(**s) for s in auto_sites(cfg.student.arch, cfg.teacher.arch, image_size)]
+    return cfg
+
+
 def checkpoint_design(path: Union[str, os.PathLike]) -> Tuple[nn.Module, int]:
     """(model, image size) rebuilt from a checkpoint: its architecture, builder options and RED blocks."""
     ck = load_checkpoint(path)
@@ -105,7 +123,7 @@ def checkpoint_design(path: Union[str, os.PathLike]) -> Tuple[nn.Module, int]:
 
 def pair_designs(preset: str, image_size: int, num_classes: Optional[int] = None):
     """[(label, model)] for a preset's teacher, student and student+RED (built with the preset's builder options)."""
-    cfg = load_config(preset, [f"data.image_size={image_size}"])
+    cfg = design_config(preset, image_size)
     if num_classes is None:
         num_classes = _default_classes(cfg.student.arch)
     teacher = build_model(cfg.teacher.arch, num_classes, image_size, **build_kwargs(cfg, cfg.teacher))

@@ -98,11 +98,20 @@ def parse_arch(name: str) -> ArchName:
     return ArchName(family, stem, strides)
 
 
+#: the largest input side any network is built for (training stops at 224 px)
+MAX_IMAGE_SIZE = 4096
+
+
 def build_model(name: str, num_classes: int = 10, image_size: int = 32, **kwargs) -> nn.Module:
-    """Build architecture ``name`` for ``num_classes`` and a square input of ``image_size`` px (32-224)."""
+    """Build architecture ``name`` for ``num_classes`` and a square input of ``image_size`` px.
+
+    Any size from 32 to ``MAX_IMAGE_SIZE`` builds, so that analysis and measurement take the sizes users
+    deploy at (512 px, ...); training keeps its own 32-224 px range (``train.config``).
+    """
     arch = parse_arch(name)
-    if not 32 <= image_size <= 224:
-        raise UserError(f"image_size {image_size} is out of range: use 32 to 224 px")
+    if not 32 <= image_size <= MAX_IMAGE_SIZE:
+        raise UserError(f"image_size {image_size} is out of range: use 32 to {MAX_IMAGE_SIZE} px "
+                        "(32 to 224 px for training)")
     if arch.total_stride > image_size:
         raise UserError(
             f"{arch}: total stride {arch.total_stride} exceeds image_size {image_size}; "

@@ -24,7 +24,9 @@ DEFINITION = (
     "ONNX graph's order; a tensor is alive from the node that produces it (graph inputs from the start) "
     "to its last consumer (graph outputs to the end); at each node the live tensors, its own inputs and "
     "outputs included, are summed; the peak is the maximum over nodes. inplace_peak_bytes: the same, "
-    "but element-wise activations and Adds reuse an input buffer whose last use they are. "
+    "but element-wise activations and Add/Sub/Mul/Div reuse an input buffer whose last use they are (same "
+    "shape and type as the output), and x * HardSigmoid(x) or x * Sigmoid(x) (Hardswish, SiLU) runs as one "
+    "in-place op. "
     "layerwise_peak_bytes (the paper's estimate): each Conv/Gemm/MatMul costs its input + output plus "
     "the tensors held across it (residuals, RED block inputs); maximum over those layers. "
     "weights_bytes: initializers and Constant outputs."
@@ -64,7 +66,14 @@ def _all_inputs(node) -> Sequence[int]:
 for _op in ("Relu", "LeakyRelu", "PRelu", "Clip", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Elu",
             "Selu", "Celu", "Softplus", "Softsign", "ThresholdedRelu", "Mish", "Gelu"):
     INPLACE_RULES.register(_op)(_first_input)
-INPLACE_RULES.register("Add")(_all_inputs)
+# binary element-wise ops: either input, e.g. the Mul of x and HardSigmoid(x) that Hardswish exports as at
+# opset 13 writes over HardSigmoid's output; a broadcast input (another shape) is never taken (see _inplace_live)
+for _op in ("Add", "Sub", "Mul", "Div"):
+    INPLACE_RULES.register(_op)(_all_inputs)
+
+#: x * f(x) gates an engine runs as one in-place op: Hardswish and SiLU export at opset 13 as HardSigmoid or
+#: Sigmoid then Mul; when f(x) feeds only that Mul its values never need a buffer of their own
+FUSED_GATES = frozenset({"HardSigmoid", "Sigmoid"})
 
 
 def fmt_bytes(n: Optional[float]) -> str:
@@ -470,10 +479,31 @@ def _interval_sums(n_nodes: int, intervals) -> List[int]:
     return out
 
 
+def _fused_gates(nodes, tensors: Dict[str, TensorInfo]) -> Set[str]:
+    """Outputs f(x) of FUSED_GATES nodes read only by a Mul of x and f(x) of one shape: Hardswish, SiLU."""
+    readers: Dict[str, List[int]] = {}
+    for idx, n in enumerate(nodes):
+        for i in set(n.input):
+            readers.setdefault(i, []).append(idx)
+    fused = set()
+    for n in nodes:
+        if n.op_type not in FUSED_GATES or not n.input or not n.output:
+            continue
+        x, h = n.input[0], n.output[0]
+        if x not in tensors or h not in tensors or tensors[x].shape != tensors[h].shape:
+            continue
+        use = readers.get(h, [])
+        if len(use) == 1 and tensors[h].last_use == use[0] and nodes[use[0]].op_type == "Mul" \
+                and sorted(nodes[use[0]].input) == sorted([x, h]):
+            fused.add(h)
+    return fused
+
+
 def _inplace_live(nodes, tensors: Dict[str, TensorInfo], graph_inputs: Set[str]) -> List[int]:
     """Per-node live bytes when in-place rules let an output take over a dying input's buffer."""
+    fused = _fused_gates(nodes, tensors)
     buffer_of = {name: name for name in tensors}  # tensor -> buffer (named after its first tensor)
-    buf_size = {name: t.bytes for name, t in tensors.items()}
+    buf_size = {name: 0 if name in fused else t.bytes for name, t in tensors.items()}
     buf_start = {name: t.producer for name, t in tensors.items()}
     buf_end = {name: t.last_use for name, t in tensors.items()}
     for idx, n in enumerate(nodes):
@@ -484,8 +514,8 @@ def _inplace_live(nodes, tensors: Dict[str, TensorInfo], graph_inputs: Set[str])
             if k >= len(n.input) or n.input[k] not in tensors:
                 continue
             src = tensors[n.input[k]]
-            if (src.name in graph_inputs or src.last_use != idx or src.bytes != out.bytes
-                    or src.shape != out.shape or list(n.input).count(src.name) > 1):
+            if (src.name in graph_inputs or src.name in fused or src.last_use != idx or src.bytes != out.bytes
+                    or src.shape != out.shape or src.elem_type != out.elem_type or list(n.input).count(src.name) > 1):
                 continue
             buf = buffer_of[src.name]
             buffer_of[out.name] = buf

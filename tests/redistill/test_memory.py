@@ -324,12 +324,77 @@ def test_cli_arch_mode_with_and_without_red(tmp_path):
 
 
 def test_every_inplace_rule_names_real_inputs():
-    assert {"Relu", "Clip", "Sigmoid", "HardSigmoid", "HardSwish", "Add"} <= set(M.INPLACE_RULES.names())
-    assert "Mul" not in M.INPLACE_RULES and "Conv" not in M.INPLACE_RULES
+    assert {"Relu", "Clip", "Sigmoid", "HardSigmoid", "HardSwish", "Add", "Sub", "Mul", "Div"} <= set(M.INPLACE_RULES.names())
+    assert "Conv" not in M.INPLACE_RULES and "Concat" not in M.INPLACE_RULES
     for op in M.INPLACE_RULES.names():
         node = helper.make_node(op, ["a", "b"], ["y"])
         idx = M.INPLACE_RULES.get(op)(node)
         assert idx and all(0 <= k < 2 for k in idx)
+
+
+def hardswish_graph():
+    """Conv -> X; Hardswish at opset 13: H = HardSigmoid(X), Y = Mul(X, H); Z = Relu(Y). Every map 1x4x8x8 = 1 KiB."""
+    return make(
+        [helper.make_node("Conv", ["I", "W"], ["X"], name="conv"),
+         helper.make_node("HardSigmoid", ["X"], ["H"], name="hsig", alpha=1 / 6, beta=0.5),
+         helper.make_node("Mul", ["X", "H"], ["Y"], name="mul"),
+         helper.make_node("Relu", ["Y"], ["Z"], name="relu")],
+        [vi("I", [1, 4, 8, 8])], [vi("Z", [1, 4, 8, 8])], [weight("W", (4, 4, 1, 1))],
+    )
+
+
+def test_hardswish_as_hardsigmoid_then_mul_runs_in_place():
+    r = M.analyze_onnx(hardswish_graph(), inplace=True)
+    assert live(r) == [2048, 2048, 3072, 2048]  # the literal graph: X, H and Y alive at the Mul
+    # in place: H is the Hardswish's own gate (no buffer), Y overwrites X, Z overwrites Y
+    assert [n.inplace_live_bytes for n in r.nodes] == [2048, 1024, 1024, 1024]
+    assert r.inplace_peak_bytes == 2048 and r.inplace_peak_node == "conv"
+
+
+def test_binary_op_reuses_a_dying_input_of_its_own_shape_only():
+    model = make(
+        [helper.make_node("Relu", ["X"], ["A"], name="a"),
+         helper.make_node("ReduceMean", ["A"], ["S"], name="pool", axes=[2, 3], keepdims=1),
+         helper.make_node("Sigmoid", ["S"], ["G"], name="gate"),
+         helper.make_node("Mul", ["G", "A"], ["Y"], name="scale"),
+         helper.make_node("Sub", ["Y", "X2"], ["D"], name="sub"),
+         helper.make_node("Relu", ["X2"], ["E"], name="e"),
+         helper.make_node("Div", ["D", "E"], ["Q"], name="div")],
+        [vi("X", [1, 4, 8, 8]), vi("X2", [1, 4, 8, 8])], [vi("Q", [1, 4, 8, 8])],
+    )
+    r = M.analyze_onnx(model, inplace=True)
+    # maps 1 KiB, S and G 16 B; X2 (the caller's) is alive to node e and never overwritten.
+    # a: X X2 A | pool: X2 A S | gate: G takes S | scale: G is broadcast (another shape), Y takes A's buffer, not G's
+    # sub: D takes Y's | e: E cannot take X2 | div: Q takes D's (D and E both die; the first wins)
+    assert [n.inplace_live_bytes for n in r.nodes] == [3072, 2064, 2064, 2064, 2048, 3072, 2048]
+    assert live(r) == [3072, 2064, 2080, 3088, 3072, 3072, 3072]
+
+
+# --- sizes past training's 224 px --------------------------------------------------------------------
+
+
+def test_memory_of_an_architecture_at_512_px(tmp_path):
+    js = tmp_path / "m.json"
+    assert main(["memory", "--arch", "mobilenetv3_small-4-22111111111", "--image-size", "512", "--json", str(js)]) == 0
+    (m,) = json.loads(js.read_text())["models"]
+    assert m["tensors"]["input"]["shape"] == [1, 3, 512, 512] and m["peak_bytes"] > 0
+
+
+def test_design_config_places_auto_sites_at_512_px():
+    from dataclasses import asdict
+
+    from train.design import design_config
+    from train.red import auto_sites
+
+    cfg = design_config("resnet34_x4", 512)  # a preset that says red.sites: auto; training refuses 512 px
+    assert cfg.data.image_size == 512
+    assert [asdict(s) for s in cfg.red.sites] == [
+        {**s, "alpha": None, "teacher_where": s.get("teacher_where")}
+        for s in auto_sites(cfg.student.arch, cfg.teacher.arch, 512)]
+    with pytest.raises(UserError, match="32 to 224"):
+        from train.config import load_config
+
+        load_config("resnet34_x4", ["data.image_size=512"])
 
 
 # --- denoisers: two inputs (x, t) --------------------------------------------------------------------

@@ -35,6 +35,47 @@ def test_red_block_computes_the_formula():
     torch.testing.assert_close(blk(x), expected)
 
 
+def test_red_block_in_inference_is_bit_identical_and_leaves_its_input_alone():
+    """Under no_grad the block computes in the gate's buffer; the result must equal the formula's bit for bit."""
+    torch.manual_seed(0)
+    blk = REDBlock(6).eval()
+    _randomize_bn(blk)
+    x = torch.randn(3, 6, 9, 7)
+    keep = x.clone()
+    with torch.enable_grad():
+        expected = blk(x)
+    with torch.no_grad():
+        got = blk(x)
+    assert torch.equal(got, expected) and torch.equal(x, keep)
+    assert got.data_ptr() != x.data_ptr()
+
+
+def test_red_student_outputs_are_bit_identical_with_and_without_grad():
+    from train.design import build_design
+
+    torch.manual_seed(0)
+    model = build_design("mobilenetv2-4-1221111", 32, "mobilenetv2_x4").eval()
+    _randomize_bn(model)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.enable_grad():
+        expected = model(x)
+    with torch.no_grad():
+        got = model(x)
+    assert torch.equal(got, expected)
+
+
+def test_exported_red_block_keeps_the_formulas_graph(tmp_path):
+    """Exporters trace the formula (Mul(x, Sigmoid), Add), so bundles exported before the in-place path match."""
+    import onnx
+
+    from train.design import export_for_analysis
+
+    path = export_for_analysis(REDBlock(3), 8, tmp_path / "red.onnx")
+    nodes = onnx.load(str(path)).graph.node
+    (mul,) = [n for n in nodes if n.op_type == "Mul"]
+    assert mul.input[0] == "input" and [n.op_type for n in nodes][-1] == "Add"
+
+
 def test_cosine_and_mse_equal_hand_computed_values():
     # y: channels [1,3] and [3,5] -> channel mean [2,4]; t: a single channel [4,2]
     y = torch.tensor([[[[1.0, 3.0]], [[3.0, 5.0]]]])

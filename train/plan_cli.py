@@ -30,7 +30,7 @@ def add_commands(sub) -> None:
     p.add_argument("--dtype", choices=["fp32", "fp16", "int8"], default=None,
                    help="cost every floating-point activation at this size (default: the exported FP32)")
     p.add_argument("--inplace", action="store_true",
-                   help="hold the in-place peak to the budget (activations and Adds reuse a dying input's buffer), "
+                   help="hold the in-place peak to the budget (element-wise ops reuse a dying input's buffer), "
                    "not the liveness peak")
     p.add_argument("--batch", type=int, default=1, help="batch size the peaks are computed at (default 1)")
     p.add_argument("--top", type=int, default=10, help="how many fitting students to list (default 10)")

@@ -19,7 +19,7 @@ import torchvision
 
 from export.bundle import write_bundle
 from export.calibration import CALIBRATION
-from export.fold import fold_batchnorm
+from train.fold import fold_batchnorm
 from export.onnx_export import INPUT_NAME, MIN_OPSET, check_model, export_onnx, graph_io, lower_ir_version
 from export.preflight import preflight
 from export.quantize import qdq_summary, quantize_int8

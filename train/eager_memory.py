@@ -16,13 +16,14 @@ import copy
 import os
 import warnings
 from dataclasses import asdict, dataclass
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
 
 from redistill.errors import UserError
 from redistill.memory import MemoryReport, fmt_bytes
+from train.fold import fold_batchnorm
 from train.models import example_inputs
 
 KINDS = ("activation", "input", "scratch")
@@ -136,60 +137,6 @@ class EagerMemory:
         d["at_peak"] = [{**asdict(b), "where": b.where} for b in self.at_peak]
         d["at_activation_peak"] = [{**asdict(b), "where": b.where} for b in self.at_activation_peak]
         return d
-
-
-# --- batch-norm folding: measure the network as it is exported and deployed --------------------
-
-
-def fold_batchnorm(model: nn.Module, inputs: Sequence[torch.Tensor]) -> int:
-    """Fold every BatchNorm2d that reads a Conv2d's output straight into that conv (eval mode, in place).
-
-    Pairs are found by running ``inputs`` once and matching tensors, not by module names, so any layout
-    folds exactly where the ONNX export folds; the BN becomes ``nn.Identity``. Returns how many were folded.
-    """
-    from torch.nn.utils.fusion import fuse_conv_bn_eval
-
-    produced: Dict[int, str] = {}
-    reads: Dict[str, int] = {}
-    keep: List[torch.Tensor] = []  # hold every tensor so that no id is reused during the run
-    names = {m: n for n, m in model.named_modules()}
-    handles = []
-    for mod in model.modules():
-        if isinstance(mod, nn.Conv2d):
-            def conv_hook(m, inp, out):
-                keep.append(out)
-                produced[id(out)] = names[m]
-            handles.append(mod.register_forward_hook(conv_hook))
-        elif isinstance(mod, nn.BatchNorm2d):
-            def bn_hook(m, inp):
-                keep.append(inp[0])
-                reads[names[m]] = id(inp[0])
-            handles.append(mod.register_forward_pre_hook(bn_hook))
-    try:
-        with torch.no_grad():
-            model(*inputs)
-    finally:
-        for h in handles:
-            h.remove()
-    uses: Dict[int, int] = {}
-    for tid in reads.values():
-        uses[tid] = uses.get(tid, 0) + 1
-    folded = 0
-    for bn_name, tid in reads.items():
-        conv_name = produced.get(tid)
-        if conv_name is None or uses[tid] > 1:
-            continue
-        conv, bn = model.get_submodule(conv_name), model.get_submodule(bn_name)
-        _replace(model, conv_name, fuse_conv_bn_eval(conv, bn))
-        _replace(model, bn_name, nn.Identity())
-        folded += 1
-    return folded
-
-
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)  # works for Sequential children too (their names are attributes)
 
 
 # --- the trace -------------------------------------------------------------------------------
@@ -306,15 +253,14 @@ def measure_eager(model: nn.Module, image_size: int, batch: int = 1, device: str
     if dev.type not in ("cpu", "cuda"):
         raise UserError(f"device {device!r} is not supported: use cpu or cuda")
     label = name or getattr(model, "arch_name", type(model).__name__)
-    net = copy.deepcopy(model).eval().to(dev)
+    # as exported: each BatchNorm folded into its conv, else a per-channel affine (train.fold, checked)
+    net = (fold_batchnorm(model, image_size) if fold_bn else copy.deepcopy(model)).eval().to(dev)
     for p in net.parameters():
         p.requires_grad_(False)
 
     def make_inputs():
         return tuple(x.to(dev) for x in example_inputs(net, image_size, batch=batch))
 
-    if fold_bn:
-        fold_batchnorm(net, make_inputs())
     with torch.no_grad():
         net(*make_inputs())  # warm-up: one-time caches and lazy buffers are made before the trace
     if dev.type == "cuda":

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from export.bundle import verify_bundle
-from export.fold import fold_batchnorm
+from train.fold import fold_batchnorm
 from export.onnx_export import export_onnx, graph_io
 from export.pipeline import ExportOptions, run_export
 from export.verify import FP32_ATOL, denoise_inputs, run, session, take, torch_logits

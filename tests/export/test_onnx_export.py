@@ -5,7 +5,7 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from export.fold import fold_batchnorm
+from train.fold import fold_batchnorm
 from export.onnx_export import check_model, export_onnx
 from export.preflight import preflight
 from export.targets import get_target

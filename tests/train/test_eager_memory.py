@@ -11,7 +11,7 @@ from torch import nn
 from redistill.cli import main
 from redistill.errors import UserError
 from train.design import analyze_model, build_design, pair_designs
-from train.eager_memory import fold_batchnorm, measure_eager, node_positions
+from train.eager_memory import measure_eager, node_positions
 from train.red import REDBlock
 
 N = 3 * 16 * 16 * 4  # one 1x3x16x16 float32 map: the input at image_size 16, and every map below
@@ -73,19 +73,6 @@ def test_an_ops_internal_temporary_is_scratch():
     assert r.max_scratch_bytes == N and "cos_then_sin" in r.max_scratch_op
     assert r.by_op("scratch") == [(scratch.where, N)]
     assert "scratch 3.00 KiB ((model) redistill_test::cos_then_sin > aten::cos 3.00 KiB)" in r.explain()
-
-
-def test_fold_batchnorm_matches_the_unfolded_network():
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 1)).eval()
-    net[1].running_mean.uniform_(-1, 1)
-    net[1].running_var.uniform_(0.5, 2)
-    x = torch.randn(2, 3, 16, 16)
-    with torch.no_grad():
-        expected = net(x)
-        assert fold_batchnorm(net, (x,)) == 1
-        torch.testing.assert_close(net(x), expected, rtol=1e-5, atol=1e-5)
-    assert isinstance(net[1], nn.Identity)
 
 
 def test_folding_removes_the_batchnorm_output():

@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from export.fold import ChannelAffine, fold_batchnorm
+from tests.export.conftest import image_root, make_student  # noqa: F401  (the export tests' tiny data and student)
+from train.fold import ChannelAffine, fold_batchnorm
 from train.red import REDBlock
 
 

@@ -125,7 +125,7 @@ def fold_batchnorm(model: nn.Module, image_size: int) -> nn.Module:
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             if not isinstance(m, nn.BatchNorm2d) or m.running_var is None:
                 raise UserError(f"cannot fold {type(m).__name__} {name}: only BatchNorm2d with running statistics is "
-                                "supported; add a rule in export/fold.py")
+                                "supported; add a rule in train/fold.py")
             _set(folded, name, ChannelAffine(m))
     folded.fold_stats = {"into_conv": len(pairs), "as_affine": sum(isinstance(m, ChannelAffine) for m in folded.modules())}
     with torch.no_grad():

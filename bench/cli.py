@@ -19,13 +19,16 @@ def add_commands(sub) -> None:
         "order, optionally with in-place reuse, beside the paper's layer-wise estimate. Give ONNX files, or "
         "--arch NAME [--red-config CFG] to size a design without training, or --pair PRESET for a preset's "
         "teacher, student and student+RED, or --checkpoint CK for a trained network (its builder options and RED "
-        "blocks). Denoisers (unet-A-R) are sized for one denoising step (inputs x, t). See docs/memory.md.",
+        "blocks). Denoisers (unet-A-R) are sized for one denoising step (inputs x, t). --eager also measures one "
+        "eager forward pass with PyTorch's allocator traced (byte-exact), split into activations, input and "
+        "runtime scratch. See docs/memory.md.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n"
         "  redistill memory model.onnx --inplace --json mem.json\n"
         "  redistill memory --arch mobilenetv2-4-1221111 --red-config mobilenetv2_x4 --image-size 128\n"
         "  redistill memory --pair mobilenetv2_x4 --image-size 128 --plot mem.png\n"
         "  redistill memory --pair ddpm_cifar10_x2 --image-size 32\n"
+        "  redistill memory --pair mobilenetv3_small_x4 --eager --plot mem.png --json mem.json\n"
         "  redistill memory --checkpoint runs/ddpm/student/best.pt",
     )
     p.add_argument("models", nargs="*", metavar="MODEL.onnx", help="ONNX files; several are compared to the first")
@@ -41,10 +44,15 @@ def add_commands(sub) -> None:
     p.add_argument("--dtype", choices=["fp32", "fp16", "int8"], default=None,
                    help="re-cost every floating-point tensor at this size (what-if); default: the graph's own types")
     p.add_argument("--inplace", action="store_true",
-                   help="also report the peak when element-wise activations and Adds reuse a dying input's buffer")
+                   help="also report the peak when element-wise ops reuse a dying input's buffer (Relu, Add, Mul, ...)")
     p.add_argument("--nodes", action="store_true", help="print the per-node table (node, op, live bytes, tensors alive)")
     p.add_argument("--plot", default=None, metavar="OUT.png", help="write live memory per node, models overlaid")
     p.add_argument("--json", default=None, metavar="OUT.json", help="write the full reports (bytes) as JSON")
+    p.add_argument("--eager", action="store_true",
+                   help="with --arch/--pair/--checkpoint: also measure one eager forward pass (PyTorch allocator, "
+                   "traced; peak split into activations, input and scratch by op; implies --inplace)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                   help="with --eager: where to run it (default cpu)")
     p.set_defaults(func=_memory)
 
     c = sub.add_parser(
@@ -52,7 +60,9 @@ def add_commands(sub) -> None:
         help="theory against measurement: accuracy, theoretical and measured peak memory, latency (tables and plots)",
         description="Collect distillation runs (accuracy, or a denoiser's test denoising loss), bundles (theoretical "
         "peak memory, INT8 accuracy) and device reports (measured memory, latency) and write compare.md/.csv/.json and "
-        "PNG plots. With no PATH the default folders are scanned. See docs/compare.md.",
+        "PNG plots. Every measured memory figure (batch-1 delta, per-image slopes, TensorRT device memory) is shown "
+        "beside the liveness, in-place and layer-wise peaks with its ratio, or flagged when below its method's "
+        "resolution. With no PATH the default folders are scanned. See docs/compare.md.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n"
         "  redistill compare\n"
@@ -131,17 +141,29 @@ def _memory(args) -> int:
         raise UserError("give ONNX files, or --arch NAME, or --pair PRESET, or --checkpoint CK.pt (exactly one of them)")
     if args.red_config and not args.arch:
         raise UserError("--red-config needs --arch NAME (the student architecture to put RED blocks in)")
-    reports = []
+    if args.eager and args.models:
+        raise UserError("--eager runs a PyTorch model: give --arch, --pair or --checkpoint instead of ONNX files")
+    if args.eager and args.dtype:
+        raise UserError("--eager measures the FP32 model as built; drop --dtype (or run without --eager)")
+    if args.device != "cpu" and not args.eager:
+        raise UserError("--device chooses where --eager runs; add --eager")
+    reports, eager = [], []
     if args.models:
         for path, label in zip(args.models, distinct_labels(args.models)):
             reports.append(M.analyze_onnx(path, batch=args.batch, dtype=args.dtype, inplace=args.inplace, name=label))
     else:
         from train.design import analyze_model
+        from train.eager_memory import measure_eager
 
         for label, model in _designs(args):
             reports.append(analyze_model(model, args.image_size, batch=args.batch, dtype=args.dtype,
-                                         inplace=args.inplace, name=label))
+                                         inplace=args.inplace or args.eager, name=label))
+            if args.eager:
+                eager.append(measure_eager(model, args.image_size, batch=args.batch, device=args.device, name=label))
     print(format_summary(reports))
+    if eager:
+        print()
+        print(format_eager(eager, reports))
     for r in reports:
         if args.nodes:
             print()
@@ -149,17 +171,24 @@ def _memory(args) -> int:
     if args.json:
         from redistill.io import atomic_write_json
 
-        atomic_write_json(args.json, {
+        doc = {
             "command": command_line(args),
             "definition": M.DEFINITION,
             "reductions": reductions(reports),
             "models": [r.to_dict() for r in reports],
-        })
+        }
+        if eager:
+            from train.eager_memory import EAGER_DEFINITION
+
+            doc["eager_definition"] = EAGER_DEFINITION
+            for d, e in zip(doc["models"], eager):
+                d["eager"] = e.to_dict()
+        atomic_write_json(args.json, doc)
         print(f"wrote {args.json}")
     if args.plot:
         from redistill.memory.plot import plot_reports
 
-        plot_reports(reports, args.plot)
+        plot_reports(reports, args.plot, overlays=[eager_overlays(e, r) for e, r in zip(eager, reports)])
         print(f"wrote {args.plot}")
     return 0
 
@@ -187,12 +216,14 @@ def command_line(args) -> str:
         parts += ["--batch", str(args.batch)]
     if args.dtype:
         parts += ["--dtype", args.dtype]
-    for flag in ("inplace", "nodes"):
+    for flag in ("inplace", "nodes", "eager"):
         if getattr(args, flag):
             parts.append("--" + flag)
     for opt in ("plot", "json"):
         if getattr(args, opt):
             parts += ["--" + opt, getattr(args, opt)]
+    if getattr(args, "device", "cpu") != "cpu":
+        parts += ["--device", args.device]
     return " ".join(shlex.quote(p) for p in parts)
 
 
@@ -278,3 +309,42 @@ def format_nodes(report) -> str:
         cells.append(", ".join(row.alive))
         rows.append(cells)
     return f"per-node live memory of {report.model}\n" + _table(header, rows, right=[0, 3, 4] if inplace else [0, 3])
+
+
+def eager_overlays(record, report) -> list:
+    """The eager timeline as two curves on the report's node axis: all traced bytes, and activations alone."""
+    from redistill.memory.plot import Overlay
+    from train.eager_memory import node_positions
+
+    x = node_positions(record, report)
+    return [Overlay("eager, all allocations", x, [s.peak_bytes for s in record.timeline], style=":"),
+            Overlay("eager, activations", x, [s.activation_peak_bytes for s in record.timeline], style="-.",
+                    mark_peak=False)]
+
+
+def format_eager(records, reports) -> str:
+    """The measured table: allocation peak split by kind, the op at the peak, activation peak against theory."""
+    from redistill.memory import fmt_bytes
+
+    e0 = records[0]
+    where = "CPU allocator" if e0.device == "cpu" else "CUDA caching allocator"
+    head = (f"measured: one eager forward pass, PyTorch {where} traced (profiler [memory] events; resolution "
+            f"{e0.resolution}), batch {e0.batch}, FP32, BatchNorm {'folded' if e0.fold_bn else 'kept'}, "
+            f"{e0.threads} threads; weights not counted")
+    header = ["model", "peak", "activations", "input", "scratch", "op at the peak", "activation peak",
+              "vs in-place", "largest scratch block"]
+    rows = []
+    for e, r in zip(records, reports):
+        ratio = f"{e.activation_peak_bytes / r.inplace_peak_bytes:.2f}x" if r.inplace_peak_bytes else "-"
+        rows.append([e.model, fmt_bytes(e.peak_bytes), fmt_bytes(e.activation_bytes), fmt_bytes(e.input_bytes),
+                     fmt_bytes(e.scratch_bytes), e.peak_op, fmt_bytes(e.activation_peak_bytes), ratio,
+                     f"{fmt_bytes(e.max_scratch_bytes)} {e.max_scratch_op}"])
+    lines = [head, "", _table(header, rows, right=[1, 2, 3, 4, 6, 7])]
+    for e in records:
+        lines.append(f"\nmeasured peak of {e.model}: {e.explain()}")
+        lines.append(f"  activation peak: {e.explain_activations()}")
+        if e.allocator_peak_bytes is not None:
+            lines.append(f"  allocator check: max_memory_allocated {fmt_bytes(e.allocator_peak_bytes)} "
+                         f"({e.allocator_peak_bytes} B; trace {e.peak_bytes} B), reserved peak "
+                         f"{fmt_bytes(e.reserved_peak_bytes)}")
+    return "\n".join(lines)

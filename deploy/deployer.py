@@ -131,6 +131,15 @@ def _last_line(text: str) -> str:
     return lines[-1] if lines else "(no output)"
 
 
+def per_image_line(section: dict) -> str:
+    """The report's per-image figures in one line (each with its resolution), or why there are none."""
+    figures = section.get("figures") or []
+    if not figures:
+        return f"memory per image: not measured ({section.get('skipped') or 'an agent from before per-image figures'})"
+    return "memory per image: " + ", ".join(
+        f"{f.get('label')} {f.get('bytes')} B (resolution {f.get('resolution_bytes')} B)" for f in figures)
+
+
 class Deployer:
     """Deploys one verified bundle; ``run(hosts)`` handles a fleet in parallel."""
 
@@ -365,6 +374,7 @@ class Deployer:
         act = ((report.get("memory") or {}).get("activation") or {}).get("bytes")
         say(host, f"report {path}: output check {'pass' if check.get('passed') else 'FAIL'}, "
                   f"latency p50 {lat.get('p50_ms', float('nan')):.3f} ms, activation memory {act} bytes", self.opts.quiet)
+        say(host, per_image_line((report.get("memory") or {}).get("per_image") or {}), self.opts.quiet)
         return DeployResult(host, path, report, copied=copied)
 
     def _safe(self, host: Host) -> DeployResult:

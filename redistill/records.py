@@ -8,9 +8,9 @@ optional keys, so readers write ``report.memory.activation_bytes`` instead of ch
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
-from typing import Any, Callable, Dict, Mapping, Optional
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
-from deploy.agent.contract import BUNDLE_SCHEMA, REPORT_SCHEMA
+from deploy.agent.contract import BUNDLE_SCHEMA, REPORT_SCHEMA, RSS_DELTA_RESOLUTION_BYTES
 
 #: the task of files written before the ``task`` key existed (they are all classifiers)
 DEFAULT_TASK = "classify"
@@ -265,21 +265,78 @@ class Latency:
         return _read(cls, d)
 
 
+#: the batch-1 figure of a report whose agent predates ``method`` and ``resolution_bytes``: what it was, by backend
+_LEGACY_ACTIVATION = {
+    "tensorrt": ("tensorrt_device_memory", "TensorRT device memory", 1),
+    "onnxruntime": ("onnxruntime_rss_delta", "ORT batch-1 RSS delta", RSS_DELTA_RESOLUTION_BYTES),
+}
+
+
+@dataclass(frozen=True)
+class MeasuredFigure:
+    """One measured memory figure of a report (the batch-1 figure, a per-image slope...): its method, bytes (per
+    image when ``per_image``), the batch it was measured at, and the smallest figure its method resolves."""
+
+    method: str
+    label: str
+    bytes: Optional[int] = None
+    per_image: bool = False
+    batch: Optional[int] = None
+    resolution_bytes: Optional[int] = None
+    resolution_how: Optional[str] = None
+    what: Optional[str] = None
+    fit_max_abs_residual_bytes: Optional[float] = None
+    fit_r2: Optional[float] = None
+
+    @property
+    def below_resolution(self) -> bool:
+        """True when the figure is smaller than what its method can tell apart (its ratio to theory means nothing)."""
+        return self.bytes is not None and self.resolution_bytes is not None and self.bytes < self.resolution_bytes
+
+    @classmethod
+    def from_dict(cls, d: Any) -> "MeasuredFigure":
+        d = _mapping(d)
+        fit = _mapping(d.get("fit"))
+        return _read(cls, d, per_image=lambda v: bool(v), label=lambda v: v or d.get("method"),
+                     fit_max_abs_residual_bytes=lambda _: fit.get("max_abs_residual_bytes"),
+                     fit_r2=lambda _: fit.get("r2"))
+
+
+def _legacy_activation(d: Mapping[str, Any], backend: Optional[str], batch: Optional[int]) -> Optional[MeasuredFigure]:
+    """The batch-1 figure of an older report, with the documented resolution of its method."""
+    if backend not in _LEGACY_ACTIVATION or d.get("bytes") is None:
+        return None
+    method, label, resolution = _LEGACY_ACTIVATION[backend]
+    return MeasuredFigure(method, label, d.get("bytes"), batch=batch, resolution_bytes=resolution,
+                          resolution_how="not in the report (its agent predates resolution fields): the documented "
+                                         "resolution of the method", what=d.get("what"))
+
+
 @dataclass(frozen=True)
 class MeasuredMemory:
-    """The memory figures of a report, in bytes; ``theoretical_detail`` is the manifest's analysis the agent copied."""
+    """The memory figures of a report, in bytes; ``theoretical_detail`` is the manifest's analysis the agent copied.
+    ``figures``: every measured figure with a method (the batch-1 figure first, then the per-image slopes);
+    ``per_image_skipped``: why there is no per-image figure (None when measured, or a report from before them)."""
 
     activation_bytes: Optional[int] = None
     process_peak_bytes: Optional[int] = None
     theoretical_peak_bytes: Optional[int] = None
     theoretical_detail: Dict[str, Any] = field(default_factory=dict)
+    figures: Tuple[MeasuredFigure, ...] = ()
+    per_image_skipped: Optional[str] = None
 
     @classmethod
-    def from_dict(cls, d: Any) -> "MeasuredMemory":
+    def from_dict(cls, d: Any, backend: Optional[str] = None) -> "MeasuredMemory":
         d = _mapping(d)
         theory = _mapping(d.get("theoretical_peak"))
-        return cls(_mapping(d.get("activation")).get("bytes"), _mapping(d.get("process_peak")).get("bytes"),
-                   theory.get("bytes"), dict(_mapping(theory.get("detail"))))
+        act = _mapping(d.get("activation"))
+        per_image = _mapping(d.get("per_image"))
+        figures = [MeasuredFigure.from_dict(v) for v in d.values() if isinstance(v, Mapping) and v.get("method")]
+        if not act.get("method"):
+            figures[:0] = [f for f in [_legacy_activation(act, backend, d.get("batch"))] if f]
+        figures += [MeasuredFigure.from_dict(f) for f in per_image.get("figures") or [] if _mapping(f).get("method")]
+        return cls(act.get("bytes"), _mapping(d.get("process_peak")).get("bytes"), theory.get("bytes"),
+                   dict(_mapping(theory.get("detail"))), tuple(figures), per_image.get("skipped"))
 
 
 @dataclass(frozen=True)
@@ -321,7 +378,8 @@ class DeviceReport:
         d = _mapping(d)
         return _read(cls, d, bundle=ReportBundle.from_dict, device=DeviceFacts.from_dict, backend=Backend.from_dict,
                      output_check_passed=lambda _: _mapping(d.get("output_check")).get("passed"),
-                     latency=Latency.from_dict, memory=MeasuredMemory.from_dict, deploy=DeployInfo.from_dict)
+                     latency=Latency.from_dict, deploy=DeployInfo.from_dict,
+                     memory=lambda m: MeasuredMemory.from_dict(m, _mapping(d.get("backend")).get("name")))
 
 
 # --- quality result (`redistill quality --json`, bench/quality_cli.py) --------------------------

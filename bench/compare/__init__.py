@@ -17,14 +17,15 @@ from typing import Any, Callable, Dict, Optional, Sequence
 
 from bench.compare.collect import Collected, collect
 from bench.compare.join import analyze_checkpoint, build, pair_rows
-from bench.compare.plots import (FOOTPRINT_PLOT, MEMORY_PLOT, draw_footprint, plot_footprint, plot_memory, plot_quality,
-                                 quality_plots)
+from bench.compare.measures import has_measures
+from bench.compare.plots import (FOOTPRINT_PLOT, MEASURES_PLOT, MEMORY_PLOT, draw_footprint, plot_footprint, plot_measures,
+                                 plot_memory, plot_quality, quality_plots)
 from bench.compare.tables import csv_rows, from_json, mem, render_markdown, to_json, write_csv
 from redistill.errors import UserError
 from redistill.io import atomic_write_json, atomic_write_text
 
 __all__ = ["Collected", "collect", "build", "pair_rows", "analyze_checkpoint", "render_markdown", "csv_rows",
-           "write_csv", "to_json", "from_json", "plot_memory", "plot_quality", "plot_footprint", "compare",
+           "write_csv", "to_json", "from_json", "plot_memory", "plot_measures", "plot_quality", "plot_footprint", "compare",
            "rewrite_pages"]
 
 
@@ -56,6 +57,9 @@ def _write_pages(res: Dict[str, Any], o: Path, footprint: Callable[[Dict[str, An
     run, sets ``res["footprint"]``, which the page lists)."""
     plots = quality_plots(res)
     files = {MEMORY_PLOT: plot_memory(res, o / MEMORY_PLOT)}
+    measures = has_measures(res)  # a record from before the per-method figures keeps its pages as they were
+    if measures:
+        files[MEASURES_PLOT] = plot_measures(res, o / MEASURES_PLOT)
     files[plots[0].plot_file] = plot_quality(res, plots[0], o / plots[0].plot_file)
     drawn = footprint(res, o / FOOTPRINT_PLOT)
     if drawn is not None:
@@ -65,7 +69,9 @@ def _write_pages(res: Dict[str, Any], o: Path, footprint: Callable[[Dict[str, An
     fp = res.get("footprint")
     listed = f"`{plots[0].plot_file}`" + (f" ({plots[0].plural})" + "".join(
         f", `{mt.plot_file}` ({mt.plural})" for mt in plots[1:]) if len(plots) > 1 else "")
-    md = render_markdown(res) + f"\n## Plots\n\n- `{MEMORY_PLOT}`, {listed}\n- `{FOOTPRINT_PLOT}`: " + (
+    md = render_markdown(res) + f"\n## Plots\n\n- `{MEMORY_PLOT}`, {listed}\n" + (
+        f"- `{MEASURES_PLOT}`: every measured figure against its theoretical liveness peak, one marker per method\n"
+        if measures else "") + f"- `{FOOTPRINT_PLOT}`: " + (
         ", ".join(f"{x['label']} (peak {mem(x['peak_bytes'])})" for x in fp) if isinstance(fp, list) else str(fp)) + "\n"
     files["compare.md"] = atomic_write_text(o / "compare.md", md)
     files["compare.csv"] = write_csv(res, o / "compare.csv")

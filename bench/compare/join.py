@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 from bench.compare.collect import Bundle, Collected, Quality, Report, Run
+from bench.compare.measures import measure_row, pair_methods
 from redistill.io import sha256_file
 from redistill.records import DEFAULT_TASK, BundleModel, Peaks, StageSummary
 from train.checkpoint import load_checkpoint, model_from_checkpoint
@@ -116,6 +117,8 @@ def deployment_row(item: Report, bundles_by_id: Dict[str, Bundle]) -> Dict[str, 
     theory = (manifest.memory if manifest else None) or r.memory.theoretical_detail or {}
     theo = theory.get("peak_bytes") or r.memory.theoretical_peak_bytes
     act = r.memory.activation_bytes
+    peaks = {"peak_bytes": theo, "inplace_peak_bytes": theory.get("inplace_peak_bytes"),
+             "layerwise_peak_bytes": theory.get("layerwise_peak_bytes")}
     return {
         "host": r.deploy.host or path.parent.parent.name, "device": r.device.model or r.device.machine,
         "backend": r.backend.name, "precision": r.backend.precision or b.precision, "bundle": b.name or path.parent.name,
@@ -130,6 +133,9 @@ def deployment_row(item: Report, bundles_by_id: Dict[str, Bundle]) -> Dict[str, 
         "model": b.model or (manifest.model.raw if manifest else None) or {},
         "task": b.task or (manifest.task if manifest else None) or DEFAULT_TASK,
         "notes": integrity_notes(r),
+        "theoretical_layerwise_peak_bytes": theory.get("layerwise_peak_bytes"),
+        "measures": [measure_row(f, peaks) for f in r.memory.figures],
+        "per_image_skipped": r.memory.per_image_skipped,
     }
 
 
@@ -331,7 +337,8 @@ def pair_rows(models: Dict[ModelKey, Dict[str, Any]]) -> List[Dict[str, Any]]:
                 if td:
                     row["measured"].append({"host": d["host"], "backend": d["backend"], "precision": d["precision"],
                                             "activation_ratio": ratio(td["activation_bytes"], d["activation_bytes"]),
-                                            "latency_p50_ratio": ratio(td["latency_p50_ms"], d["latency_p50_ms"])})
+                                            "latency_p50_ratio": ratio(td["latency_p50_ms"], d["latency_p50_ms"]),
+                                            **({"methods": pair_methods(td, d)} if "measures" in d else {})})
             if not row["measured"]:
                 row["notes"].append("teacher and student not measured on the same device/backend")
             rows.append(row)

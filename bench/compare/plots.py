@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 from bench.compare.join import TEACHER, analyze_checkpoint, key_of, method_label, model_key, pair_order, task_order
+from bench.compare.measures import activation_measure, method_title, methods_in
 from redistill.io import atomic_write
 from redistill.memory import MemoryReport, NodeRow, analyze_onnx
 from redistill.memory.plot import plot_reports
@@ -14,6 +15,7 @@ from train.losses import METHODS, methods_in_order
 from train.tasks import TaskMetric, metric_of, task_metrics
 
 MEMORY_PLOT = "memory_theory_vs_measured.png"
+MEASURES_PLOT = "memory_measured_vs_theory.png"
 FOOTPRINT_PLOT = "footprint_teacher_vs_student_red.png"
 
 
@@ -74,6 +76,9 @@ def plot_memory(res: Dict[str, Any], path) -> Path:
 
         def rat(m, k=k):
             d = next((d for d in m["deployments"] if (d["host"], str(d["backend"]), str(d["precision"])) == k), None)
+            act = activation_measure(d) if d else None
+            if act is not None:  # a record with resolutions: no bare ratio for a figure below its method's
+                return "below res." if act["below_resolution"] else act["ratio_liveness"]
             return d["ratio_measured_theoretical"] if d else None
 
         series.append((f"measured: {k[0]} {k[1]} {k[2]}", get, rat))
@@ -90,7 +95,8 @@ def plot_memory(res: Dict[str, Any], path) -> Path:
             for b, m in zip(bars, models):
                 r = rat(m)
                 if r is not None:
-                    ax.annotate(f"{r:.2f}x", (b.get_x() + b.get_width() / 2, b.get_height()), ha="center",
+                    ax.annotate(r if isinstance(r, str) else f"{r:.2f}x", (b.get_x() + b.get_width() / 2, b.get_height()),
+                                ha="center",
                                 va="bottom", fontsize=8, rotation=90 if len(series) > 4 else 0)
     log = bool(vals) and max(vals) / max(min(vals), 1e-9) > 20
     if log:
@@ -103,6 +109,59 @@ def plot_memory(res: Dict[str, Any], path) -> Path:
     ax.set_title(title + sub + "\nannotation: measured / theoretical liveness peak")
     ax.grid(True, axis="y", alpha=0.3)
     ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_measures(res: Dict[str, Any], path) -> Path:
+    """Log-log scatter of every measured figure against its theoretical liveness peak (batch 1; a batch-B figure
+    against B x theory), one marker per method, y = x dashed; error bars = the method's resolution, and a hollow
+    marker for a figure below it."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 6), dpi=110)
+    deployments = [d for m in res["models"] for d in m["deployments"]]
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    markers = "osD^v<>ph*"
+    xs_all, ys_all, left = [], [], 0
+    for i, method in enumerate(methods_in(deployments)):
+        pts = []
+        for d in deployments:
+            for x in d.get("measures") or []:
+                if x["method"] != method or x["ratio_liveness"] is None:
+                    continue
+                if x["bytes"] <= 0:  # a slope lost in its noise: no place on a log axis
+                    left += 1
+                    continue
+                pts.append((x["bytes"] / x["ratio_liveness"] / 1024, x["bytes"] / 1024,
+                            (x["resolution_bytes"] or 0) / 1024, x["below_resolution"]))
+        if not pts:
+            continue
+        color, marker = colors[i % len(colors)], markers[i % len(markers)]
+        for below in (False, True):
+            sel = [p for p in pts if p[3] == below]
+            if not sel:
+                continue
+            x, y, r = ([p[k] for p in sel] for k in range(3))
+            ax.errorbar(x, y, yerr=[[min(e, 0.9 * v) for e, v in zip(r, y)], r], fmt=marker, ms=8, capsize=3,
+                        color=color, mfc="none" if below else color, mec=color,
+                        label=method_title(method, deployments) + (" (below resolution)" if below else ""))
+        xs_all += [p[0] for p in pts]
+        ys_all += [p[1] for p in pts]
+    title = "Measured against theoretical peak activation memory"
+    if not xs_all:
+        plt.close(fig)
+        return _empty_plot(path, title, "no measured figure with a theoretical peak to compare with")
+    lo, hi = min(xs_all + ys_all) / 2, max(xs_all + ys_all) * 2
+    ax.plot([lo, hi], [lo, hi], "k--", lw=1, label="measured = theory")
+    _log_axis(ax, "x")
+    _log_axis(ax, "y")
+    ax.set_xlim(lo, hi)
+    ax.set_ylim(lo, hi)
+    ax.set_xlabel("theoretical liveness peak (KiB; x batch for a batch figure)"
+                  + (f"\nnot drawn: {left} figure(s) of 0 bytes or less" if left else ""))
+    ax.set_ylabel("measured (KiB; per image for a slope)")
+    ax.set_title(title + "\nerror bar: the method's resolution; hollow: below it")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
     return _save(fig, path)
 
 

@@ -9,9 +9,11 @@ from __future__ import annotations
 import csv
 import io
 from pathlib import Path, PurePath
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 from bench.compare.join import method_label, model_label
+from bench.compare.measures import (activation_measure, flag, has_measures, measure_cell, method_title, methods_in,
+                                    pair_method_text)
 from redistill.io import atomic_write_text
 from redistill.memory import fmt_bytes
 from redistill.records import DEFAULT_TASK
@@ -85,8 +87,10 @@ def _models_table(mt: TaskMetric, models: List[Dict[str, Any]]) -> str:
 def _pairs_table(mt: TaskMetric, pairs: List[Dict[str, Any]]) -> str:
     k, spec, rows = mt.key, mt.fmt, []
     for p in pairs:
-        meas = "; ".join(f"{x['host']}/{x['backend']}/{x['precision']}: memory {_fmt(x['activation_ratio'], '.2f', 'x')}, "
-                         f"p50 {_fmt(x['latency_p50_ratio'], '.2f', 'x')}" for x in p["measured"])
+        meas = "; ".join(f"{x['host']}/{x['backend']}/{x['precision']}: " + (
+            ", ".join(filter(None, map(pair_method_text, x["methods"]))) if "methods" in x
+            else f"memory {_fmt(x['activation_ratio'], '.2f', 'x')}") + f", p50 {_fmt(x['latency_p50_ratio'], '.2f', 'x')}"
+            for x in p["measured"])
         rows.append([f"{p['teacher']} -> {p['student']} ({p['image_size']} px)", method_label(p["method"]),
                      _fmt(p[k], spec), _fmt(p[f"teacher_{k}"], spec), _fmt(p[f"student_alone_{k}"], spec),
                      _fmt(p["gap"], spec), _fmt(None if p["recovered"] is None else 100 * p["recovered"], ".1f", " %"),
@@ -119,19 +123,29 @@ def render_markdown(res: Dict[str, Any]) -> str:
             out += ["", mt.models_heading, ""]
         out.append(_models_table(mt, models))
     out += ["", "## Measured on devices", ""]
+    measured = has_measures(res)
     rows = []
     for m in res["models"]:
         if not m["deployments"]:
-            rows.append([m["label"]] + [""] * 11 + ["not deployed (no device report)"])
+            rows.append([m["label"]] + [""] * (12 if measured else 11) + ["not deployed (no device report)"])
         for d in m["deployments"]:
+            act = activation_measure(d)
+            resolution = ([mem(act["resolution_bytes"]) if act else ""] if measured else [])
+            ratio = _fmt(d["ratio_measured_theoretical"], ".2f", "x")
+            if act is not None:
+                ratio = flag(act) if act["below_resolution"] else _fmt(act["ratio_liveness"], ".2f", "x")
+            elif measured and ratio:
+                ratio += " (resolution unknown)"
             rows.append([m["label"], d["host"], d["device"] or "", d["backend"] or "", d["precision"] or "", d["bundle"],
-                         mem(d["theoretical_peak_bytes"]), mem(d["activation_bytes"]),
-                         _fmt(d["ratio_measured_theoretical"], ".2f", "x"), mem(d["process_peak_bytes"]),
+                         mem(d["theoretical_peak_bytes"]), mem(d["activation_bytes"])] + resolution +
+                        [ratio, mem(d["process_peak_bytes"]),
                          _fmt(d["latency_p50_ms"], ".3f"), _fmt(d["latency_p99_ms"], ".3f"),
                          "; ".join(deployment_notes(d))])
     out.append(_table(["model", "host", "device", "backend", "precision", "bundle", "theoretical peak",
-                       "measured activation", "measured / theoretical", "process peak (VmHWM)",
-                       "p50 (ms)", "p99 (ms)", "notes"], rows))
+                       "measured activation"] + (["resolution"] if measured else []) +
+                      ["measured / theoretical", "process peak (VmHWM)", "p50 (ms)", "p99 (ms)", "notes"], rows))
+    if measured:
+        out += ["", "## Theory against each measurement", "", MEASURES_INTRO, "", _measures_table(res)]
     out += ["", "## Pairs: accuracy gap recovered and teacher/student ratios", ""]
     for i, (mt, pairs) in enumerate(by_metric(res["pairs"])):
         if i:
@@ -153,6 +167,29 @@ def render_markdown(res: Dict[str, Any]) -> str:
     return "\n".join(out) + "\n"
 
 
+MEASURES_INTRO = (
+    "Each measured figure beside the theory (batch 1; a batch-B figure is compared with B x theory), as "
+    "`measured: / liveness / in-place (resolution)`. A figure below its method's resolution is flagged instead of "
+    "given a ratio. Per-image figures are the slope of peak memory over batch size (docs/deploy.md).")
+
+
+def _measures_table(res: Dict[str, Any]) -> str:
+    """One row per deployment: the three theoretical peaks, then one column per measured method."""
+    deployments = [d for m in res["models"] for d in m["deployments"]]
+    methods = methods_in(deployments)
+    rows = []
+    for m in res["models"]:
+        for d in m["deployments"]:
+            by = {x["method"]: x for x in d.get("measures") or []}
+            notes = [f"per image not measured: {d['per_image_skipped']}"] if d.get("per_image_skipped") else []
+            rows.append([m["label"], d["host"], d["backend"] or "", d["precision"] or "",
+                         mem(d["theoretical_peak_bytes"]), mem(d["theoretical_inplace_peak_bytes"]),
+                         mem(d.get("theoretical_layerwise_peak_bytes"))]
+                        + [measure_cell(by.get(x)) for x in methods] + ["; ".join(notes)])
+    return _table(["model", "host", "backend", "precision", "liveness", "in-place", "layer-wise (paper)"]
+                  + [method_title(x, deployments) for x in methods] + ["notes"], rows)
+
+
 def deployment_notes(d: Dict[str, Any]) -> List[str]:
     """What a deployment row's figures need said: a failed output check, a manifest edited after export."""
     return (["output check FAILED"] if d["output_check_passed"] is False else []) + list(d.get("notes") or [])
@@ -164,8 +201,19 @@ DEPLOYMENT_COLUMNS = ["host", "device", "backend", "precision", "bundle", "bundl
                       "latency_p50_ms", "latency_p99_ms", "output_check_passed"]
 
 
-def csv_columns() -> List[str]:
-    """The CSV header: per task (registry order) its figure, spread and ONNX columns, and its pair columns."""
+#: kind=measure rows (one per deployment and measured method); only in a record that has them
+MEASURE_COLUMNS = ["measure", "measure_label", "measured_bytes", "per_image", "measure_batch", "resolution_bytes",
+                   "below_resolution", "ratio_liveness", "ratio_inplace", "ratio_layerwise", "fit_max_abs_residual_bytes",
+                   "fit_r2"]
+
+
+def csv_columns(res: Optional[Dict[str, Any]] = None) -> List[str]:
+    """The CSV header: per task (registry order) its figure, spread and ONNX columns, and its pair columns; the
+    measure columns when ``res`` has per-method figures."""
+    return _base_columns() + (MEASURE_COLUMNS if res is not None and has_measures(res) else [])
+
+
+def _base_columns() -> List[str]:
     metrics = list(dict.fromkeys(task_metrics().values()))
     figures = [c for mt in metrics for c in (mt.key, f"{mt.key}_std", f"{mt.key}_min", f"{mt.key}_max",
                                                f"onnx_fp32_{mt.onnx.name}", f"int8_{mt.onnx.name}")]
@@ -208,6 +256,16 @@ def csv_rows(res: Dict[str, Any]) -> List[Dict[str, Any]]:
                 row["bundle_theoretical_peak_bytes"] = d["theoretical_peak_bytes"]
                 row["notes"] = "; ".join(filter(None, [row["notes"], *(d.get("notes") or [])]))
             rows.append(row)
+    for m in res["models"]:
+        for d in m["deployments"]:
+            for x in d.get("measures") or []:
+                rows.append({"kind": "measure", "task": m["task"], "model": m["label"], "arch": m["arch"],
+                             "method": m["method"], "image_size": m["image_size"],
+                             **{k: d[k] for k in ("host", "device", "backend", "precision", "bundle")},
+                             "bundle_theoretical_peak_bytes": d["theoretical_peak_bytes"],
+                             "measure": x["method"], "measure_label": x["label"], "measured_bytes": x["bytes"],
+                             "measure_batch": x["batch"], **{k: x[k] for k in MEASURE_COLUMNS if k in x},
+                             "notes": x["resolution_how"] or ""})
     for e in res["entries"]:
         rows.append({"kind": "run", "task": e["task"], "model": model_label(e["arch"], e["method"], e["image_size"], e["task"]),
                      "arch": e["arch"], "method": e["method"], "image_size": e["image_size"], "run": e["run"],
@@ -229,7 +287,7 @@ def csv_rows(res: Dict[str, Any]) -> List[Dict[str, Any]]:
 
 def write_csv(res: Dict[str, Any], path) -> Path:
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=csv_columns(), extrasaction="ignore", lineterminator="\n")
+    w = csv.DictWriter(buf, fieldnames=csv_columns(res), extrasaction="ignore", lineterminator="\n")
     w.writeheader()
     for r in csv_rows(res):
         w.writerow({k: ("" if v is None else v) for k, v in r.items()})

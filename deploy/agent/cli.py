@@ -49,6 +49,8 @@ def build_parser():
     p.add_argument("--pid-file", help=argparse.SUPPRESS)  # written by the deploy's shell; removed at exit
     p.add_argument("--phase", choices=sorted(PHASES), help=argparse.SUPPRESS)
     p.add_argument("--phase-out", help=argparse.SUPPRESS)
+    p.add_argument("--point-batch", type=int, help=argparse.SUPPRESS)  # a slope point's batch (--phase slope-point)
+    p.add_argument("--point-opt", choices=("off", "on"), help=argparse.SUPPRESS)  # its ORT graph optimisations
     return p
 
 

@@ -30,12 +30,31 @@ PRECISIONS = ("auto", "fp32", "fp16", "int8")
 LOCK_ENV = "REDISTILL_AGENT_LOCK"
 
 
+#: the batch-1 resident-memory delta cannot tell apart figures closer than this: 24 deploys of one bundle measured
+#: 112-300 KiB (buffers under the 64 KiB mmap threshold come from the heap, whose reuse RSS does not show)
+RSS_DELTA_RESOLUTION_BYTES = 192 * 1024
+
+
+def batch_list(text):
+    """``1,4,16,64`` -> (1, 4, 16, 64); ``none`` -> () (no per-image slope). A bad item raises ValueError."""
+    text = str(text).strip().lower()
+    if text in ("", "none", "off"):
+        return ()
+    return tuple(int(x) for x in text.split(","))
+
+
+def format_batch_list(batches):
+    return ",".join(str(b) for b in batches) or "none"
+
+
 class Option(object):
-    """One measurement option of the agent; the agent, ``redistill deploy`` and the loopback bench all take it."""
+    """One measurement option of the agent; the agent, ``redistill deploy`` and the loopback bench all take it.
+    ``format`` writes a parsed value back as the agent argument (default ``str``); ``minimum`` and ``maximum`` apply
+    to every item of a tuple value."""
 
-    __slots__ = ("flag", "type", "default", "help", "choices", "minimum", "maximum")
+    __slots__ = ("flag", "type", "default", "help", "choices", "minimum", "maximum", "format")
 
-    def __init__(self, flag, type, default, help, choices=None, minimum=None, maximum=None):
+    def __init__(self, flag, type, default, help, choices=None, minimum=None, maximum=None, format=str):
         self.flag = flag
         self.type = type
         self.default = default
@@ -43,6 +62,7 @@ class Option(object):
         self.choices = choices
         self.minimum = minimum
         self.maximum = maximum
+        self.format = format
 
     @property
     def dest(self):
@@ -66,6 +86,8 @@ MEASURE_OPTIONS = (
            choices=("auto", "cpu", "cuda")),
     Option("--workspace-mb", int, 256, "TensorRT builder workspace in MiB", minimum=1),
     Option("--min-top1", float, 0.9, "top-1 agreement the output check needs", minimum=0, maximum=1),
+    Option("--slope-batches", batch_list, "1,4,16,64", "batch sizes of the per-image memory slope, each measured in a "
+           "fresh process (dynamic-batch bundles; none = skip)", minimum=1, format=format_batch_list),
 )
 
 
@@ -90,10 +112,14 @@ def measure_option_error(namespace):
     """The first measurement option outside its range as one line, or None when all are valid."""
     for o in MEASURE_OPTIONS:
         value = getattr(namespace, o.dest)
-        if o.minimum is not None and value < o.minimum:
-            return "%s must be at least %s (got %s)" % (o.flag, o.minimum, value)
-        if o.maximum is not None and value > o.maximum:
-            return "%s must be at most %s (got %s)" % (o.flag, o.maximum, value)
+        for item in (value if isinstance(value, tuple) else (value,)):
+            if o.minimum is not None and item < o.minimum:
+                return "%s must be at least %s (got %s)" % (o.flag, o.minimum, item)
+            if o.maximum is not None and item > o.maximum:
+                return "%s must be at most %s (got %s)" % (o.flag, o.maximum, item)
+    batches = getattr(namespace, "slope_batches", ())
+    if batches and len(set(batches)) < 3:  # two points always fit a line exactly: no residual, no resolution
+        return "--slope-batches needs at least three different batch sizes (got %s), or none" % format_batch_list(batches)
     return None
 
 
@@ -101,5 +127,5 @@ def measure_argv(namespace):
     """Every measurement option of a parsed namespace as agent arguments (``--flag value`` pairs, table order)."""
     argv = []
     for o in MEASURE_OPTIONS:
-        argv += [o.flag, str(getattr(namespace, o.dest))]
+        argv += [o.flag, o.format(getattr(namespace, o.dest))]
     return argv

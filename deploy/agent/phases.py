@@ -1,4 +1,5 @@
-"""The measurement phases, each run in its own process: latency (with the output check) and memory.
+"""The measurement phases, each run in its own process: latency (with the output check), memory, and one point of
+the per-image slope (slope.py).
 
 A phase takes the parsed options, the verified bundle and its id, and returns a JSON-ready dict.
 """
@@ -9,8 +10,10 @@ import numpy as np
 
 from .backends import choose_backend
 from .bundle import batch_of, input_batch_is_dynamic, load_reference, sample_count, take_samples
-from .common import log
+from .common import AgentError, log
+from .contract import RSS_DELTA_RESOLUTION_BYTES
 from .probes import RssSampler, SystemRamSampler, meminfo_used_bytes, proc_status_kb, reset_peak_rss, trim_heap
+from .slope import SLOPE_ITERS, page_bytes
 
 
 def output_check(backend, manifest, x, y):
@@ -108,25 +111,19 @@ def phase_memory(args, bundle_dir, manifest, bid):
         mem = {}
         act = backend.activation_memory()
         if act is None:
-            delta = (peak_during_kb - rss_loaded) * 1024 if rss_loaded is not None else None
-            act = {"bytes": delta,
-                   "what": "extra resident memory of the process while running inference over what it held once the "
-                           "model was loaded: activations, scratch and anything the first run allocates",
-                   "how": "peak RSS during %d inferences (%s) minus VmRSS after InferenceSession creation and one warm-up inference%s, with ORT's "
-                          "CPU memory arena and memory pattern off and glibc's mmap threshold at 64 KiB, so that each "
-                          "activation buffer is mapped when allocated and unmapped when freed"
-                          % (args.mem_iters, "VmHWM after resetting it via /proc/self/clear_refs" if reset
-                             else "VmRSS sampled every 1 ms", " and malloc_trim(0)" if trimmed else "")}
-            if backend.info.get("providers", ["CPUExecutionProvider"])[0] != "CPUExecutionProvider":
-                act["how"] += "; CUDA allocations are not resident-set memory unless the GPU shares RAM"
+            act = rss_delta_figure(args, backend, batch, peak_during_kb, rss_loaded, reset, trimmed)
         mem["activation"] = act
-        mem["process_peak"] = {"bytes": max(hwm_end or 0, hwm_loaded or 0) * 1024,
-                               "what": "highest resident memory of the agent's memory-run process, loading included",
-                               "how": "VmHWM from /proc/self/status at the end of the memory run"}
-        mem["process_after_load"] = {"bytes": rss_loaded * 1024 if rss_loaded else None,
-                                     "startup_bytes": rss_start * 1024 if rss_start else None,
-                                     "what": "resident memory once the model was loaded (interpreter, libraries, weights)",
-                                     "how": "VmRSS from /proc/self/status right after loading"}
+        page = page_bytes()
+        by_page = {"resolution_bytes": page, "resolution_how": "one page (%d B): resident memory is counted in pages"
+                   % page}
+        mem["process_peak"] = dict({"bytes": max(hwm_end or 0, hwm_loaded or 0) * 1024,
+                                    "what": "highest resident memory of the agent's memory-run process, loading included",
+                                    "how": "VmHWM from /proc/self/status at the end of the memory run"}, **by_page)
+        mem["process_after_load"] = dict({"bytes": rss_loaded * 1024 if rss_loaded else None,
+                                          "startup_bytes": rss_start * 1024 if rss_start else None,
+                                          "what": "resident memory once the model was loaded (interpreter, libraries, "
+                                                  "weights)",
+                                          "how": "VmRSS from /proc/self/status right after loading"}, **by_page)
         mem["system_ram"] = ram.summary(before[0] if before else None)
         mem["iterations"] = args.mem_iters
         mem["batch"] = batch
@@ -137,4 +134,54 @@ def phase_memory(args, bundle_dir, manifest, bid):
         backend.close()
 
 
-PHASES = {"latency": phase_latency, "memory": phase_memory}
+def rss_delta_figure(args, backend, batch, peak_kb, rss_loaded_kb, reset, trimmed):
+    """ONNX Runtime's activation figure: peak resident memory during inference over what the loaded model held."""
+    act = {"method": "onnxruntime_rss_delta", "label": "ORT batch-%d RSS delta" % batch, "per_image": False,
+           "batch": batch, "bytes": (peak_kb - rss_loaded_kb) * 1024 if rss_loaded_kb is not None else None,
+           "what": "extra resident memory of the process while running inference over what it held once the "
+                   "model was loaded: activations, scratch and anything the first run allocates",
+           "how": "peak RSS during %d inferences (%s) minus VmRSS after InferenceSession creation and one warm-up "
+                  "inference%s, graph optimisations on (ORT's default), with ORT's CPU memory arena and memory "
+                  "pattern off and glibc's mmap threshold at "
+                  "64 KiB, so that each activation buffer is mapped when allocated and unmapped when freed"
+                  % (args.mem_iters, "VmHWM after resetting it via /proc/self/clear_refs" if reset
+                     else "VmRSS sampled every 1 ms", " and malloc_trim(0)" if trimmed else ""),
+           "quantum_bytes": page_bytes(), "resolution_bytes": RSS_DELTA_RESOLUTION_BYTES,
+           "resolution_how": "measured spread: 24 deploys of one bundle gave 112-300 KiB; buffers under the 64 KiB "
+                             "mmap threshold come from the heap, whose reuse resident memory does not show"}
+    if backend.info.get("providers", ["CPUExecutionProvider"])[0] != "CPUExecutionProvider":
+        act["how"] += "; CUDA allocations are not resident-set memory unless the GPU shares RAM"
+    return act
+
+
+def phase_slope_point(args, bundle_dir, manifest, bid):
+    """One point of the per-image slope at ``--point-batch``: TensorRT's device memory for an engine whose one
+    profile is that batch, or ONNX Runtime's peak resident memory over its loaded baseline (``--point-opt``)."""
+    x_ref, _ = load_reference(bundle_dir, manifest)
+    batch = args.point_batch
+    x = batch_of(x_ref, batch)  # allocated before the baseline: the input is not in the figure
+    backend, load_s = make_backend(args, bundle_dir, manifest, bid)
+    try:
+        act = backend.activation_memory()
+        if act is not None:
+            log("slope: batch %d, %s %d bytes" % (batch, act["attr"], act["bytes"]))
+            return {"batch": batch, "bytes": act["bytes"], "attr": act["attr"], "load_seconds": load_s}
+        backend.infer(x)
+        trim_heap()
+        baseline = proc_status_kb("VmRSS")
+        reset = reset_peak_rss()
+        for _ in range(SLOPE_ITERS):
+            backend.infer(x)
+        peak = proc_status_kb("VmHWM")
+        if peak is None or baseline is None:
+            raise AgentError("refused", "/proc/self/status has no VmRSS/VmHWM here, so memory per image cannot be "
+                             "measured; run with --slope-batches none")
+        log("slope: batch %d, graph optimisations %s, peak %d KiB over %d KiB"
+            % (batch, args.point_opt, peak - baseline, baseline))
+        return {"batch": batch, "bytes": (peak - baseline) * 1024, "peak_bytes": peak * 1024,
+                "baseline_bytes": baseline * 1024, "hwm_reset": reset, "load_seconds": load_s}
+    finally:
+        backend.close()
+
+
+PHASES = {"latency": phase_latency, "memory": phase_memory, "slope-point": phase_slope_point}

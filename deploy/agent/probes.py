@@ -167,14 +167,20 @@ class SystemRamSampler(object):
                 pass
         self._thread.join(timeout=5)
 
+    def resolution(self):
+        unit = 1 << 20 if self.source == "tegrastats" else 1024
+        return {"resolution_bytes": unit,
+                "resolution_how": "the unit %s reports (%s); every other process moves this figure too, so only "
+                                  "differences of many MiB mean anything" % (self.source, "MB" if unit > 1024 else "kB")}
+
     def summary(self, before):
         if not self.samples:
-            return {"bytes": None, "source": self.source, "what": "system RAM in use during the memory run",
-                    "how": (self.how or "") + "; no samples were read"}
-        return {"bytes": max(self.samples), "min_bytes": min(self.samples), "before_bytes": before,
-                "total_bytes": self.total, "samples": len(self.samples), "source": self.source,
-                "what": "system-wide RAM in use (all processes; on a Jetson the GPU shares this RAM) while the model ran",
-                "how": self.how}
+            return dict({"bytes": None, "source": self.source, "what": "system RAM in use during the memory run",
+                         "how": (self.how or "") + "; no samples were read"}, **self.resolution())
+        return dict({"bytes": max(self.samples), "min_bytes": min(self.samples), "before_bytes": before,
+                     "total_bytes": self.total, "samples": len(self.samples), "source": self.source,
+                     "what": "system-wide RAM in use (all processes; on a Jetson the GPU shares this RAM) while the "
+                             "model ran", "how": self.how}, **self.resolution())
 
 
 # glibc: buffers of 64 KiB and more get their own pages and give them back when freed, so resident memory

@@ -9,13 +9,14 @@ import tempfile
 import time
 
 from .backends import choose_backend
-from .bundle import bundle_inputs, load_and_verify_bundle
+from .bundle import bundle_inputs, input_batch_is_dynamic, load_and_verify_bundle
 from .common import AgentError, PhaseCrashed, log
-from .contract import AGENT_VERSION, REPORT_SCHEMA, REPORT_SCHEMA_VERSION
+from .contract import AGENT_VERSION, REPORT_SCHEMA, REPORT_SCHEMA_VERSION, format_batch_list
 from .device import device_facts
 from .fingerprint import AGENT_DIR, agent_sha256
 from .lock import DeviceLock, lock_path
 from .probes import MEMORY_PHASE_ENV
+from .slope import measure_per_image
 
 
 def run_phase_subprocess(phase, argv):
@@ -25,7 +26,7 @@ def run_phase_subprocess(phase, argv):
     try:
         cmd = [sys.executable, AGENT_DIR] + argv + ["--phase", phase, "--phase-out", out]
         env = dict(os.environ)
-        if phase == "memory":
+        if phase in ("memory", "slope-point"):
             env.update(MEMORY_PHASE_ENV)
         rc = subprocess.call(cmd, env=env)
         if rc != 0:
@@ -70,6 +71,12 @@ def build_report(args, argv):
         facts = device_facts()
         lat = run_phase_subprocess("latency", phase_argv)
         mem = run_phase_subprocess("memory", phase_argv)
+        if args.slope_batches and input_batch_is_dynamic(manifest):
+            log("per-image memory: batches %s, each in a fresh process"
+                % format_batch_list(sorted(set(args.slope_batches))))
+        mem["memory"]["per_image"] = measure_per_image(
+            args.slope_batches, input_batch_is_dynamic(manifest), cls.name, lat["backend"].get("providers"),
+            lambda extra: run_phase_subprocess("slope-point", phase_argv + extra))
     mem["memory"]["theoretical_peak"] = theoretical_peak(manifest)
     report = {
         "schema": REPORT_SCHEMA, "schema_version": REPORT_SCHEMA_VERSION, "created": iso_now(),

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from bench.compare import build, collect
-from bench.compare.tables import csv_columns, render_markdown
+from deploy.agent.contract import RSS_DELTA_RESOLUTION_BYTES
+from bench.compare.tables import MEASURE_COLUMNS, csv_columns, render_markdown
 from export.bundle import read_manifest
 from export.pipeline import ExportOptions, run_export
 from redistill.cli import main
@@ -46,7 +47,8 @@ def _measure(bundle: Path, reports: Path, stamp: str) -> Path:
     """The agent run on ``bundle`` here (as on a device), its report filed like deploy's: reports/HOST/BUNDLE/STAMP.json."""
     out = reports / "loop0" / bundle.name / f"{stamp}.json"
     r = subprocess.run([sys.executable, str(AGENT), "--bundle", str(bundle), "--json-out", str(out), "--warmup", "1",
-                        "--iters", "5", "--mem-iters", "2", "--sample-ms", "10", "--threads", "1"],
+                        "--iters", "5", "--mem-iters", "2", "--sample-ms", "10", "--threads", "1", "--slope-batches",
+                        "1,2,4"],
                        env=cli_env(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     return out
@@ -135,6 +137,21 @@ def test_bundles_and_newest_report_join_their_model(cls):
         assert "not deployed (no device report)" in m["notes"] and m["deployments"] == []
 
 
+def test_batch1_bundles_say_why_there_is_no_per_image_figure(cls):
+    """The export's default bundles have a fixed batch of 1: their reports carry the batch-1 delta with its resolution
+    and the reason there is no slope, and compare shows both."""
+    _, out = cls
+    red = _model(_json(out / "compare.json"), "red")
+    (dep,) = red["deployments"]
+    (x,) = dep["measures"]
+    assert x["method"] == "onnxruntime_rss_delta" and x["resolution_bytes"] == RSS_DELTA_RESOLUTION_BYTES
+    assert x["below_resolution"] == (dep["activation_bytes"] < RSS_DELTA_RESOLUTION_BYTES)
+    assert "--dynamic-batch" in dep["per_image_skipped"]
+    md = (out / "compare.md").read_text()
+    assert "## Theory against each measurement" in md and "per image not measured: the bundle's input" in md
+    assert (out / "memory_measured_vs_theory.png").read_bytes()[:4] == b"\x89PNG"
+
+
 def test_pairs_gap_recovered_and_ratios(cls):
     root, out = cls
     doc = _json(out / "compare.json")
@@ -148,6 +165,13 @@ def test_pairs_gap_recovered_and_ratios(cls):
     td, rd = t["deployments"][0], red["deployments"][0]
     assert meas["activation_ratio"] == pytest.approx(td["activation_bytes"] / rd["activation_bytes"])
     assert meas["latency_p50_ratio"] == pytest.approx(td["latency_p50_ms"] / rd["latency_p50_ms"])
+    (per_method,) = meas["methods"]  # fixed-batch bundles: the batch-1 delta only, flagged where below resolution
+    assert per_method["method"] == "onnxruntime_rss_delta" and per_method["ratio"] == pytest.approx(meas["activation_ratio"])
+    below = [who for who, d in (("teacher", td), ("student", rd)) if d["activation_bytes"] < RSS_DELTA_RESOLUTION_BYTES]
+    assert per_method["below_resolution"] == below
+    cell = (f"{' and '.join(below)} below resolution (192.00 KiB)" if below
+            else f"ORT batch-1 RSS delta {per_method['ratio']:.2f}x")
+    assert cell in (out / "compare.md").read_text()
     assert _pair(doc, "student")["recovered"] is None
     assert "teacher and student not measured on the same device/backend" in _pair(doc, "kd")["notes"]
     assert f"{p['theory_ratio']:.2f}x" in (out / "compare.md").read_text()
@@ -156,7 +180,7 @@ def test_pairs_gap_recovered_and_ratios(cls):
 def test_csv_rows(cls):
     _, out = cls
     rows = list(csv.DictReader((out / "compare.csv").open()))
-    assert list(rows[0]) == csv_columns()
+    assert list(rows[0]) == csv_columns() + MEASURE_COLUMNS  # these reports have per-method figures
     kd = next(r for r in rows if r["kind"] == "model" and r["method"] == "kd")
     assert kd["activation_bytes"] == "" and kd["latency_p50_ms"] == "" and "not deployed" in kd["notes"]
     doc = _json(out / "compare.json")
@@ -425,3 +449,54 @@ def test_a_report_of_an_edited_manifest_is_flagged(tiny_report, tmp_path):
     path.write_text(json.dumps(report))
     assert main(["compare", "--bundles", str(bundles), "--reports", str(reports), "--out", str(out), "--no-analyze"]) == 0
     assert _json(out / "compare.json")["models"][0]["deployments"][0]["notes"] == []
+
+
+def test_slope_columns_and_the_below_resolution_flag(tiny_report, tmp_path):
+    """A dynamic-batch bundle's real report: the batch-1 delta and both ORT slopes side by side with the theory. A
+    figure below its method's resolution is flagged, never given a bare ratio; one above it gets its ratio and
+    resolution."""
+    import shutil
+
+    bundles, good = tiny_report
+    reports = tmp_path / "reports"
+    shutil.copytree(good, reports)
+    path = next(reports.rglob("1.json"))
+    report = json.loads(path.read_text())
+    mem = report["memory"]
+    assert [f["method"] for f in mem["per_image"]["figures"]] == ["onnxruntime_slope_opt_off", "onnxruntime_slope_opt_on"]
+    theory = mem["theoretical_peak"]["bytes"]
+    # pin the figures on either side of their resolutions, so the flag is tested whatever this machine measured
+    mem["activation"]["bytes"] = mem["activation"]["resolution_bytes"] // 2
+    off, on = mem["per_image"]["figures"]
+    off["resolution_bytes"], off["bytes"] = 1024, 3 * theory
+    on["resolution_bytes"], on["bytes"] = 4 * theory, 2 * theory
+    path.write_text(json.dumps(report))
+    out = tmp_path / "out"
+    assert main(["compare", "--bundles", str(bundles), "--reports", str(reports), "--out", str(out), "--no-analyze"]) == 0
+    (dep,) = _json(out / "compare.json")["models"][0]["deployments"]
+    by = {x["method"]: x for x in dep["measures"]}
+    assert list(by) == ["onnxruntime_rss_delta", "onnxruntime_slope_opt_off", "onnxruntime_slope_opt_on"]
+    assert by["onnxruntime_rss_delta"]["below_resolution"] and not by["onnxruntime_slope_opt_off"]["below_resolution"]
+    assert by["onnxruntime_slope_opt_off"]["ratio_liveness"] == pytest.approx(3.0) and by["onnxruntime_slope_opt_on"][
+        "below_resolution"]
+    md = (out / "compare.md").read_text()
+    table = md.split("## Theory against each measurement")[1].split("\n## ")[0]
+    assert ("| ORT RSS delta (batch 1 unless noted) | ORT per image, optimisations off | ORT per image, optimisations "
+            "on |") in table
+    row = next(line for line in table.splitlines() if "tiny-conv" in line)
+    assert "96.00 KiB: below resolution (192.00 KiB)" in row
+    assert "/image: 3.00x / n/a (resolution 1.00 KiB)" in row  # this bundle's manifest has no in-place peak
+    assert f"below resolution ({_kib(4 * theory)})" in row
+    # the devices table flags the batch-1 figure too, beside its resolution, instead of its ratio
+    devices = md.split("## Measured on devices")[1].split("\n## ")[0]
+    assert "| 96.00 KiB | 192.00 KiB | below resolution (192.00 KiB) |" in devices
+    rows = [r for r in csv.DictReader((out / "compare.csv").open()) if r["kind"] == "measure"]
+    assert [r["measure"] for r in rows] == list(by) and [r["below_resolution"] for r in rows] == ["True", "False", "True"]
+    assert float(rows[1]["ratio_liveness"]) == pytest.approx(3.0) and rows[1]["per_image"] == "True"
+    assert (out / "memory_measured_vs_theory.png").is_file()
+
+
+def _kib(b: int) -> str:
+    from redistill.memory import fmt_bytes
+
+    return fmt_bytes(b)

@@ -6,12 +6,22 @@ Each fake exposes only the attributes its real version has (8.2: ``max_workspace
 no ``build_engine``) and records every call. The "engine" runs the ONNX model with
 onnxruntime so buffers and shapes are exercised. Models with several inputs (a denoiser's x, t) are
 supported; the fake engine lists their bindings in REVERSED ONNX order, so that an agent that binds
-by position instead of by name feeds the wrong buffers. Passing tests here do NOT verify TensorRT.
+by position instead of by name feeds the wrong buffers. The engine's device memory grows with the largest batch
+of its optimisation profiles (``device_memory(base, batch)``), as a real engine's is sized for it. Passing tests
+here do NOT verify TensorRT.
 """
 
+import re
 import types
 
 import numpy as np
+
+#: device memory of a FAKE engine: base (12345 on 8.2, 23456 on 10.x) + this per image beyond the first
+FAKE_BYTES_PER_IMAGE = 1000
+
+
+def device_memory(base, max_batch):
+    return base + FAKE_BYTES_PER_IMAGE * (max_batch - 1)
 
 
 class _Enum:
@@ -180,8 +190,12 @@ def make_fake_tensorrt(version, calls, memory, fast_int8=False, fast_fp16=True):
                 object.__setattr__(self, k, v)
 
     class Profile:
+        def __init__(self):
+            self.max_batch = 1
+
         def set_shape(self, name, lo, opt, hi):
             calls.append("profile.set_shape(%s, %s, %s, %s)" % (name, lo, opt, hi))
+            self.max_batch = max(self.max_batch, hi[0])
 
     class Builder:
         platform_has_fast_int8 = fast_int8
@@ -202,7 +216,9 @@ def make_fake_tensorrt(version, calls, memory, fast_int8=False, fast_fp16=True):
 
         def build_serialized_network(self, network, config):
             calls.append("builder.build_serialized_network")
-            return b"FAKE-TRT-ENGINE:" + ",".join(config.flags).encode() + b"\n" + network.onnx
+            max_batch = max([p.max_batch for p in config.profiles] or [1])
+            return (b"FAKE-TRT-ENGINE:" + ",".join(config.flags).encode() + b";max_batch=%d;profiles=%d\n"
+                    % (max_batch, len(config.profiles)) + network.onnx)
 
     if not v10:
         def build_engine(self, network, config):
@@ -216,6 +232,9 @@ def make_fake_tensorrt(version, calls, memory, fast_int8=False, fast_fp16=True):
 
     class Engine:
         def __init__(self, blob):
+            header = blob.split(b"\n", 1)[0].decode()
+            self.max_batch = int(re.search(r"max_batch=(\d+)", header).group(1))
+            self.num_optimization_profiles = int(re.search(r"profiles=(\d+)", header).group(1))
             self.sess = ort_session(blob)
             ins = self.sess.get_inputs()
             self.inputs = [i.name for i in ins][::-1]  # reversed: the agent must bind by name
@@ -253,7 +272,10 @@ def make_fake_tensorrt(version, calls, memory, fast_int8=False, fast_fp16=True):
     if v10:
         class Engine10(Engine):
             device_memory_size = 999  # deprecated in 10; the agent must prefer _v2
-            device_memory_size_v2 = 23456
+
+            @property
+            def device_memory_size_v2(self):
+                return device_memory(23456, self.max_batch)
 
             @property
             def num_io_tensors(self):
@@ -288,7 +310,9 @@ def make_fake_tensorrt(version, calls, memory, fast_int8=False, fast_fp16=True):
         EngineCls, Context = Engine10, Context10
     else:
         class Engine82(Engine):
-            device_memory_size = 12345
+            @property
+            def device_memory_size(self):
+                return device_memory(12345, self.max_batch)
 
             @property
             def num_bindings(self):

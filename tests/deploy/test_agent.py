@@ -18,8 +18,9 @@ from deploy.agent import bundle as agent_bundle
 from deploy.agent import device, phases, probes
 from deploy.agent.backends import choose_backend
 from deploy.agent.common import AgentError
-from deploy.agent.contract import ERROR_PREFIX, EXIT_REFUSED
+from deploy.agent.contract import ERROR_PREFIX, EXIT_REFUSED, RSS_DELTA_RESOLUTION_BYTES
 from export.bundle import bundle_id
+from tests.deploy.fake_tensorrt import device_memory
 from tests.support.agent import AGENT_DIR, agent_args, install_fake_trt
 
 PROJECT = ("redistill", "train", "export", "deploy", "bench", "tests")
@@ -99,6 +100,13 @@ def test_onnxruntime_phases_in_process(bundles, tmp_path):
     assert lat["backend"]["cpu_mem_arena"] is False and lat["backend"]["mem_pattern"] is False
     mem = phases.phase_memory(args, str(bundles["fp32"]), manifest, bid)["memory"]
     assert mem["activation"]["bytes"] > 0 and mem["process_peak"]["bytes"] >= mem["process_after_load"]["bytes"]
+    # every measured figure says what it includes, how it was measured and what it resolves
+    for name in ("activation", "process_peak", "process_after_load", "system_ram"):
+        assert mem[name]["what"] and mem[name]["how"] and mem[name]["resolution_how"], name
+        assert mem[name]["resolution_bytes"] >= 1024, name
+    act = mem["activation"]
+    assert act["method"] == "onnxruntime_rss_delta" and act["batch"] == 1 and act["per_image"] is False
+    assert act["resolution_bytes"] == RSS_DELTA_RESOLUTION_BYTES
 
 
 def test_copied_agent_refusal_is_one_line_exit_3(agent_copy, bundles):
@@ -145,8 +153,10 @@ def test_tensorrt_version_handling_against_fakes(bundles, tmp_path, monkeypatch,
     calls.clear()
     mem = phases.phase_memory(args, str(bundles["fp32"]), manifest, bid)["memory"]
     assert "builder.build_serialized_network" not in calls
-    assert mem["activation"]["bytes"] == (23456 if v10 else 12345)
+    # the engine is sized for its profile's largest batch (4, the reference count), and the figure says so
+    assert mem["activation"]["bytes"] == device_memory(23456 if v10 else 12345, 4) and mem["activation"]["batch"] == 4
     assert ("device_memory_size_v2" in mem["activation"]["how"]) == v10
+    assert mem["activation"]["resolution_bytes"] == 1 and "exact" in mem["activation"]["resolution_how"]
     # fp16 is a separate engine
     args16 = agent_args(bundles["fp32"], tmp_path / "engines", "--backend", "tensorrt", "--precision", "fp16")
     lat16 = phases.phase_latency(args16, str(bundles["fp32"]), manifest, bid)
@@ -246,3 +256,4 @@ def test_tensorrt_binds_every_denoiser_input_by_name_against_fakes(denoiser_bund
     assert not any(c.startswith("profile.set_shape") for c in calls)  # static batch 1: no optimisation profile
     mem = phases.phase_memory(args, str(denoiser_bundle), manifest, bid)["memory"]
     assert mem["activation"]["bytes"] == (23456 if v10 else 12345) and mem["batch"] == 1
+    assert mem["activation"]["batch"] == 1

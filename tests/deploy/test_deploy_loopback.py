@@ -19,7 +19,7 @@ from deploy.deployer import agent_sha256
 REPO = Path(__file__).resolve().parents[2]
 VENV_PYTHON = sys.executable
 
-FAST = ["--iters", "20", "--warmup", "2", "--mem-iters", "3", "--threads", "1"]
+FAST = ["--iters", "20", "--warmup", "2", "--mem-iters", "3", "--threads", "1", "--slope-batches", "1,2,4"]
 
 
 def run_deploy(bundle, host, config, tmp, *extra, python=VENV_PYTHON, remote=None):
@@ -60,6 +60,12 @@ def check_report(path, bundle_id):
         assert mem[k]["what"] and mem[k]["how"], k
     assert "arena" in mem["activation"]["how"]
     assert mem["theoretical_peak"]["bytes"] > 0
+    # the tiny bundles have a dynamic batch: ORT per image with graph optimisations off and on, each with resolution
+    per_image = mem["per_image"]
+    assert per_image["batches"] == [1, 2, 4] and per_image["skipped"] is None
+    for f in per_image["figures"]:
+        assert [p["batch"] for p in f["points"]] == [1, 2, 4] and f["resolution_bytes"] > 0 and f["what"] and f["how"]
+    assert [f["graph_optimization"] for f in per_image["figures"]] == ["off", "on"]
     return r
 
 

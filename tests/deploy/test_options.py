@@ -51,7 +51,7 @@ def test_fixed_and_overridden_defaults_of_the_loopback_bench():
 def test_deploy_values_reach_the_agent_unchanged():
     given = ["--backend", "onnxruntime", "--precision", "fp16", "--batch", "3", "--warmup", "0", "--iters", "7",
              "--mem-iters", "4", "--sample-ms", "50", "--threads", "2", "--ort-device", "cpu", "--workspace-mb", "64",
-             "--min-top1", "0.75"]
+             "--min-top1", "0.75", "--slope-batches", "2,8,32"]
     assert len(given) == 2 * len(MEASURE_OPTIONS)
     d = deploy_parser().parse_args(["bundle", "--host", "h", *given])
     a = agent_cli.parse_args(["--bundle", "bundle", *measure_argv(d)])

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from deploy.agent.contract import RSS_DELTA_RESOLUTION_BYTES
 from export.bundle import read_manifest
 from redistill.records import (DEFAULT_TASK, BundleManifest, DeviceReport, Peaks, QualityResult, RunSummary,
                                StageSummary)
@@ -24,7 +25,8 @@ def bundle_and_report(tmp_path_factory):
     b = tiny_bundle(root / "tiny-fp32", image_size=16)
     out = root / "report.json"
     r = subprocess.run([sys.executable, str(REPO / "deploy" / "agent"), "--bundle", str(b), "--json-out", str(out),
-                        "--warmup", "1", "--iters", "3", "--mem-iters", "2", "--sample-ms", "10", "--threads", "1"],
+                        "--warmup", "1", "--iters", "3", "--mem-iters", "2", "--sample-ms", "10", "--threads", "1",
+                        "--slope-batches", "1,2,4"],
                        env=cli_env(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     return b, json.loads(out.read_text())
@@ -52,6 +54,29 @@ def test_report_fields(bundle_and_report):
     assert r.memory.theoretical_peak_bytes == read_manifest(b)["memory"]["peak_bytes"]
     assert r.latency.p50_ms == raw["latency"]["p50_ms"] and r.output_check_passed is raw["output_check"]["passed"]
     assert r.device.machine == raw["device"]["machine"] and r.deploy.host is None  # not saved by `redistill deploy`
+    # every measured figure with its method: the batch-1 delta first, then the two per-image slopes
+    mem = raw["memory"]
+    assert [f.method for f in r.memory.figures] == ["onnxruntime_rss_delta", "onnxruntime_slope_opt_off",
+                                                     "onnxruntime_slope_opt_on"]
+    delta, off, on = r.memory.figures
+    assert (delta.bytes, delta.per_image, delta.batch) == (mem["activation"]["bytes"], False, 1)
+    assert delta.resolution_bytes == mem["activation"]["resolution_bytes"] == RSS_DELTA_RESOLUTION_BYTES
+    for fig, raw_fig in zip((off, on), mem["per_image"]["figures"]):
+        assert (fig.bytes, fig.per_image, fig.resolution_bytes) == (raw_fig["bytes"], True, raw_fig["resolution_bytes"])
+        assert fig.fit_max_abs_residual_bytes == raw_fig["fit"]["max_abs_residual_bytes"]
+        assert fig.fit_r2 == raw_fig["fit"]["r2"] and fig.label == raw_fig["label"]
+    assert r.memory.per_image_skipped is None
+
+
+def test_a_report_from_before_resolutions_gets_its_methods_documented_one():
+    old = {"backend": {"name": "onnxruntime"}, "memory": {"batch": 1, "activation": {"bytes": 160 * 1024, "what": "w"}}}
+    (fig,) = DeviceReport.from_dict(old).memory.figures
+    assert (fig.method, fig.bytes, fig.resolution_bytes) == ("onnxruntime_rss_delta", 160 * 1024,
+                                                             RSS_DELTA_RESOLUTION_BYTES)
+    assert fig.below_resolution and "predates resolution fields" in fig.resolution_how
+    trt = DeviceReport.from_dict({**old, "backend": {"name": "tensorrt"}}).memory.figures[0]
+    assert (trt.method, trt.resolution_bytes, trt.below_resolution) == ("tensorrt_device_memory", 1, False)
+    assert DeviceReport.from_dict({**old, "backend": {}}).memory.figures == ()  # no backend: no method to say
 
 
 def test_run_summary_fields(tiny_images, tmp_path):

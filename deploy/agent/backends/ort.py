@@ -26,6 +26,11 @@ class OnnxRuntimeBackend(Backend):
         so = ort.SessionOptions()
         so.enable_cpu_mem_arena = False
         so.enable_mem_pattern = False
+        graph_opt = getattr(self.args, "point_opt", None)  # a slope point sets it; otherwise ORT's default (all)
+        if graph_opt == "off":
+            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        elif graph_opt == "on":
+            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if self.args.threads:
             so.intra_op_num_threads = self.args.threads
         available = ort.get_available_providers()
@@ -43,7 +48,8 @@ class OnnxRuntimeBackend(Backend):
                              % (", ".join(self.input_names), ", ".join(want)))
         self.output_name = self.sess.get_outputs()[0].name
         self.info = {"name": "onnxruntime", "version": ort.__version__, "providers": self.sess.get_providers(),
-                     "precision": self.precision, "cpu_mem_arena": False, "mem_pattern": False}
+                     "precision": self.precision, "cpu_mem_arena": False, "mem_pattern": False,
+                     "graph_optimization": str(so.graph_optimization_level).split(".")[-1]}
 
     def infer(self, feeds):
         return self.sess.run([self.output_name], dict(feeds))[0]

@@ -12,7 +12,7 @@ import time
 
 import numpy as np
 
-from ..bundle import is_qdq_onnx, onnx_path
+from ..bundle import input_batch_is_dynamic, is_qdq_onnx, onnx_path
 from ..common import AgentError, atomic_write_bytes, log, module_available
 from .cuda_buffers import CudaBuffers
 from .registry import Backend, register_backend
@@ -46,7 +46,10 @@ class TensorRTBackend(Backend):
         self.cuda = CudaBuffers()
         self.gpu_name = self.cuda.gpu_name
         self.precision = self.resolve_precision()
+        self.point_batch = getattr(self.args, "point_batch", None)  # a slope point: one profile at this batch
         key = "%s-trt%s-%s-%s" % (self.bundle_id[:16], slug(self.trt_version), slug(self.gpu_name), self.precision)
+        if self.point_batch:
+            key += "-b%d" % self.point_batch
         cache_dir = self.args.cache_dir or os.path.join(os.path.dirname(os.path.abspath(self.bundle_dir)), "engines")
         self.engine_path = os.path.join(cache_dir, key + ".engine")
         self.sidecar_path = os.path.join(cache_dir, key + ".json")
@@ -136,12 +139,11 @@ class TensorRTBackend(Backend):
         self._builder_flags(builder, config)
         inputs = [network.get_input(i) for i in range(network.num_inputs)]
         if any(d < 0 for inp in inputs for d in tuple(inp.shape)):
-            n = self.args.batch
-            ref_n = max(n, int((self.manifest.get("reference") or {}).get("count") or n))
+            lo, opt, hi = self.profile_batches()
             profile = builder.create_optimization_profile()
             for inp in inputs:  # one profile covers every input: the batch axis is shared
                 fixed = tuple(tuple(inp.shape)[1:])
-                profile.set_shape(inp.name, (1,) + fixed, (n,) + fixed, (ref_n,) + fixed)
+                profile.set_shape(inp.name, (lo,) + fixed, (opt,) + fixed, (hi,) + fixed)
             config.add_optimization_profile(profile)
         timing = None
         if hasattr(config, "create_timing_cache"):
@@ -158,6 +160,14 @@ class TensorRTBackend(Backend):
         if timing is not None:
             atomic_write_bytes(self.timing_cache_path, bytes(config.get_timing_cache().serialize()))
         return serialized, time.perf_counter() - t0
+
+    def profile_batches(self):
+        """(min, opt, max) batch of the optimisation profile of a dynamic-batch bundle: a slope point's batch, else
+        1, --batch and the reference count (the output check runs every reference sample at once)."""
+        if self.point_batch:
+            return self.point_batch, self.point_batch, self.point_batch
+        n = self.args.batch
+        return 1, n, max(n, int((self.manifest.get("reference") or {}).get("count") or n))
 
     def load_cached_engine(self):
         if not (os.path.isfile(self.engine_path) and os.path.isfile(self.sidecar_path)):
@@ -241,8 +251,15 @@ class TensorRTBackend(Backend):
             value, attr = e.device_memory_size_v2, "device_memory_size_v2"
         else:
             value, attr = e.device_memory_size, "device_memory_size"
-        return {"bytes": int(value), "what": "device memory TensorRT reserves for the engine's activations and "
-                "scratch (shared with system RAM on a Jetson)", "how": "ICudaEngine.%s (TensorRT %s)" % (attr, self.trt_version)}
+        batch = self.profile_batches()[2] if input_batch_is_dynamic(self.manifest) else 1
+        return {"method": "tensorrt_device_memory", "label": "TensorRT device memory (batch %d)" % batch,
+                "per_image": False, "batch": batch, "bytes": int(value), "attr": attr,
+                "what": "device memory TensorRT reserves for the engine's activations and scratch at its largest "
+                        "profile batch (%d; shared with system RAM on a Jetson)" % batch,
+                "how": "ICudaEngine.%s (TensorRT %s)" % (attr, self.trt_version),
+                "quantum_bytes": 1, "resolution_bytes": 1,
+                "resolution_how": "exact: the size TensorRT allocates for a context; a reservation (activations and "
+                                  "the scratch of the tactics it chose), not a measured use"}
 
     def close(self):
         for attr in ("context", "engine"):

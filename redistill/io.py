@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -129,6 +130,17 @@ def atomic_dir(path: PathLike, replaceable: Callable[[Path], bool] = is_bundle_d
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def atomic_save_figure(fig, path: PathLike) -> Path:
+    """Lay out a matplotlib figure, render it as PNG, close it, and write the PNG atomically."""
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return atomic_write(path, lambda f: f.write(buf.getvalue()))
 
 
 def sha256_file(path: PathLike, chunk: int = 1 << 20) -> str:

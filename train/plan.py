@@ -8,7 +8,6 @@ against those MACs is marked, and the first is written out as a preset that ``re
 
 from __future__ import annotations
 
-import io
 import re
 import statistics
 import tempfile
@@ -22,7 +21,7 @@ import yaml
 from torch import nn
 
 from redistill.errors import UserError
-from redistill.io import atomic_write
+from redistill.io import atomic_save_figure
 from redistill.memory import DTYPES, fmt_bytes
 from redistill.report import timestamp
 from train.config import load_config, paper_pairs, presets
@@ -358,8 +357,4 @@ def plot_plan(plan: Plan, path, chosen: Optional[Candidate] = None) -> Path:
     ax.set_title(f"Students of {plan.teacher} at {plan.image_size} px, batch {plan.batch}, {(plan.dtype or 'fp32').upper()}")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8, loc="best")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return atomic_write(path, lambda f: f.write(buf.getvalue()))
+    return atomic_save_figure(fig, path)

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 from bench.compare.join import TEACHER, analyze_checkpoint, key_of, method_label, model_key, pair_order, task_order
 from bench.compare.measures import activation_measure, method_title, methods_in
-from redistill.io import atomic_write
+from redistill.io import atomic_save_figure
 from redistill.memory import MemoryReport, NodeRow, analyze_onnx
 from redistill.memory.plot import plot_reports
 from train.losses import METHODS, methods_in_order
@@ -28,15 +27,6 @@ def _pyplot():
     return plt
 
 
-def _save(fig, path) -> Path:
-    plt = _pyplot()
-    buf = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return atomic_write(path, lambda f: f.write(buf.getvalue()))
-
-
 def _log_axis(ax, which: str) -> None:
     """Log scale with plain tick labels (4, 10, 40 rather than 4x10^0)."""
     from matplotlib.ticker import FuncFormatter
@@ -54,7 +44,7 @@ def _empty_plot(path, title: str, note: str) -> Path:
     ax.axis("off")
     ax.set_title(title)
     ax.text(0.5, 0.5, note, ha="center", va="center", wrap=True)
-    return _save(fig, path)
+    return atomic_save_figure(fig, path)
 
 
 def plot_memory(res: Dict[str, Any], path) -> Path:
@@ -109,7 +99,7 @@ def plot_memory(res: Dict[str, Any], path) -> Path:
     ax.set_title(title + sub + "\nannotation: measured / theoretical liveness peak")
     ax.grid(True, axis="y", alpha=0.3)
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return atomic_save_figure(fig, path)
 
 
 def plot_measures(res: Dict[str, Any], path) -> Path:
@@ -162,7 +152,7 @@ def plot_measures(res: Dict[str, Any], path) -> Path:
     ax.set_title(title + "\nerror bar: the method's resolution; hollow: below it")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7)
-    return _save(fig, path)
+    return atomic_save_figure(fig, path)
 
 
 def quality_plots(res: Dict[str, Any]) -> List[TaskMetric]:
@@ -212,7 +202,7 @@ def plot_quality(res: Dict[str, Any], metric: TaskMetric, path) -> Path:
     ax.set_title(metric.plot_title)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return atomic_save_figure(fig, path)
 
 
 def footprint_reports(res: Dict[str, Any]) -> Tuple[list, Any]:

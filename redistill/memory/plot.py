@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Sequence, Union
 
-from redistill.io import atomic_write
+from redistill.io import atomic_save_figure
 
 from redistill.memory.analysis import MemoryReport, fmt_bytes
 
@@ -91,11 +90,7 @@ def plot_reports(reports: Sequence[MemoryReport], path: Union[str, Path], title:
         ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2)
     else:
         ax.legend(fontsize=8, loc="upper right")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return atomic_write(path, lambda f: f.write(buf.getvalue()))
+    return atomic_save_figure(fig, path)
 
 
 def _short(name: str, width: int = 40) -> str:

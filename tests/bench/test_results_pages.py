@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import diffusion_bench, distill_report, loopback_bench, memory_pairs, plan_timing, reproduce
+from bench import diffusion_bench, distill_report, loopback_bench, measured_memory, memory_pairs, plan_timing, reproduce
 from redistill.cli import main as redistill_main
 from tests import fault_injection
 
@@ -45,6 +45,9 @@ PAGES = {
                      lambda: diffusion_bench.main(["--pages-only", "--remarks", "bench/results/diffusion_remarks.md"])),
     **{f"{d}/{page}": ([d], lambda d=d: _compare_pages(f"bench/results/{d}"))
        for d in ("reproduce", "diffusion/compare") for page in ("compare.md", "compare.csv")},
+    "measured_memory.md": (["measured_memory.json", "measured_memory_remarks.md"],
+                           lambda: measured_memory.main(["--pages-only", "--remarks",
+                                                         "bench/results/measured_memory_remarks.md"])),
 }
 
 

@@ -36,13 +36,27 @@ from typing import Any, Dict, Mapping, Optional, Union
 
 from deploy.agent.contract import BUNDLE_SCHEMA, BUNDLE_SCHEMA_VERSION
 from redistill.errors import UserError
-from redistill.io import atomic_dir, atomic_write, atomic_write_json, sha256_file
+from redistill.io import atomic_dir, atomic_write, atomic_write_json, check_replaceable, sha256_file
 
 MANIFEST = "manifest.json"
 #: the export record beside a bundle folder: ``{"schema": EXPORT_RECORD, "bundle": NAME, "bundle_id": ID}``
 EXPORT_RECORD = "redistill-bundle-export-record"
 
 Content = Union[bytes, str, os.PathLike]
+
+
+def is_bundle_dir(path: Union[str, os.PathLike]) -> bool:
+    """A folder whose manifest.json names the bundle schema: what export wrote, so it may be replaced."""
+    try:
+        m = json.loads((Path(path) / MANIFEST).read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(m, dict) and m.get("schema") == BUNDLE_SCHEMA
+
+
+def check_out(out: Union[str, os.PathLike]) -> None:
+    """Refuse an ``--out`` that is neither new, empty, nor a bundle (one line naming it), before any work."""
+    check_replaceable(out, is_bundle_dir, "a bundle")
 
 
 def manifest_version(manifest: Mapping[str, Any]) -> int:
@@ -59,7 +73,7 @@ def write_bundle(out_dir: Union[str, os.PathLike], files: Mapping[str, Content],
     ``out_dir.tar.gz`` is written next to it (also atomically).
     """
     out = Path(out_dir)
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, is_bundle_dir, "a bundle") as tmp:
         entries = {}
         for rel, content in sorted(files.items()):
             if rel == MANIFEST or Path(rel).is_absolute() or ".." in Path(rel).parts:

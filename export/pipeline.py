@@ -17,7 +17,7 @@ import onnxruntime
 import torch
 import torchvision
 
-from export.bundle import write_bundle
+from export.bundle import check_out, write_bundle
 from export.calibration import CALIBRATION
 from train.fold import fold_batchnorm
 from export.onnx_export import INPUT_NAME, MIN_OPSET, check_model, export_onnx, graph_io, lower_ir_version
@@ -28,7 +28,7 @@ from export.verify import (accuracy, compare, compare_eps, denoise_inputs, run, 
                            verify_denoiser, verify_fp32)
 from redistill import __version__
 from redistill.errors import UserError
-from redistill.io import check_replaceable, check_writable, sha256_file
+from redistill.io import check_writable, sha256_file
 from redistill.memory import manifest_entry
 from train.checkpoint import load_checkpoint, model_from_checkpoint
 from train.config import DataConfig
@@ -162,7 +162,7 @@ def run_export(o: ExportOptions) -> Tuple[Path, Dict[str, Any]]:
                         "batch 1 (x [1,3,H,W], t [1]); drop --dynamic-batch")
     precision = target.precision
     out = Path(o.out) if o.out else Path("bundles") / f"{(ck.get('config') or {}).get('name', ck['arch'])}-{precision}"
-    check_replaceable(out)  # before the long work: a wrong --out fails now and nothing in it is deleted
+    check_out(out)  # before the long work: a wrong --out fails now and nothing in it is deleted
     check_writable(out)
     torch.manual_seed(0)
     model = model_from_checkpoint(ck)

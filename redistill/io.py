@@ -10,9 +10,8 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Iterator, Union
+from typing import Any, Callable, Iterator, Optional, Union
 
-from deploy.agent.contract import BUNDLE_SCHEMA
 from redistill.errors import UserError
 
 PathLike = Union[str, os.PathLike]
@@ -57,22 +56,13 @@ def atomic_torch_save(obj: Any, path: PathLike) -> Path:
     return atomic_write(path, lambda f: torch.save(obj, f))
 
 
-def is_bundle_dir(path: PathLike) -> bool:
-    """A folder whose manifest.json names the bundle schema: what export wrote, so it may be replaced."""
-    try:
-        m = json.loads((Path(path) / "manifest.json").read_text())
-    except (OSError, UnicodeDecodeError, ValueError):
-        return False
-    return isinstance(m, dict) and m.get("schema") == BUNDLE_SCHEMA
-
-
 def _is_empty_dir(path: Path) -> bool:
     return path.is_dir() and not path.is_symlink() and not any(path.iterdir())
 
 
-def check_replaceable(path: PathLike, replaceable: Callable[[Path], bool] = is_bundle_dir,
-                      what: str = "a bundle") -> None:
-    """Refuse, naming ``path``, to replace anything but an absent path, an empty folder or one ``replaceable`` accepts."""
+def check_replaceable(path: PathLike, replaceable: Optional[Callable[[Path], bool]] = None, what: str = "") -> None:
+    """Refuse, naming ``path``, to replace anything but an absent path, an empty folder or one ``replaceable``
+    accepts (``what`` names those in the message: "a bundle")."""
     path = Path(path)
     if not (path.exists() or path.is_symlink()) or _is_empty_dir(path):
         return
@@ -80,11 +70,12 @@ def check_replaceable(path: PathLike, replaceable: Callable[[Path], bool] = is_b
         kind = "a symbolic link"
     elif not path.is_dir():
         kind = "a file"
-    elif replaceable(path):
+    elif replaceable is not None and replaceable(path):
         return
     else:
-        kind = f"a folder that is not {what}"
-    raise UserError(f"{path} is {kind}; refusing to replace it: give a new or empty folder, or {what} to overwrite")
+        kind = f"a folder that is not {what}" if what else "a folder that is not empty"
+    raise UserError(f"{path} is {kind}; refusing to replace it: give a new or empty folder"
+                    + (f", or {what} to overwrite" if what else ""))
 
 
 def check_writable(path: PathLike) -> None:
@@ -101,20 +92,20 @@ def check_writable(path: PathLike) -> None:
 
 
 @contextlib.contextmanager
-def atomic_dir(path: PathLike, replaceable: Callable[[Path], bool] = is_bundle_dir) -> Iterator[Path]:
+def atomic_dir(path: PathLike, replaceable: Optional[Callable[[Path], bool]] = None, what: str = "") -> Iterator[Path]:
     """Build a directory under a temp name and rename it into place only if the block succeeds.
 
-    An existing ``path`` is replaced only when it is an empty folder or ``replaceable(path)`` (by default: a
-    bundle); anything else is refused before the block runs, so a wrong ``--out`` never deletes a user's files.
+    An existing ``path`` is replaced only when it is an empty folder or ``replaceable(path)`` (export passes
+    "is a bundle"); anything else is refused before the block runs, so a wrong ``--out`` never deletes a user's files.
     """
     path = Path(path)
-    check_replaceable(path, replaceable)
+    check_replaceable(path, replaceable, what)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     os.chmod(tmp, 0o777 & ~_umask())
     try:
         yield tmp
-        check_replaceable(path, replaceable)  # again: the folder may have changed while the block ran
+        check_replaceable(path, replaceable, what)  # again: the folder may have changed while the block ran
         if path.exists():
             # a fresh empty folder to rename the old one onto: never a name the user may already use
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))

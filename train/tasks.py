@@ -19,13 +19,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from redistill.records import DEFAULT_TASK
 from redistill.registry import Registry
 from train.diffusion import Diffusion
 from train.losses import LossInputs, total_loss
 from train.red import SitePlan
 
 TASKS: Registry = Registry("task")
+#: the task of files written before the ``task`` key existed (they are all classifiers)
+DEFAULT_TASK = "classify"
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """``redistill compare``: join distillation runs, bundles and device reports into tables and plots.
 
-``collect`` (find and read the files into ``redistill.records``) -> ``build`` (model, deployment, run and
+``collect`` (find and read the files into ``bench.compare.records``) -> ``build`` (model, deployment, run and
 pair rows; join.py) -> ``render_markdown`` / ``write_csv`` / ``to_json`` (tables.py) -> the plots (plots.py).
 compare.json is the whole result: ``rewrite_pages`` (``--pages-only``) reads it back (``from_json``) and rewrites
 the tables and plots from it alone.

@@ -1,6 +1,6 @@
 """Find and read what the stages left on disk: run folders, bundles, device reports and quality results.
 
-Each is read into its typed record (``redistill.records``) with where it came from; nothing is joined here.
+Each is read into its typed record (``bench.compare.records``) with where it came from; nothing is joined here.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 from deploy.agent.contract import REPORT_SCHEMA
 from export.bundle import bundle_id, read_manifest
 from redistill.errors import UserError
-from redistill.records import BundleManifest, DeviceReport, QualityResult, RunSummary
+from bench.compare.records import BundleManifest, DeviceReport, QualityResult, RunSummary
 
 _WRITER = {"runs": "distill", "bundles": "export", "reports": "deploy"}
 

@@ -13,11 +13,11 @@ from typing import Any, Dict, List, Optional, Tuple
 from bench.compare.collect import Bundle, Collected, Quality, Report, Run
 from bench.compare.measures import measure_row, pair_methods
 from redistill.io import sha256_file
-from redistill.records import DEFAULT_TASK, BundleModel, Peaks, StageSummary
+from bench.compare.records import BundleModel, Peaks, StageSummary
 from train.checkpoint import load_checkpoint, model_from_checkpoint
 from train.design import analyze_model
 from train.losses import METHODS, methods_in_order
-from train.tasks import TASKS, metric_of, task_metrics
+from train.tasks import DEFAULT_TASK, TASKS, metric_of, task_metrics
 
 ModelKey = Tuple[str, str, Optional[int], str]  # (arch, method, image size, task)
 #: the methods every pair is measured against: the teacher and the student trained alone

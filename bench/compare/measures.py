@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any, Dict, Iterable, List, Optional
 
 from redistill.memory import fmt_bytes
-from redistill.records import MeasuredFigure
+from bench.compare.records import MeasuredFigure
 
 #: the methods in column order, with their column titles (a method not listed keeps its report's label)
 METHOD_TITLES = {

@@ -16,9 +16,8 @@ from bench.compare.measures import (activation_measure, flag, has_measures, meas
                                     pair_method_text)
 from redistill.io import atomic_write_text
 from redistill.memory import fmt_bytes
-from redistill.records import DEFAULT_TASK
 from redistill.report import md_table
-from train.tasks import TaskMetric, metric_of, task_metrics
+from train.tasks import DEFAULT_TASK, TaskMetric, metric_of, task_metrics
 
 
 def _fmt(v, spec=".2f", suffix="") -> str:

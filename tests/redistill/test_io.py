@@ -3,6 +3,7 @@ import json
 import pytest
 
 from deploy.agent.contract import BUNDLE_SCHEMA
+from export.bundle import is_bundle_dir
 from redistill.errors import UserError
 from redistill.io import atomic_dir, atomic_write, atomic_write_json, check_writable, sha256_file
 
@@ -28,13 +29,13 @@ def test_atomic_write_leaves_old_file_on_failure(tmp_path):
 def test_atomic_dir_leaves_nothing_on_failure_and_replaces_on_success(tmp_path):
     target = tmp_path / "bundle"
     with pytest.raises(ValueError):
-        with atomic_dir(target) as d:
+        with atomic_dir(target, is_bundle_dir, "a bundle") as d:
             (d / "x").write_text("half")
             raise ValueError
     assert list(tmp_path.iterdir()) == []
-    with atomic_dir(target) as d:
+    with atomic_dir(target, is_bundle_dir, "a bundle") as d:
         _bundle_manifest(d)
-    with atomic_dir(target) as d:
+    with atomic_dir(target, is_bundle_dir, "a bundle") as d:
         (d / "y").write_text("two")
     assert sorted(p.name for p in target.iterdir()) == ["y"]
     assert [p.name for p in tmp_path.iterdir()] == ["bundle"]
@@ -72,7 +73,7 @@ def test_atomic_dir_never_replaces_what_is_not_a_bundle(tmp_path, make):
     before = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
     ran = []
     with pytest.raises(UserError, match=f"{target} is a .*refusing to replace it") as e:
-        with atomic_dir(target) as d:
+        with atomic_dir(target, is_bundle_dir, "a bundle") as d:
             ran.append(d)
     assert "\n" not in str(e.value) and not ran, "refused before the block runs"
     assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == before
@@ -83,9 +84,9 @@ def test_atomic_dir_replaces_an_empty_folder_and_keeps_a_users_dot_old(tmp_path)
     target.mkdir()
     (tmp_path / ".out.old").mkdir()
     (tmp_path / ".out.old" / "mine").write_text("keep")
-    with atomic_dir(target) as d:
+    with atomic_dir(target, is_bundle_dir, "a bundle") as d:
         _bundle_manifest(d)
-    with atomic_dir(target) as d:
+    with atomic_dir(target, is_bundle_dir, "a bundle") as d:
         (d / "y").write_text("two")
     assert [p.name for p in target.iterdir()] == ["y"]
     assert (tmp_path / ".out.old" / "mine").read_text() == "keep"

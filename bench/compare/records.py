@@ -11,9 +11,8 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 from deploy.agent.contract import BUNDLE_SCHEMA, REPORT_SCHEMA, RSS_DELTA_RESOLUTION_BYTES
+from train.tasks import DEFAULT_TASK
 
-#: the task of files written before the ``task`` key existed (they are all classifiers)
-DEFAULT_TASK = "classify"
 
 
 def _mapping(d: Any) -> Mapping[str, Any]:

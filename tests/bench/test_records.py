@@ -10,7 +10,7 @@ import pytest
 
 from deploy.agent.contract import RSS_DELTA_RESOLUTION_BYTES
 from export.bundle import read_manifest
-from redistill.records import (DEFAULT_TASK, BundleManifest, DeviceReport, Peaks, QualityResult, RunSummary,
+from bench.compare.records import (DEFAULT_TASK, BundleManifest, DeviceReport, Peaks, QualityResult, RunSummary,
                                StageSummary)
 from tests.conftest import REPO, cli_env
 from tests.support.fixtures import tiny_bundle

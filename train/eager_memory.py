@@ -146,12 +146,18 @@ _PASS, _INPUT = _SCOPE + "pass", _SCOPE + "input"
 
 
 class _ModuleScopes:
-    """Forward hooks that open a profiler scope named after each module's path while it runs."""
+    """Forward hooks that open a profiler scope named after each module's path while it runs.
+
+    Plain ``nn.Sequential`` containers get none: they run no op of their own (their children carry the
+    paths), and a hook on one would make a network that runs it block by block (``train.models``' ResNets)
+    call it whole, holding its input to the end."""
 
     def __init__(self, model: nn.Module):
         self.handles = []
         self.stack: List[Any] = []
         for name, mod in model.named_modules():
+            if type(mod) is nn.Sequential:
+                continue
             self.handles.append(mod.register_forward_pre_hook(self._enter(name)))
             self.handles.append(mod.register_forward_hook(self._exit))
 

@@ -14,7 +14,9 @@ import re
 from dataclasses import dataclass
 from typing import Callable, Sequence, Tuple
 
+import torch
 from torch import nn
+from torch.nn.modules import module as _module
 
 from redistill.errors import UserError
 from redistill.registry import Registry
@@ -131,6 +133,13 @@ def _set_stride(conv: nn.Conv2d, stride: int) -> None:
     conv.stride = (stride, stride)
 
 
+def _observed(m: nn.Module) -> bool:
+    """Whether calling ``m`` itself matters: a hook on it or on every module, or a trace that records module scopes."""
+    return bool(torch.jit.is_tracing() or m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
+                or m._backward_pre_hooks or _module._global_forward_hooks or _module._global_forward_pre_hooks
+                or _module._global_backward_hooks or _module._global_backward_pre_hooks)
+
+
 # --- MobileNetV2: one digit per inverted-residual stage (7 stages) -------------------------------
 
 
@@ -182,6 +191,18 @@ def _resnet(block, layers, stem, strides, num_classes, **kw):
 
         def _make_layer(self, block, planes, blocks, stride=1, dilate=False):
             return super()._make_layer(block, planes, blocks, stride=self._layer_strides.pop(0), dilate=dilate)
+
+        def _forward_impl(self, x):
+            """torchvision's forward, with each stage run block by block in eager mode: calling a stage holds its
+            input until the stage returns, which keeps the maxpool output alive through all of ``layer1``."""
+            x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+            for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
+                if _observed(stage):
+                    x = stage(x)
+                else:
+                    for block in stage:
+                        x = block(x)
+            return self.fc(torch.flatten(self.avgpool(x), 1))
 
     model = StridedResNet()
     _set_stride(model.conv1, stem)

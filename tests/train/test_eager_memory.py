@@ -167,3 +167,18 @@ def test_memory_cli_eager_refuses_onnx_files_and_dtype(tmp_path, capsys):
     assert "drop --dtype" in capsys.readouterr().err
     assert main(["memory", "--arch", "resnet18", "--device", "cuda"]) == 2
     assert "add --eager" in capsys.readouterr().err
+
+
+def test_resnet_stages_free_their_input_in_eager_mode(monkeypatch):
+    """Called whole, a stage held the maxpool output through all of layer1: 1.33x the in-place peak."""
+    import train.models
+
+    designs, _ = pair_designs("resnet34_x4", 64)
+    model = dict(designs)["student"]
+    theory = analyze_model(model, 64, inplace=True)
+    measured = measure_eager(model, 64)
+    assert 0.9 * theory.inplace_peak_bytes <= measured.activation_peak_bytes <= 1.1 * theory.inplace_peak_bytes
+
+    monkeypatch.setattr(train.models, "_observed", lambda stage: True)  # every stage called whole, as torchvision does
+    held = measure_eager(model, 64)
+    assert held.activation_peak_bytes >= 1.25 * theory.inplace_peak_bytes

@@ -1,17 +1,23 @@
-"""The diffusion benchmark (issue 7): a DDPM teacher vs its student alone vs student+RED.
+"""The diffusion benchmark (issues 7 and 13): a DDPM teacher vs its student alone vs student+RED, and the RED
+student with the paper's site placement.
 
 One command, resumable (every finished step is skipped on a re-run), meant for the background:
 
     nohup python -m bench.diffusion_bench --remarks bench/results/diffusion_remarks.md > runs/ddpm-bench-work/log.txt 2>&1 &
 
-It trains the ``ddpm_bench`` pair (teacher, then student+RED against the frozen teacher, then the
-student alone; the same steps, schedule and seed for all three), samples each with DDIM (and a small
-DDPM grid), scores the samples with the classifier-feature Frechet distance (CFD) and k-NN
-precision/recall on the project's own classifier, exports each to an FP32 bundle for the TX2 target
-(verified against PyTorch) and measures one denoising step at batch 1 through the real deploy path on
-a loopback sshd (ONNX Runtime CPU). The runs' configs, metrics and summaries, the quality and sample
-records, the step logs and state.json are copied to ``<results>/`` and the page ``<results>.md`` is
-written from those copies; ``--pages-only`` rewrites it from them without running anything.
+Part ``base`` trains the ``ddpm_bench`` pair (teacher, then student+RED with the five output-side RED sites,
+``red.sites=outputs``, against the frozen teacher, then the student alone; the same steps, schedule and seed
+for all three), samples each with DDIM (and a small DDPM grid), scores the samples with the
+classifier-feature Frechet distance (CFD) and k-NN precision/recall on the project's own classifier,
+exports each to an FP32 bundle for the TX2 target (verified against PyTorch) and measures one denoising
+step at batch 1 through the real deploy path on a loopback sshd (ONNX Runtime CPU). Part ``placement``
+(``bench.diffusion_placement``) distils two more students with the paper's sites (``red.sites=paper``) at
+alpha 1 and 0.1 for the same steps from the base run's teacher (``runs/NAME/teacher``; trained again as
+``NAME-teacher`` when it is not on disk), and samples, scores, exports and measures them beside that teacher
+in its own session. ``--parts placement`` runs only that part. The runs' configs, metrics and summaries, the
+quality and sample records, the step logs and state.json are copied to ``<results>/`` (the placement part's
+to ``<results>/placement/``) and the page ``<results>.md`` is written from those copies; ``--pages-only``
+rewrites it from them without running anything.
 """
 
 from __future__ import annotations
@@ -22,10 +28,11 @@ import shlex
 import shutil
 import sys
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import yaml
 
+from bench import diffusion_placement as placement
 from bench.distill_report import clean_log
 from bench.quality import balanced_seeded_indices
 from bench.reproduce import Steps, _read_json
@@ -41,6 +48,7 @@ PROG = "python -m bench.diffusion_bench"
 
 #: (label in the tables, run name suffix, stage folder)
 NETWORKS = (("teacher", "", "teacher"), ("student+RED", "", "student"), ("student alone", "-student", "student"))
+PARTS = ("base", "placement")
 
 TARGETS = {"theory_ratio": 3.5}  # the issue's acceptance: student+RED theoretical peak >= 3.5x below the teacher's
 
@@ -50,6 +58,21 @@ BUNDLE_KEYS = ("params", "verify_max_abs_diff", "verify_atol", "preflight_passed
 
 def checkpoints(a) -> Dict[str, Path]:
     return {label: Path(a.runs) / f"{a.name}{suffix}" / stage / "best.pt" for label, suffix, stage in NETWORKS}
+
+
+def placement_teacher(a, state: Dict[str, dict]) -> Path:
+    """The stage folder of the teacher the placement runs distil from: the base run's when it finished, else
+    (or once this part has trained one) ``NAME-teacher``'s, trained by this part with the same preset and seed."""
+    base = Path(a.runs) / a.name / "teacher"
+    if placement.TEACHER_STEP in state or not (base / "summary.json").is_file():
+        return Path(a.runs) / f"{a.name}-teacher" / "teacher"
+    return base
+
+
+def placement_checkpoints(a, state: Dict[str, dict]) -> Dict[str, Path]:
+    return {placement.TEACHER: placement_teacher(a, state) / "best.pt",
+            **{label: Path(a.runs) / f"{a.name}{suffix}" / "student" / "best.pt"
+               for label, suffix, _ in placement.PLACEMENT_RUNS}}
 
 
 def slug(label: str) -> str:
@@ -88,6 +111,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--real", type=int, default=10000, help="real test images in the CFD reference")
     ap.add_argument("--results", default="bench/results/diffusion")
     ap.add_argument("--data-root", default="data/cifar10")
+    ap.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS),
+                    help="which parts to run (default: both): base (teacher, student+RED with red.sites=outputs, student "
+                         "alone) and placement (student+RED with red.sites=paper at alpha 1 and 0.1, from base's teacher)")
     add_page_options(ap, "the run files in <results>/ and <results>_deploy.json (checkpoint and manifest figures from "
                          "<results>.json)")
     return ap
@@ -97,44 +123,58 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     a = parser().parse_args(argv)
     command = " ".join([PROG, *(shlex.quote(x) for x in argv if x != "--pages-only")])
+    old = json.loads(Path(a.results + ".json").read_text()) if Path(a.results + ".json").is_file() else {}
     if a.pages_only:
         old = _read_json(Path(a.results + ".json"), "the benchmark's record")
-        facts = {r["network"]: {k: r.get(k) for k in BUNDLE_KEYS} for r in old["rows"]}
-        write_results(a, command, facts, page_command=" ".join([PROG, *map(shlex.quote, argv)]), old=old)
+        write_results(a, command, old_facts(old), page_command=" ".join([PROG, *map(shlex.quote, argv)]), old=old)
         return 0
     run_benchmark(a)
     copy_run_files(a, Path(a.results))
-    write_results(a, command, bundle_facts(a))
+    write_results(a, command, {**old_facts(old), **bundle_facts(a)}, old=old, ran=a.parts)
     return 0
 
 
+def old_facts(old: dict) -> Dict[str, dict]:
+    """The checkpoint and manifest figures of every network in a stored record, by label."""
+    rows = old.get("rows", []) + (old.get("placement") or {}).get("rows", [])
+    return {r["network"]: {k: r.get(k) for k in BUNDLE_KEYS} for r in rows}
+
+
 def run_benchmark(a) -> None:
-    """Every step (finished ones are skipped), ending with ``redistill compare``."""
+    """Every step of the parts asked for (finished ones are skipped)."""
     cli = [sys.executable, "-m", "redistill.cli"]
-    work = Path(a.runs) / f"{a.name}-work"
-    steps = Steps(work / "state.json")
-    common = [f"out_dir={a.runs}", f"data.root={a.data_root}", "--resume"]
-    steps.run("train teacher and student+RED", cli + ["distill", a.preset, f"name={a.name}", *common], work / "logs" / "red.log")
-    steps.run("train student alone", cli + ["distill", a.preset, "method=student", f"name={a.name}-student", *common],
-              work / "logs" / "student.log")
+    if "base" in a.parts:
+        run_base(a, cli)
+    if "placement" in a.parts:
+        run_placement(a, cli)
+
+
+def _classifier(a, steps: Steps, cli: List[str], work: Path) -> None:
     if not Path(a.classifier).is_file():
         steps.run("train the CIFAR-10 classifier for CFD", cli + ["distill", "quick", "method=teacher", f"out_dir={a.runs}",
                                                                    f"data.root={a.data_root}", "--resume"],
                   work / "logs" / "classifier.log")
-    cks = checkpoints(a)
+
+
+def ship(a, steps: Steps, cli: List[str], work: Path, cks: Dict[str, Path], deploy: List[str],
+         ddpm=lambda label: True) -> List[str]:
+    """Sample, score, export and measure the networks ``cks`` ({label: checkpoint}) into ``work``; returns the
+    bundles. ``deploy``: the loopback bench's ``--reports`` and ``--out``."""
+    top = Path(a.runs) / f"{a.name}-work"
     for label, ck in cks.items():
         s = slug(label)
         steps.run(f"sample {label} (DDIM {a.steps})", cli + ["sample", str(ck), "--sampler", "ddim", "--steps", str(a.steps),
-                                                             "--n", str(a.n), "--seed", "0", "--out", str(work / "samples" / f"{s}-ddim")],
+                                                             "--n", str(a.n), "--seed", "0",
+                                                             "--out", str(work / "samples" / f"{s}-ddim")],
                   work / "logs" / f"sample-{s}.log")
-        if a.ddpm_n:
+        if a.ddpm_n and ddpm(label):
             steps.run(f"sample {label} (DDPM)", cli + ["sample", str(ck), "--sampler", "ddpm", "--n", str(a.ddpm_n), "--seed", "0",
                                                        "--out", str(work / "samples" / f"{s}-ddpm")],
                       work / "logs" / f"sample-{s}-ddpm.log")
-    baseline = real_baseline(a, work / "samples" / f"real-train-n{a.n}")
+    baseline = real_baseline(a, top / "samples" / f"real-train-n{a.n}")
     for label, npz in [(label, work / "samples" / f"{slug(label)}-ddim" / "samples.npz") for label in cks] + [("real", baseline)]:
         steps.run(f"quality {label}", cli + ["quality", str(npz), "--classifier", a.classifier, "--real", str(a.real),
-                                             "--data-root", a.data_root, "--cache", str(work / "quality-cache"),
+                                             "--data-root", a.data_root, "--cache", str(top / "quality-cache"),
                                              "--json", str(work / "quality" / f"{slug(label)}.json")],
                   work / "logs" / f"quality-{slug(label)}.log")
     bundles = []
@@ -143,20 +183,63 @@ def run_benchmark(a) -> None:
         bundles.append(str(out))
         steps.run(f"export {label}", cli + ["export", str(ck), "--target", "tx2", "--out", str(out), "--data-root", a.data_root],
                   work / "logs" / f"export-{slug(label)}.log")
-    steps.run("deploy (loopback)", [sys.executable, "-m", "bench.loopback_bench", *bundles, "--reports", a.reports,
-                                    "--out", a.results + "_deploy"], work / "logs" / "deploy.log")
+    steps.run("deploy (loopback)", [sys.executable, "-m", "bench.loopback_bench", *bundles, "--reports", deploy[0],
+                                    "--out", deploy[1]], work / "logs" / "deploy.log")
+    return bundles
+
+
+def run_base(a, cli: List[str]) -> None:
+    """Part ``base``: teacher, student+RED (the outputs placement) and student alone, ending with ``redistill compare``."""
+    work = Path(a.runs) / f"{a.name}-work"
+    steps = Steps(work / "state.json")
+    common = [f"out_dir={a.runs}", f"data.root={a.data_root}", "--resume"]
+    steps.run("train teacher and student+RED", cli + ["distill", a.preset, f"name={a.name}", "red.sites=outputs", *common],
+              work / "logs" / "red.log")
+    steps.run("train student alone", cli + ["distill", a.preset, "method=student", f"name={a.name}-student", *common],
+              work / "logs" / "student.log")
+    _classifier(a, steps, cli, work)
+    bundles = ship(a, steps, cli, work, checkpoints(a), [a.reports, a.results + "_deploy"])
     steps.state.pop("compare", None)  # always refresh the tables
+    quality = [str(work / "quality" / f"{slug(label)}.json") for label in checkpoints(a)]
     steps.run("compare", cli + ["compare", str(Path(a.runs) / a.name), str(Path(a.runs) / f"{a.name}-student"), *bundles,
-                                a.reports, "--quality", *[str(work / "quality" / f"{slug(label)}.json") for label in cks],
+                                a.reports, "--quality", *quality,
                                 "--out", str(Path(a.results) / "compare")], work / "logs" / "compare.log")
     total = sum(v["seconds"] for v in steps.state.values())
-    print(f"[ddpm-bench] all steps done; {total / 60:.1f} min of step time (state: {steps.path})", flush=True)
+    print(f"[ddpm-bench] base: all steps done; {total / 60:.1f} min of step time (state: {steps.path})", flush=True)
+
+
+def run_placement(a, cli: List[str]) -> None:
+    """Part ``placement``: the paper's RED sites at each alpha of ``PLACEMENT_RUNS``, from the base run's teacher."""
+    work = Path(a.runs) / f"{a.name}-work" / "placement"
+    steps = Steps(work / "state.json")
+    common = [f"out_dir={a.runs}", f"data.root={a.data_root}", "--resume"]
+    teacher = placement_teacher(a, steps.state)
+    if teacher.parent.name != a.name:
+        steps.run(placement.TEACHER_STEP, cli + ["distill", a.preset, "method=teacher", f"name={teacher.parent.name}",
+                                                 *common],
+                  work / "logs" / "teacher.log")
+    for label, suffix, alpha in placement.PLACEMENT_RUNS:
+        steps.run(f"train {label}", cli + ["distill", a.preset, f"name={a.name}{suffix}", "red.sites=paper",
+                                           f"red.alpha={alpha}", f"teacher.checkpoint={teacher / 'best.pt'}", *common],
+                  work / "logs" / f"train-{slug(label)}.log")
+    _classifier(a, steps, cli, work)
+    ship(a, steps, cli, work, placement_checkpoints(a, steps.state),
+         [a.reports + "-placement", str(Path(a.results) / "placement" / "deploy")],
+         ddpm=lambda label: label != placement.TEACHER)
+    total = sum(v["seconds"] for v in steps.state.values())
+    print(f"[ddpm-bench] placement: all steps done; {total / 60:.1f} min of step time (state: {steps.path})", flush=True)
 
 
 def bundle_facts(a) -> Dict[str, dict]:
-    """Per network, what only the checkpoint and the bundle manifest hold: parameters, verification, pre-flight."""
-    out = {}
-    for label, ck_path in checkpoints(a).items():
+    """Per network of the parts run, what only the checkpoint and the bundle manifest hold: parameters,
+    verification, pre-flight."""
+    out, cks = {}, {}
+    if "base" in a.parts:
+        cks.update(checkpoints(a))
+    if "placement" in a.parts:
+        state = _read_json(Path(a.runs) / f"{a.name}-work" / "placement" / "state.json", "the placement part's steps")
+        cks.update(placement_checkpoints(a, state))
+    for label, ck_path in cks.items():
         ck = load_checkpoint(ck_path)
         manifest = json.loads((Path(a.bundles) / f"{a.name}-{slug(label)}-fp32" / "manifest.json").read_text())
         verify = (manifest.get("verification") or {}).get("fp32") or {}
@@ -181,39 +264,57 @@ def level_sizes(arch: str, image_size: int) -> str:
 
 
 def collect_rows(a, facts: Dict[str, dict]) -> List[dict]:
-    """One row per network from the copied run files, the deploy record and the checkpoint/manifest ``facts``."""
+    """One row per base network from the copied run files, the deploy record and the checkpoint/manifest ``facts``."""
     res = Path(a.results)
-    dep = _read_json(Path(a.results + "_deploy.json"), "the loopback deploy record")
-    deps = {r["bundle"].rstrip("/").split("/")[-1]: r for r in dep["results"]}
-    rows = []
-    for label, suffix, stage in NETWORKS:
-        run = res / "runs" / f"{a.name}{suffix}"
-        summ = _read_json(run / stage / "summary.json", f"{label}'s summary")
-        cfg = yaml.safe_load((run / "config.yaml").read_text())
-        hist = _jsonl(run / stage / "metrics.jsonl")
-        q = _read_json(res / "quality" / f"{slug(label)}.json", f"{label}'s quality record")
-        d = deps.get(f"{a.name}-{slug(label)}-fp32") or {}
-        uses_red = stage == "student" and METHODS.get(summ["method"]).needs_sites
-        rows.append({
-            "network": label, "arch": summ["arch"], "method": summ["method"], "params": facts[label]["params"],
-            "red_blocks": len(cfg["red"]["sites"]) if uses_red else 0, "steps": hist[-1]["steps"] if hist else None,
-            "train_s": round(sum(h["train_time_s"] for h in hist), 1),
-            "train_diffusion_loss": hist[-1].get("train_diffusion") if hist else None,
-            "train_red_loss": hist[-1].get("train_red") if hist else None,
-            "first_epoch_losses": {k: hist[0].get(k) for k in ("train_diffusion", "train_red")} if hist else None,
-            "test_diffusion_loss": summ["best"]["test_diffusion_loss"], "best_epoch": summ["best"]["epoch"],
-            "test_images": summ["best"]["test_images"],
-            "cfd": q["cfd"], "precision": q["precision"], "recall": q["recall"], "fid": q.get("fid"),
-            "theory_peak_bytes": d.get("theoretical_peak_bytes"),
-            "measured_activation_bytes": d.get("measured_activation_bytes"),
-            "p50_ms": (d.get("latency_ms") or {}).get("p50_ms"),
-            **{k: facts[label].get(k) for k in BUNDLE_KEYS if k != "params"},
-        })
-    return rows
+    deps = _deploys(Path(a.results + "_deploy.json"))
+    return [_row(a, label, res / "runs" / f"{a.name}{suffix}", stage, res / "quality", deps, facts)
+            for label, suffix, stage in NETWORKS]
 
 
-def write_results(a, command: str, facts: Dict[str, dict], page_command: Optional[str] = None, old: Optional[dict] = None) -> None:
-    """``<results>.md/.json`` from the run files in ``<results>/``, the deploy record and ``facts``."""
+def placement_rows(a, facts: Dict[str, dict]) -> List[dict]:
+    """The placement part's rows: its teacher (stage files copied to ``placement/teacher``) and its students."""
+    res = Path(a.results) / "placement"
+    deps = _deploys(res / "deploy.json")
+    return [_row(a, placement.TEACHER, res, "teacher", res / "quality", deps, facts)] + [
+        _row(a, label, Path(a.results) / "runs" / f"{a.name}{suffix}", "student", res / "quality", deps, facts)
+        for label, suffix, _ in placement.PLACEMENT_RUNS]
+
+
+def _deploys(path: Path) -> Dict[str, dict]:
+    dep = _read_json(path, "the loopback deploy record")
+    return {r["bundle"].rstrip("/").split("/")[-1]: r for r in dep["results"]}
+
+
+def _row(a, label: str, run: Path, stage: str, quality: Path, deps: Dict[str, dict], facts: Dict[str, dict]) -> dict:
+    """One network's row from its run folder's ``stage`` files, its quality record and its bundle's deploy result."""
+    summ = _read_json(run / stage / "summary.json", f"{label}'s summary")
+    hist = _jsonl(run / stage / "metrics.jsonl")
+    q = _read_json(quality / f"{slug(label)}.json", f"{label}'s quality record")
+    d = deps.get(f"{a.name}-{slug(label)}-fp32") or {}
+    uses_red = stage == "student" and METHODS.get(summ["method"]).needs_sites
+    cfg = yaml.safe_load((run / "config.yaml").read_text()) if uses_red else {}
+    return {
+        "network": label, "arch": summ["arch"], "method": summ["method"], "params": facts[label]["params"],
+        "red_blocks": len(cfg["red"]["sites"]) if uses_red else 0, "steps": hist[-1]["steps"] if hist else None,
+        "train_s": round(sum(h["train_time_s"] for h in hist), 1),
+        "train_diffusion_loss": hist[-1].get("train_diffusion") if hist else None,
+        "train_red_loss": hist[-1].get("train_red") if hist else None,
+        "first_epoch_losses": {k: hist[0].get(k) for k in ("train_diffusion", "train_red")} if hist else None,
+        "test_diffusion_loss": summ["best"]["test_diffusion_loss"], "best_epoch": summ["best"]["epoch"],
+        "test_images": summ["best"]["test_images"],
+        "cfd": q["cfd"], "precision": q["precision"], "recall": q["recall"], "fid": q.get("fid"),
+        "theory_peak_bytes": d.get("theoretical_peak_bytes"),
+        "measured_activation_bytes": d.get("measured_activation_bytes"),
+        "p50_ms": (d.get("latency_ms") or {}).get("p50_ms"),
+        **{k: facts[label].get(k) for k in BUNDLE_KEYS if k != "params"},
+    }
+
+
+def write_results(a, command: str, facts: Dict[str, dict], page_command: Optional[str] = None, old: Optional[dict] = None,
+                  ran: Sequence[str] = ()) -> None:
+    """``<results>.md/.json`` from the run files in ``<results>/``, the deploy records and ``facts``; the placement
+    section once ``<results>/placement/`` holds that part's files. ``ran``: the parts this command ran (their
+    command, machine and time are this one's; the others' come from ``old``)."""
     res = Path(a.results)
     rows = collect_rows(a, facts)
     state = _read_json(res / "state.json", "the benchmark's step record")
@@ -235,16 +336,41 @@ def write_results(a, command: str, facts: Dict[str, dict], page_command: Optiona
         "latency_ratio_red": ratio(t["p50_ms"], red["p50_ms"]),
         "cfd_real_floor": real_q["cfd"],
     }
-    old = old or {}
-    created = old.get("created") if page_command else timestamp()
-    record = {"command": command, "machine": old.get("machine") if page_command else machine(),
+    old, fresh = old or {}, "base" in ran
+    created = timestamp() if fresh else old.get("created")
+    record = {"command": command if page_command or fresh else old.get("command", command),
+              "machine": machine() if fresh else old.get("machine"),
               **({"created": created} if created else {}), "rows": rows, "real_floor": real_q, "facts": derived,
               "targets": TARGETS, "steps": state}
-    md = "\n".join(render(record, cfg, samples, dep, res, page_command) + remarks_section(a.remarks)) + "\n"
-    md += samples_section(res, rows, samples)
+    lines, p_samples = render(record, cfg, samples, dep, res, page_command), {}
+    if (res / "placement" / "state.json").is_file():
+        record["placement"], p_samples, extra = placement_record(a, facts, old.get("placement") or {}, "placement" in ran,
+                                                                 command)
+        lines += placement.section(by, cfg, real_q, (samples.get(f"{slug('teacher')}-ddim") or {}).get("checkpoint_sha256"),
+                                   {**record["placement"], **extra}, res.name)
+    md = "\n".join(lines + remarks_section(a.remarks)) + "\n"
+    md += samples_section(res, rows, samples, record.get("placement", {}).get("rows", []), p_samples)
     atomic_write_text(a.results + ".md", md)
     atomic_write_json(a.results + ".json", record)
     print(f"[ddpm-bench] wrote {a.results}.md", flush=True)
+
+
+def placement_record(a, facts: Dict[str, dict], old: dict, fresh: bool, command: str):
+    """The placement part's record (its rows, real-image floor, steps, teacher), its sample settings, and what the page
+    section reads beside them (the runs' configs, the sample count, the deploy note)."""
+    res = Path(a.results) / "placement"
+    samples = {p.parent.name: json.loads(p.read_text()) for p in sorted((res / "samples").glob("*/sample.json"))}
+    teacher = samples.get(f"{slug(placement.TEACHER)}-ddim") or {}
+    created = timestamp() if fresh else old.get("created")
+    record = {"command": command if fresh else old.get("command"), "machine": machine() if fresh else old.get("machine"),
+              **({"created": created} if created else {}), "rows": placement_rows(a, facts),
+              "real_floor": _read_json(res / "quality" / "real.json", "the placement part's real-image floor"),
+              "steps": _read_json(res / "state.json", "the placement part's step record"),
+              "teacher": {"checkpoint": teacher.get("checkpoint"), "sha256": teacher.get("checkpoint_sha256")}}
+    extra = {"configs": {label: yaml.safe_load((Path(a.results) / "runs" / f"{a.name}{suffix}" / "config.yaml").read_text())
+                         for label, suffix, _ in placement.PLACEMENT_RUNS},
+             "samples_n": teacher.get("n"), "deploy_note": _read_json(res / "deploy.json", "deploy record").get("note")}
+    return record, samples, extra
 
 
 def render(r: dict, cfg: dict, samples: Dict[str, dict], dep: dict, res: Path, page_command: Optional[str]) -> List[str]:
@@ -353,32 +479,33 @@ def _preset(state: Dict[str, dict]) -> str:
     return argv[argv.index("distill") + 1] if "distill" in argv else "?"
 
 
-def samples_section(res: Path, rows: List[dict], samples: Dict[str, dict]) -> str:
-    """The grids: a list of the files and each network's DDIM grid inline."""
+def samples_section(res: Path, rows: List[dict], samples: Dict[str, dict], p_rows: Sequence[dict] = (),
+                    p_samples: Optional[Dict[str, dict]] = None) -> str:
+    """The grids: a list of the files and each network's DDIM grid inline (the placement part's after the base's)."""
+    groups = [(res.name, rows, samples)] + ([(f"{res.name}/placement", p_rows, p_samples or {})] if p_rows else [])
     L = ["", "## Samples", ""]
-    for label in [r["network"] for r in rows]:
-        s, ddim, ddpm = slug(label), samples.get(f"{slug(label)}-ddim") or {}, samples.get(f"{slug(label)}-ddpm") or {}
-        L.append(f"- {label}: DDIM {ddim.get('steps')} steps `{res.name}/{s}-ddim.png` (the first "
-                 f"{ddim.get('grid_images') or min(64, ddim.get('n') or 0)} of {ddim.get('n')})"
-                 + (f", DDPM {ddpm.get('steps')} steps `{res.name}/{s}-ddpm.png` ({ddpm.get('n')})"
-                    if ddpm and (res / f"{s}-ddpm.png").exists() else ""))
-    for label in [r["network"] for r in rows]:
-        L.append(f"\n**{label}** (DDIM, seed {(samples.get(f'{slug(label)}-ddim') or {}).get('seed')})\n\n"
-                 f"![{label}]({res.name}/{slug(label)}-ddim.png)")
+    for folder, rs, smp in groups:
+        for label in [r["network"] for r in rs]:
+            s, ddim, ddpm = slug(label), smp.get(f"{slug(label)}-ddim") or {}, smp.get(f"{slug(label)}-ddpm") or {}
+            L.append(f"- {label}: DDIM {ddim.get('steps')} steps `{folder}/{s}-ddim.png` (the first "
+                     f"{ddim.get('grid_images') or min(64, ddim.get('n') or 0)} of {ddim.get('n')})"
+                     + (f", DDPM {ddpm.get('steps')} steps `{folder}/{s}-ddpm.png` ({ddpm.get('n')})"
+                        if ddpm and (res.parent / folder / f"{s}-ddpm.png").exists() else ""))
+    for folder, rs, smp in groups:
+        for label in [r["network"] for r in rs]:
+            L.append(f"\n**{label}** (DDIM, seed {(smp.get(f'{slug(label)}-ddim') or {}).get('seed')})\n\n"
+                     f"![{label}]({folder}/{slug(label)}-ddim.png)")
     L += ["", f"Files: `{res.name}/` (grids, quality JSON, sample settings, each run's config, metrics and summaries, step "
           f"logs, state.json), `{res.name}/compare/` (`redistill compare` over the three runs, bundles and device reports) "
-          f"and `{res.name}_deploy.md/.json` (device measurements); every figure above is read from those."]
+          f"and `{res.name}_deploy.md/.json` (device measurements)"
+          + (f"; the placement part's in `{res.name}/placement/` (its own state.json, quality, samples, logs, its "
+             "teacher's stage files, `deploy.md/.json`), its runs in `" + res.name + "/runs/`" if p_rows else "")
+          + "; every figure above is read from those."]
     return "\n".join(L) + "\n"
 
 
-def copy_run_files(a, dest: Path) -> None:
-    """Copy run configs, metrics, summaries, quality JSON, sample settings and grids, step logs and state (no checkpoints)."""
-    work = Path(a.runs) / f"{a.name}-work"
-    for run in (Path(a.runs) / a.name, Path(a.runs) / f"{a.name}-student"):
-        for f in list(run.glob("*.json")) + list(run.glob("*.yaml")) + list(run.glob("*/*.json*")):
-            target = dest / "runs" / run.name / f.relative_to(run)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(f, target)
+def _copy_work(work: Path, dest: Path) -> None:
+    """A work folder's state, quality JSON, sample settings, cleaned step logs and grids into ``dest``."""
     for f in [work / "state.json", *sorted((work / "quality").glob("*.json")), *sorted((work / "samples").glob("*/sample.json")),
               *sorted((work / "logs").glob("*.log"))]:
         if not f.is_file():
@@ -391,6 +518,28 @@ def copy_run_files(a, dest: Path) -> None:
             shutil.copyfile(f, target)
     for grid in sorted((work / "samples").glob("*/grid.png")):
         shutil.copyfile(grid, dest / f"{grid.parent.name}.png")
+
+
+def copy_run_files(a, dest: Path) -> None:
+    """Copy the parts' run configs, metrics, summaries, quality JSON, sample settings and grids, step logs and state
+    (no checkpoints); the placement part's into ``dest/placement`` with its teacher's stage files."""
+    work = Path(a.runs) / f"{a.name}-work"
+    runs = {"base": [a.name, f"{a.name}-student"],
+            "placement": [f"{a.name}{suffix}" for _, suffix, _ in placement.PLACEMENT_RUNS] + [f"{a.name}-teacher"]}
+    for part in a.parts:
+        for run in [Path(a.runs) / name for name in runs[part]]:
+            for f in list(run.glob("*.json")) + list(run.glob("*.yaml")) + list(run.glob("*/*.json*")):
+                target = dest / "runs" / run.name / f.relative_to(run)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(f, target)
+    if "base" in a.parts:
+        _copy_work(work, dest)
+    if "placement" in a.parts:
+        _copy_work(work / "placement", dest / "placement")
+        teacher = placement_teacher(a, _read_json(work / "placement" / "state.json", "the placement part's steps"))
+        (dest / "placement" / "teacher").mkdir(parents=True, exist_ok=True)
+        for name in ("summary.json", "metrics.jsonl"):
+            shutil.copyfile(teacher / name, dest / "placement" / "teacher" / name)
 
 
 if __name__ == "__main__":

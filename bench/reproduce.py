@@ -50,9 +50,13 @@ TARGETS = {
 }
 
 
+#: the methods this reproduction compares (bench/red_vs_kd.py compares the later baselines: FitNet, AT, ...)
+REPRODUCED = ("student", "kd", "red", "red_kd")
+
+
 def student_methods() -> List[str]:
-    """The methods a student is trained with: every registered method but the teacher's."""
-    return [m.name for m in methods_in_order() if not m.teacher_only]
+    """The methods a student is trained with here, in the registry's order."""
+    return [m.name for m in methods_in_order() if not m.teacher_only and m.name in REPRODUCED]
 
 
 class Steps:

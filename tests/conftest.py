@@ -17,7 +17,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "2")
 def make_imagefolder(root: Path, classes=("cat", "dog", "ship", "truck"), n_train=12, n_test=4, size=32, seed=0) -> Path:
     """Write root/{train,test}/<class>/NNNN.jpg: noisy images whose mean colour depends on the class."""
     import torch
-    from torchvision.io import write_jpeg
+    from PIL import Image  # not torchvision.io: its encoders and decoders are deprecated since 0.29
 
     g = torch.Generator().manual_seed(seed)
     for split, n in (("train", n_train), ("test", n_test)):
@@ -27,7 +27,8 @@ def make_imagefolder(root: Path, classes=("cat", "dog", "ship", "truck"), n_trai
             base = torch.tensor([(ci * 70) % 256, (ci * 130 + 60) % 256, (255 - ci * 50) % 256], dtype=torch.float32)
             for i in range(n):
                 img = base.view(3, 1, 1) + 40 * torch.randn(3, size, size, generator=g)
-                write_jpeg(img.clamp(0, 255).to(torch.uint8), str(d / f"{i:04d}.jpg"), quality=90)
+                pixels = img.clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+                Image.fromarray(pixels).save(d / f"{i:04d}.jpg", quality=90)
     return root
 
 

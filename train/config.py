@@ -35,7 +35,6 @@ class DataConfig:
     augment: str = "crop_flip"  # training augmentation (AUGMENTS, train/data.py), e.g. crop_flip, rrc_flip, flip, none
     batch_size: int = 128  # training batch size per process
     eval_batch_size: int = 256  # batch size for validation and test
-    workers: int = 0  # DataLoader worker processes
     cutmix: float = 0.0  # CutMix alpha (0 = off)
     mixup: float = 0.0  # MixUp alpha (0 = off)
 
@@ -81,7 +80,7 @@ class REDSiteConfig:
 class REDConfig:
     distance: str = "cosine"  # RED distance on channel-mean maps (DISTANCES, train/red.py), e.g. cosine, mse
     alpha: float = 50.0  # RED loss weight per block (the paper: 50 on STL10, 1 on ImageNet)
-    sites: List[REDSiteConfig] = field(default_factory=list)  # list of {student, where, teacher, teacher_where, alpha}, or auto (the paper's rule, train/red.py auto_sites)
+    sites: List[REDSiteConfig] = field(default_factory=list)  # list of {student, where, teacher, teacher_where, alpha}, or a placement (PLACEMENTS, train/red.py): auto (the paper's rule, classifiers), paper or outputs (U-Nets)
 
 
 @dataclass
@@ -116,6 +115,30 @@ class LossConfig:
     w_dist: float = 0.5  # weight of the mean distillation loss
     kd_temperature: float = 4.0  # Hinton KD temperature T
     label_smoothing: float = 0.0  # CE label smoothing
+    red_kd_paper_temperature: float = 2.0  # KD temperature of method red_kd_paper (the paper's KD module: T=2, reed/modules.py)
+    fitnet_weight: float = 100.0  # FitNet: weight of the hint loss inside D (the paper's zoo: -b 100, run_stl10_distill.sh)
+    at_weight: float = 1000.0  # AT: weight of the attention loss inside D (the paper's zoo: -b 1000)
+    at_p: float = 2.0  # AT: power of the attention map mean_c |f|^p (distiller_zoo/AT.py: p=2)
+
+
+@dataclass
+class RuntimeConfig:
+    """How training uses the machine (train/runtime.py): speed only, the networks and data trained are the same."""
+
+    threads: str = "auto"  # CPU intra-op threads: auto (OMP_NUM_THREADS if set, else adapted to the load between 1 and the cores) or N
+    workers: str = "auto"  # DataLoader worker processes of the per-image data path: auto (0 on a CPU, cores - 1 up to 8 on CUDA) or N
+    device_augment: str = "auto"  # augment whole uint8 batches on the training device: auto (when the images share a size), true, false (per image)
+    channels_last: str = "auto"  # channels_last memory format for teacher, student and batches: auto (classifiers), true, false
+    compile: str = "auto"  # torch.compile the student: auto (CUDA only; on 2 CPU cores it took 3.5 min and gained nothing), true, false
+    amp: str = "none"  # autocast precision (PRECISIONS, train/runtime.py), e.g. none, bf16, fp16; fp16 with a GradScaler
+    fold_teacher: bool = True  # the frozen teacher runs with its BatchNorm folded, without autograd (taps keep their tensors)
+    se_linear: bool = True  # MobileNetV3 squeeze-excitation as linear layers in training (same weights and export)
+
+    def __post_init__(self):
+        for key in ("device_augment", "channels_last", "compile"):
+            v = str(getattr(self, key)).strip().lower()
+            setattr(self, key, {"on": "true", "yes": "true", "1": "true", "off": "false", "no": "false",
+                                "0": "false"}.get(v, v))
 
 
 @dataclass
@@ -123,7 +146,8 @@ class RunConfig:
     """A distillation run: train the teacher (unless given), then the student by ``method``."""
 
     name: str = "run"  # run folder name under out_dir
-    method: str = "red"  # training method (METHODS, train/losses.py), e.g. teacher, student, kd, red, red_kd
+    method: str = "red"  # training method (METHODS, train/losses.py), e.g. teacher, student, kd, red, red_kd, fitnet, at
+    recipe: str = ""  # a named recipe (RECIPES, train/recipes.py), e.g. paper_student, paper_kd: set just beneath what names it
     epochs: int = 30  # epochs per network (teacher.epochs / student.epochs override)
     seed: int = 0  # seeds init, shuffling and augmentation
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -137,6 +161,7 @@ class RunConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     unet: UNetConfig = field(default_factory=UNetConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     log_every: int = 20  # progress-bar refresh, in steps
 
     @property
@@ -277,12 +302,43 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Ru
             raise UserError(f"config {p} is not valid YAML: {str(e).splitlines()[0]}") from None
         if not isinstance(data, dict):
             raise UserError(f"config {p} must be a mapping of keys to values")
-    data = _merge(data, parse_overrides(overrides))
-    auto = isinstance(data.get("red"), dict) and data["red"].get("sites") == AUTO_SITES
-    cfg = _build(RunConfig, _merge(data, {"red": {"sites": []}}) if auto else data)
-    if auto:
-        cfg.red.sites = AUTO_SITES  # placed by validate, once the architectures are known to be valid
+    data = _moved_keys(_with_recipe(data, parse_overrides(overrides)))
+    red = data.get("red")
+    placement = red["sites"] if isinstance(red, dict) and isinstance(red.get("sites"), str) else None
+    cfg = _build(RunConfig, _merge(data, {"red": {"sites": []}}) if placement else data)
+    if placement:
+        cfg.red.sites = placement  # placed by validate, once the architectures are known to be valid
     return validate(cfg)
+
+
+def _with_recipe(file_data: Dict[str, Any], over: Dict[str, Any]) -> Dict[str, Any]:
+    """The file's keys and the overrides with the named recipe just beneath whatever names it: an override
+    ``recipe=NAME`` goes over the file (under the other overrides), a file's ``recipe: NAME`` under the file."""
+    from train.recipes import RECIPES
+
+    def tree(name) -> Dict[str, Any]:
+        if not name:
+            return {}
+        _choice("recipe", name, RECIPES)
+        return RECIPES.get(name).tree()
+
+    if "recipe" in over:
+        return _merge(_merge(file_data, tree(over["recipe"])), over)
+    return _merge(_merge(tree(file_data.get("recipe")), file_data), over)
+
+
+#: keys that moved: a config still giving the old one sets the new one (unless it gives both)
+_MOVED = {("data", "workers"): ("runtime", "workers")}
+
+
+def _moved_keys(data: Dict[str, Any]) -> Dict[str, Any]:
+    for (sec, key), (new_sec, new_key) in _MOVED.items():
+        if isinstance(data.get(sec), dict) and key in data[sec]:
+            data = _merge(data, {sec: {}})
+            value = data[sec].pop(key)
+            new = data.get(new_sec) if isinstance(data.get(new_sec), dict) else {}
+            data[new_sec] = {new_key: value, **new}
+    return data
 
 
 def _choice(key: str, value: str, options) -> None:
@@ -301,7 +357,6 @@ _RANGES = (
     ("student.epochs", lambda v: v is None or v >= 1, "at least 1 (or unset: the run's epochs)"),
     ("data.train_subset", lambda v: v >= 0, "0 (all) or a positive image count"),
     ("data.test_subset", lambda v: v >= 0, "0 (all) or a positive image count"),
-    ("data.workers", lambda v: v >= 0, "0 (load in the main process) or a positive count"),
     ("data.cutmix", lambda v: v >= 0, "0 (off) or a positive Beta alpha"),
     ("data.mixup", lambda v: v >= 0, "0 (off) or a positive Beta alpha"),
     ("optim.lr", lambda v: v > 0, "a positive learning rate"),
@@ -316,6 +371,10 @@ _RANGES = (
     ("loss.w_dist", lambda v: v >= 0, ">= 0"),
     ("loss.kd_temperature", lambda v: v > 0, "> 0"),
     ("loss.label_smoothing", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("loss.red_kd_paper_temperature", lambda v: v > 0, "> 0"),
+    ("loss.fitnet_weight", lambda v: v >= 0, ">= 0"),
+    ("loss.at_weight", lambda v: v >= 0, ">= 0"),
+    ("loss.at_p", lambda v: v > 0, "> 0 (Zagoruyko & Komodakis: 2)"),
     ("unet.dropout", lambda v: 0 <= v < 1, "in [0, 1)"),
     ("unet.norm_groups", lambda v: v >= 1, "at least 1"),
 )
@@ -341,6 +400,17 @@ def _check_ranges(cfg: RunConfig, distils: bool) -> None:
             raise UserError(f"red.sites[{i}].alpha={alpha!r} is out of range: it must be >= 0 (or unset: red.alpha)")
 
 
+def _check_runtime(rt: RuntimeConfig) -> None:
+    """``runtime.*``: counts are auto or integers in range, switches auto/true/false, amp a registered precision."""
+    from train.runtime import PRECISIONS, SWITCH_VALUES, parse_count
+
+    parse_count("threads", rt.threads, 1)
+    parse_count("workers", rt.workers, 0)
+    for key in ("device_augment", "channels_last", "compile"):
+        _choice(f"runtime.{key}", getattr(rt, key), SWITCH_VALUES)
+    _choice("runtime.amp", rt.amp, PRECISIONS)
+
+
 def flatten_config(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
     """``{"optim": {"lr": 0.1}}`` -> ``{"optim.lr": 0.1}``; lists (red.sites, milestones) stay one value."""
     out: Dict[str, Any] = {}
@@ -359,7 +429,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     from train.losses import METHODS
     from train.models import parse_arch
     from train.optim import LR_SCHEDULES, OPTIMIZERS
-    from train.red import DISTANCES, WHERE
+    from train.red import DISTANCES, PLACEMENTS, WHERE
 
     _choice("method", cfg.method, METHODS)
     method = METHODS.get(cfg.method)
@@ -368,11 +438,16 @@ def validate(cfg: RunConfig) -> RunConfig:
     _choice("data.augment", cfg.data.augment, AUGMENTS)
     _choice("data.name", cfg.data.name, DATASETS)
     _choice("red.distance", cfg.red.distance, DISTANCES)
+    if cfg.recipe:
+        from train.recipes import RECIPES
+
+        _choice("recipe", cfg.recipe, RECIPES)
     if not 32 <= cfg.data.image_size <= 224:
         raise UserError(f"data.image_size={cfg.data.image_size} is out of range: use 32 to 224")
     if cfg.epochs < 1:
         raise UserError("epochs must be at least 1")
     _check_ranges(cfg, distils=method.needs_teacher)
+    _check_runtime(cfg.runtime)
     if not 0 <= cfg.data.val_fraction < 0.5:
         raise UserError("data.val_fraction must be in [0, 0.5)")
     if cfg.data.batch_size < 1 or cfg.data.eval_batch_size < 1:
@@ -385,9 +460,10 @@ def validate(cfg: RunConfig) -> RunConfig:
         if m.arch:
             parse_arch(m.arch)
     _validate_task(cfg)
-    if cfg.red.sites == AUTO_SITES:
-        cfg.red.sites = _auto_sites(cfg) if method.needs_sites else []
-    if method.needs_sites:
+    if isinstance(cfg.red.sites, str):
+        _choice("red.sites", cfg.red.sites, PLACEMENTS)
+        cfg.red.sites = _auto_sites(cfg) if method.reads_sites else []
+    if method.reads_sites:
         if not cfg.red.sites:
             raise UserError(f"method={cfg.method} needs at least one red.sites entry (student layer + teacher layer)")
         for i, s in enumerate(cfg.red.sites):
@@ -400,13 +476,15 @@ def validate(cfg: RunConfig) -> RunConfig:
 
 
 def _auto_sites(cfg: RunConfig) -> List[REDSiteConfig]:
-    """``red.sites: auto``: the sites the paper's rule places for this teacher, student and image size."""
-    from train.red import auto_sites
+    """``red.sites: NAME`` (auto, paper, ...): the sites that placement gives this teacher, student and image size."""
+    from train.red import place_sites
 
+    name = cfg.red.sites
     if not cfg.teacher.arch:
-        raise UserError("red.sites: auto places RED blocks by the teacher's architecture: set teacher.arch "
+        raise UserError(f"red.sites: {name} places RED blocks by the teacher's architecture: set teacher.arch "
                         "(also when teacher.checkpoint is given)")
-    return [REDSiteConfig(**s) for s in auto_sites(cfg.student.arch, cfg.teacher.arch, cfg.data.image_size)]
+    return [REDSiteConfig(**s) for s in place_sites(name, cfg.student.arch, cfg.teacher.arch, cfg.data.image_size,
+                                                    cfg.unet.num_res_blocks)]
 
 
 def _validate_task(cfg: RunConfig) -> None:
@@ -422,6 +500,9 @@ def _validate_task(cfg: RunConfig) -> None:
         return
     if METHODS.get(cfg.method).needs_logits:
         raise UserError(f"method={cfg.method} distils logits and applies to classifiers only; "
+                        "use method=red (or student/teacher) for a unet denoiser")
+    if METHODS.get(cfg.method).needs_taps:
+        raise UserError(f"method={cfg.method} taps classifier features and applies to classifiers only; "
                         "use method=red (or student/teacher) for a unet denoiser")
     d, u = cfg.diffusion, cfg.unet
     _choice("diffusion.schedule", d.schedule, SCHEDULES)

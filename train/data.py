@@ -1,22 +1,27 @@
 """Data sets: an image-folder tree (the CIFAR-10 archive), or torchvision's CIFAR10/STL10 already on disk.
 
-Small images (CIFAR, STL) are decoded once into one uint8 tensor, so that an
-epoch on a 2-core machine spends its time training, not decoding JPEGs.
-Nothing here downloads anything.
+Images are decoded once (Pillow) into one uint8 tensor when they share a size, so that an epoch spends its
+time training, not decoding JPEGs; training batches are then augmented whole on the training device
+(``train.gpu_data``), or per image in a DataLoader when the sizes differ. Nothing here downloads anything.
 """
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
 from redistill.errors import UserError
 from redistill.registry import Registry
+from train import gpu_data
+from train.runtime import cpu_cores
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp")
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -53,8 +58,6 @@ def _hint(root: Path) -> str:
 @DATASETS.register("imagefolder")
 def load_imagefolder(root: str, split: str) -> ImageSet:
     """Read ``root/split/<class>/*.jpg`` (one folder per class) and decode every image."""
-    from torchvision.io import ImageReadMode, decode_image
-
     base = Path(root).expanduser()
     folder = base / split
     if not folder.is_dir():
@@ -69,19 +72,27 @@ def load_imagefolder(root: str, split: str) -> ImageSet:
             raise UserError(f"class folder {(folder / c).resolve()} holds no images ({', '.join(IMG_EXTENSIONS)})")
         paths += files
         labels += [i] * len(files)
-    images = []
-    for p in paths:
-        try:
-            images.append(decode_image(str(p), mode=ImageReadMode.RGB))
-        except (RuntimeError, ValueError) as e:
-            raise UserError(f"cannot decode image {p}: {e}; remove or replace the file") from None
+    with ThreadPoolExecutor(max_workers=cpu_cores()) as pool:  # Pillow decodes without the GIL
+        images = list(pool.map(decode_rgb, paths, chunksize=256))
     if len({tuple(t.shape) for t in images}) == 1:
         images = torch.stack(images)
     return ImageSet(images, torch.tensor(labels), classes, f"imagefolder:{folder.resolve()}")
 
 
+def decode_rgb(path: Path) -> torch.Tensor:
+    """One image file as a 3 x H x W uint8 tensor (Pillow: grey, palette, CMYK and alpha images become RGB).
+
+    Pillow, not ``torchvision.io.decode_image``, which is deprecated since torchvision 0.29.
+    """
+    try:
+        with Image.open(path) as im:
+            arr = np.array(im if im.mode == "RGB" else im.convert("RGB"))
+    except (OSError, ValueError, SyntaxError) as e:  # PIL.UnidentifiedImageError is an OSError; truncated files too
+        raise UserError(f"cannot decode image {path}: {e}; remove or replace the file") from None
+    return torch.from_numpy(arr).permute(2, 0, 1)
+
+
 def _torchvision_set(cls_name: str, root: str, split: str) -> ImageSet:
-    import numpy as np
     import torchvision.datasets as tvd
 
     try:
@@ -145,41 +156,76 @@ def channel_stats(images) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
     return tuple(x.mean(dim=(0, 2, 3)).tolist()), tuple(x.std(dim=(0, 2, 3)).tolist())
 
 
-#: training augmentations by name (``data.augment``): ``fn(image_size) -> [transforms]`` that also bring the
-#: image to ``image_size``; evaluation only resizes
-AUGMENTS: Registry[Callable[[int], list]] = Registry("augmentation")
+@dataclass(frozen=True)
+class Augment:
+    """A training augmentation in both forms: ``per_image(image_size) -> [v2 transforms]`` for one uint8 image
+    (a DataLoader), and ``batched(uint8 batch, image_size, generator) -> uint8 batch`` on the training device,
+    drawing its parameters from the same distribution. Both also bring images to ``image_size``."""
+
+    per_image: Callable[[int], list]
+    batched: gpu_data.BatchedAugment
+
+
+#: training augmentations by name (``data.augment``); evaluation only resizes
+AUGMENTS: Registry[Augment] = Registry("augmentation")
+
+
+def register_augment(name: str, batched: gpu_data.BatchedAugment):
+    """Decorator: register ``per_image(image_size)`` with its ``batched`` form as augmentation ``name``."""
+
+    def deco(per_image):
+        AUGMENTS.register(name)(Augment(per_image, batched))
+        return per_image
+
+    return deco
 
 
 def _resize(image_size: int):
     return v2.Resize((image_size, image_size), antialias=True)
 
 
-@AUGMENTS.register("crop_flip")
+def _crop_flip_batched(x, size, gen):
+    x = gpu_data.resize_batch(x, size)
+    top, left = gpu_data.crop_params(len(x), size, size // 8, gen)
+    return gpu_data.pad_crop_flip(x, size // 8, top, left, gpu_data.flips(len(x), gen))
+
+
+@register_augment("crop_flip", _crop_flip_batched)
 def _crop_flip(image_size: int) -> list:
     """Resize, pad by 1/8 (reflect) and crop back, horizontal flip: the CIFAR recipe."""
     return [_resize(image_size), v2.RandomCrop(image_size, padding=image_size // 8, padding_mode="reflect"),
             v2.RandomHorizontalFlip()]
 
 
-@AUGMENTS.register("rrc_flip")
+RRC_SCALE, RRC_RATIO = (0.35, 1.0), (3 / 4, 4 / 3)
+
+
+def _rrc_flip_batched(x, size, gen):
+    top, left, h, w = gpu_data.rrc_params(len(x), x.shape[-2], x.shape[-1], RRC_SCALE, RRC_RATIO, gen)
+    return gpu_data.resized_crop_flip(x, top, left, h, w, size, gpu_data.flips(len(x), gen))
+
+
+@register_augment("rrc_flip", _rrc_flip_batched)
 def _rrc_flip(image_size: int) -> list:
     """RandomResizedCrop (35-100 % of the area), horizontal flip: the paper's STL10 recipe."""
-    return [v2.RandomResizedCrop(image_size, scale=(0.35, 1.0), antialias=True), v2.RandomHorizontalFlip()]
+    return [v2.RandomResizedCrop(image_size, scale=RRC_SCALE, ratio=RRC_RATIO, antialias=True),
+            v2.RandomHorizontalFlip()]
 
 
-@AUGMENTS.register("flip")
+@register_augment("flip", lambda x, size, gen: gpu_data.flip_batch(gpu_data.resize_batch(x, size),
+                                                                  gpu_data.flips(len(x), gen)))
 def _flip(image_size: int) -> list:
     return [_resize(image_size), v2.RandomHorizontalFlip()]
 
 
-@AUGMENTS.register("none")
+@register_augment("none", lambda x, size, gen: gpu_data.resize_batch(x, size))
 def _none(image_size: int) -> list:
     return [_resize(image_size)]
 
 
 def build_transform(image_size: int, mean, std, train: bool, augment: str) -> Callable:
     """uint8 image -> normalised float tensor; ``augment`` (an ``AUGMENTS`` name) applies in training only."""
-    ops = AUGMENTS.get(augment)(image_size) if train else [_resize(image_size)]
+    ops = AUGMENTS.get(augment).per_image(image_size) if train else [_resize(image_size)]
     return v2.Compose(ops + [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))])
 
 
@@ -234,3 +280,17 @@ def load_data(cfg, mean=None, std=None, need_train: bool = True) -> DataBundle:
         std=tuple(std),
         source=test.source,
     )
+
+
+def one_tensor(dataset: Optional[Dataset]) -> bool:
+    """Whether a training split's images are one uint8 tensor (one size), as batches augmented on a device need."""
+    return isinstance(dataset, TransformedImages) and torch.is_tensor(dataset.set.images)
+
+
+def device_batches(data: DataBundle, augment: str, image_size: int, batch_size: int, device: torch.device,
+                   memory_format: torch.memory_format = torch.contiguous_format) -> gpu_data.DeviceBatches:
+    """The training split as batches augmented on ``device`` by ``augment``'s batched form, normalised by the
+    bundle's mean and std (``DeviceBatches.epoch`` gives one epoch)."""
+    s = data.train.set
+    return gpu_data.DeviceBatches(s.images, s.labels, AUGMENTS.get(augment).batched, image_size, data.mean,
+                                  data.std, batch_size, device, memory_format)

@@ -37,6 +37,8 @@ def build_student(cfg: RunConfig, num_classes: int, teacher: Optional[nn.Module]
         sites = [asdict(s) for s in cfg.red.sites]
         plans = plan_sites(model, teacher, sites, cfg.data.image_size, cfg.red.alpha)
         insert_red_blocks(model, plans)
+    elif METHODS.get(cfg.method).needs_taps:  # FitNet/AT: no blocks; the sites are checked now, tapped in training
+        plan_sites(model, teacher, [asdict(s) for s in cfg.red.sites], cfg.data.image_size, cfg.red.alpha)
     return model, plans
 
 

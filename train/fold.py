@@ -12,7 +12,7 @@ becomes a per-channel ``x * scale + shift``, which exports as Mul + Add.
 from __future__ import annotations
 
 import copy
-from typing import Dict, List, Optional, Tuple
+from typing import Collection, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -107,16 +107,18 @@ def strip_training_parts(model: nn.Module) -> nn.Module:
     return model
 
 
-def fold_batchnorm(model: nn.Module, image_size: int) -> nn.Module:
+def fold_batchnorm(model: nn.Module, image_size: int, keep: Collection[str] = ()) -> nn.Module:
     """A deep copy of ``model`` in eval mode with no BatchNorm left: folded into its conv, else a ChannelAffine.
 
     ``folded.fold_stats`` counts both kinds. Raises UserError when the folded network's output differs
-    from the original's by more than ``FOLD_ATOL`` (the fold is checked, not trusted).
+    from the original's by more than ``FOLD_ATOL`` (the fold is checked, not trusted). ``keep``: module names
+    whose input and output tensors must stay as they are (a training tap reads them): a conv or BatchNorm
+    named there is not folded into the other (the BatchNorm becomes a ChannelAffine).
     """
     original = model.eval()
     folded = strip_training_parts(copy.deepcopy(model)).eval()
     example = probe_inputs(model, image_size, batch=2)
-    pairs = _find_pairs(folded, example)
+    pairs = [(c, b) for c, b in _find_pairs(folded, example) if c not in keep and b not in keep]
     modules = dict(folded.named_modules())
     for conv_name, bn_name in pairs:
         _set(folded, conv_name, fuse_conv_bn_eval(modules[conv_name], modules[bn_name]))

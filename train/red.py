@@ -5,14 +5,15 @@
 A RED block stays in the deployed student, so it is an ``nn.Module`` inside the
 model (an exporter sees it), not a hook. ``REDSite`` wraps one student layer
 with a block on its input, its output, or both. ``auto_sites`` places them as
-the paper does (``red.sites: auto``).
+the paper does in classifiers (``red.sites: auto``); ``PLACEMENTS`` names every such placement, the U-Net
+ones included (``red.sites: paper``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -21,8 +22,9 @@ from torchvision.ops.misc import Conv2dNormActivation
 
 from redistill.errors import UserError, did_you_mean
 from redistill.registry import Registry
-from train.models import FAMILIES, ArchName, example_inputs, parse_arch
+from train.models import FAMILIES, ArchName, example_inputs, parse_arch, task_of
 from train.skeleton import family_skeleton
+from train.unet import output_sites, paper_sites
 
 
 class REDBlock(nn.Module):
@@ -72,8 +74,9 @@ DISTANCES: Registry = Registry("RED distance")
 
 
 def channel_mean(t: torch.Tensor) -> torch.Tensor:
-    """Average over channels and flatten: B x C x H x W -> B x (H*W)."""
-    return t.mean(dim=1).flatten(1)
+    """Average over channels and flatten: B x C x H x W -> B x (H*W), in float32 (under fp16 autocast the
+    cosine of half-precision maps can be 0/0)."""
+    return t.float().mean(dim=1).flatten(1)
 
 
 @DISTANCES.register("cosine")
@@ -223,7 +226,8 @@ def stride_layers(family: str) -> Tuple[str, ...]:
     fam = FAMILIES.get(family)
     if fam.variable_depth or fam.task != "classify":
         raise UserError(f"red.sites: auto places RED blocks in classifiers; list the sites of a {family} "
-                        "network by hand (red.sites: [{student, where, teacher}, ...])")
+                        "network by hand (red.sites: [{student, where, teacher}, ...]) or name a placement of its "
+                        f"task (red.sites: {', '.join(placements_for(fam.task))})")
 
     def strided(digits):
         model = family_skeleton(family, digits[0], tuple(digits[1:]))
@@ -293,3 +297,49 @@ def auto_sites(student_arch: str, teacher_arch: str, image_size: int) -> List[di
                         "tensor matches its sizes): no aggressive-pooling layer to put RED blocks on; move a stride "
                         "earlier or list red.sites by hand")
     return sites
+
+
+# --- named placements (``red.sites: NAME``) ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Placement:
+    """A named way to place a pair's RED sites: ``red.sites: NAME`` in a config."""
+
+    task: str  # the pairs it places sites in: classify or denoise (train.models task_of)
+    what: str  # one line: where the blocks go
+    place: Callable[[str, str, int, int], List[dict]]  # (student arch, teacher arch, image size, unet.num_res_blocks)
+
+
+PLACEMENTS: Registry[Placement] = Registry("RED site placement")
+
+
+def placements_for(task: str) -> List[str]:
+    """The placement names for pairs of ``task`` (for messages that name the right ones)."""
+    return [n for n in PLACEMENTS.names() if PLACEMENTS.get(n).task == task]
+
+
+def place_sites(name: str, student_arch: str, teacher_arch: str, image_size: int, num_res_blocks: int = 2) -> List[dict]:
+    """``red.sites: NAME`` resolved to ``red.sites`` entries for a pair; a placement of the other task is refused."""
+    placement = PLACEMENTS.get(name)
+    task = task_of(student_arch)
+    if placement.task != task:
+        raise UserError(f"red.sites: {name} is a placement for the {placement.task} task and {student_arch} does the "
+                        f"{task} task: use red.sites: {' or '.join(placements_for(task))}, or list the sites")
+    return placement.place(student_arch, teacher_arch, image_size, num_res_blocks)
+
+
+def _unet_digits(arch: str) -> Tuple[int, ...]:
+    name = parse_arch(arch)
+    return (name.stem,) + tuple(name.strides)
+
+
+PLACEMENTS.register("auto")(Placement(
+    "classify", "the paper's rule: the layers whose stride was raised, matched to teacher layers of equal H x W",
+    lambda s, t, size, _: auto_sites(s, t, size)))
+PLACEMENTS.register("paper")(Placement(
+    "denoise", "the paper's DDPM sites: head out, the early down/up convs' in and out, tail in (train/unet.py)",
+    lambda s, t, size, n: paper_sites(_unet_digits(s), _unet_digits(t), size, n)))
+PLACEMENTS.register("outputs")(Placement(
+    "denoise", "five output-side sites: head, last down/up blocks of the two largest levels (train/unet.py)",
+    lambda s, t, size, n: output_sites(_unet_digits(s), _unet_digits(t), size, n)))

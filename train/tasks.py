@@ -21,7 +21,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from redistill.registry import Registry
 from train.diffusion import Diffusion
-from train.losses import LossInputs, total_loss
+from train.hints import (REGRESSOR_KEY, FeatureTaps, average_gradients, load_regressors, make_regressors,
+                         regressor_state, tap_plans, teacher_channels)
+from train.losses import DISTILL_LOSSES, METHODS, LossInputs, total_loss
 from train.red import SitePlan
 
 TASKS: Registry = Registry("task")
@@ -99,9 +101,31 @@ class Task:
 
     def __init__(self, cfg, method: str, teacher, plans: List[SitePlan], blocks: Dict[str, nn.Module]):
         self.cfg, self.method, self.teacher, self.plans, self.blocks = cfg, method, teacher, plans, blocks
+        self.taps: Optional[FeatureTaps] = None  # FitNet/AT: student and teacher tensors at the sites
+        self.regressors: Optional[nn.ModuleList] = None  # FitNet: one per tapped site, training only
 
     def attach(self, model: nn.Module) -> None:
         """Called once with the (unwrapped) model before training."""
+        self._attach_taps(model)
+
+    def _attach_taps(self, model: nn.Module) -> None:
+        """Methods that read plain tensors at the sites (``Method.needs_taps``): hook them, and for FitNet make
+        its regressors on the model's device."""
+        method = METHODS.get(self.method)
+        if not method.needs_taps or self.teacher is None:
+            return
+        teacher = self.teacher.teacher
+        plans = tap_plans(self.cfg, model, teacher)
+        self.taps = FeatureTaps(model, teacher, plans)
+        if "fitnet" in method.losses:
+            param = next(model.parameters())
+            self.regressors = make_regressors(plans, teacher_channels(teacher, plans, self.cfg.data.image_size))
+            self.regressors.to(param.device).train()
+            average_gradients(self.regressors)
+
+    def trainable_modules(self) -> List[nn.Module]:
+        """Modules besides the model that the optimizer trains (FitNet's regressors); never exported."""
+        return [self.regressors] if self.regressors is not None else []
 
     def batch_loss(self, net, x, y, generator: torch.Generator) -> Tuple[torch.Tensor, Dict[str, float], Dict[str, int]]:
         raise NotImplementedError
@@ -114,10 +138,12 @@ class Task:
         return model
 
     def extra_state(self) -> Dict[str, Any]:
-        return {}
+        return {REGRESSOR_KEY: regressor_state(self.taps.plans, self.regressors)} if self.regressors is not None else {}
 
     def load_extra(self, ck: Dict[str, Any]) -> None:
         """Restore what ``extra_state`` saved (resume)."""
+        if self.regressors is not None:
+            load_regressors(self.regressors, self.taps.plans, ck.get(REGRESSOR_KEY), "the checkpoint to resume")
 
     def validate(self, model: nn.Module, dataset: Dataset, device) -> Tuple[Dict[str, float], float]:
         """Validation figures for the metrics and the score that picks the best epoch (higher is better)."""
@@ -127,13 +153,33 @@ class Task:
         raise NotImplementedError
 
     def distill(self, task_loss, student_out, teacher_out, t_feats) -> Tuple[torch.Tensor, Dict[str, float]]:
-        """``w_ce * task loss + w_dist * mean(distillation losses)`` (just the task loss without a teacher)."""
+        """``w_ce * task loss + w_dist * D`` (``train.losses``; just the task loss without a teacher)."""
         cfg = self.cfg
-        inputs = LossInputs(student_out, teacher_out, {k: b.last for k, b in self.blocks.items()}, t_feats,
-                            self.plans, cfg.red.distance, cfg.loss.kd_temperature)
+        method = METHODS.get(self.method)
+        s_feats, plans = {k: b.last for k, b in self.blocks.items()}, self.plans
+        regressors: Dict[str, nn.Module] = {}
+        if self.taps is not None:
+            s_feats, t_feats, plans = self.taps.student, {**t_feats, **self.taps.teacher}, self.taps.plans
+            if self.regressors is not None:
+                regressors = {p.key: r for p, r in zip(plans, self.regressors)}
+        weights = {n: getattr(cfg.loss, DISTILL_LOSSES.get(n).weight_key) for n in method.losses
+                   if DISTILL_LOSSES.get(n).weight_key}
+        inputs = LossInputs(student_out, teacher_out, s_feats, t_feats, plans, cfg.red.distance,
+                            getattr(cfg.loss, method.temperature_key), weights, regressors, cfg.loss.at_p)
         loss, parts = total_loss(self.method, task_loss, inputs, cfg.loss.w_ce, cfg.loss.w_dist)
         parts[self.loss_name] = parts.pop("ce")
         return loss, parts
+
+    def run_tapped(self, fn):
+        """``fn()`` (the teacher and student forward passes) with the feature taps recording, if any."""
+        if self.taps is None:
+            return fn()
+        self.taps.clear()
+        self.taps.on = True
+        try:
+            return fn()
+        finally:
+            self.taps.on = False
 
 
 def task_metrics() -> Dict[str, TaskMetric]:
@@ -181,11 +227,19 @@ class ClassifyTask(Task):
     def batch_loss(self, net, x, y, generator):
         hard = y
         if self.mixer is not None:
+            # as the paper's code (base/utils/datasets.py): the teacher and every loss see the mixed images, CE the
+            # mixed labels
             x, y = self.mixer(x, y)
-        t_logits, t_feats = self.teacher(x) if self.teacher is not None else (None, {})
-        logits = net(x)
+
+        def forward():
+            t_logits, t_feats = self.teacher(x) if self.teacher is not None else (None, {})
+            return t_logits, t_feats, net(x)
+
+        t_logits, t_feats, logits = self.run_tapped(forward)
         ce = F.cross_entropy(logits, y, label_smoothing=self.cfg.loss.label_smoothing)
         loss, parts = self.distill(ce, logits, t_logits, t_feats)
+        if self.taps is not None:
+            self.taps.clear()
         return loss, parts, {"correct": int((logits.argmax(1) == hard).sum())}
 
     def validate(self, model, dataset, device):

@@ -25,27 +25,21 @@ from redistill.errors import UserError
 from redistill.io import atomic_write_json, atomic_write_text, check_writable
 from train.checkpoint import load_checkpoint, make_payload, model_from_checkpoint, save_checkpoint
 from train.config import RunConfig, build_kwargs, flatten_config
-from train.data import DataBundle, load_data
+from train.data import DataBundle, device_batches, load_data, one_tensor
 from train.design import build_student, theoretical_reduction
+from train.gpu_data import epoch_order
 from train.losses import METHODS
 from train.models import build_model
 from train.optim import lr_at, make_optimizer
-from train.red import REDSite, SitePlan
+from train.red import SitePlan
+from train.runtime import resolve_device, resolve_runtime
+from train.step import DistillStep, TeacherTap, blocks_in_plan_order, make_teacher_tap
 from train.tasks import TASKS
+
+_blocks_in_plan_order = blocks_in_plan_order  # the name tests and benchmarks import
 
 
 # --- environment ------------------------------------------------------------------------------
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"device={name} but CUDA is not available here: use device=cpu or device=auto")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise UserError(f"device={name!r} is not a device: use auto, cpu, cuda or cuda:N") from None
 
 
 class Dist:
@@ -75,25 +69,6 @@ class Dist:
 # --- building ---------------------------------------------------------------------------------
 
 
-class TeacherTap:
-    """Frozen teacher that returns its output plus only the tensors RED sites are matched to."""
-
-    def __init__(self, teacher: nn.Module, plans: List[SitePlan]):
-        self.teacher = teacher.eval().requires_grad_(False)
-        self.feats: Dict[str, torch.Tensor] = {}
-        modules = dict(teacher.named_modules())
-        for p in plans:
-            def hook(mod, inp, out, p=p):
-                self.feats[p.key] = inp[0] if p.teacher_where == "in" else out
-
-            modules[p.teacher].register_forward_hook(hook)
-
-    @torch.no_grad()
-    def __call__(self, *inputs: torch.Tensor):
-        self.feats = {}
-        return self.teacher(*inputs), self.feats
-
-
 def _progress(iterable, total, desc, enabled):
     try:
         from tqdm import tqdm
@@ -116,11 +91,12 @@ def fit(
     last_path, best_path = stage_dir / "last.pt", stage_dir / "best.pt"
     num_classes = len(data.classes)
     model.to(device)
-    optimizer = make_optimizer(cfg, model)
     blocks = {p.key: b for p, b in zip(plans, _blocks_in_plan_order(model, plans))}
     task = TASKS.get(cfg.task)(cfg, method, teacher, plans, blocks, num_classes=num_classes)
     task.attach(model)
-    start, history, best_val = 0, [], -math.inf
+    # a task's training-only modules (FitNet's regressors) train with the model; its extra_state saves them
+    optimizer = make_optimizer(cfg, nn.ModuleList([model, *task.trainable_modules()]))
+    start, history, best_val, ck = 0, [], -math.inf, None
     if last_path.exists():
         if not resume:
             raise UserError(f"{stage_dir} already holds a run: pass --resume to continue it, or name=NEW for a new run")
@@ -138,93 +114,97 @@ def fit(
                 image_size=cfg.data.image_size, classes=data.classes, mean=data.mean, std=data.std,
                 width_mult=width_mult, plans=plans, red_distance=cfg.red.distance, config=cfg.to_dict(),
                 build_kwargs=build_kwargs(cfg, cfg.teacher if role == "teacher" else cfg.student))
-    net = model
-    if ctx.world > 1:
-        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    rt = resolve_runtime(cfg.runtime, device, task=cfg.task, world=ctx.world, one_tensor=one_tensor(data.train))
+    stepper = DistillStep(cfg, model, task, optimizer, blocks=blocks, runtime=rt, plans=plans, world=ctx.world)
+    if ck is not None:
+        stepper.load_extra(ck)
+    if ctx.main:
+        print(f"[{role}] {rt.describe()}", flush=True)
     sampler = None
     if ctx.world > 1:
         sampler = torch.utils.data.distributed.DistributedSampler(data.train, ctx.world, ctx.rank, shuffle=True, seed=cfg.seed)
     steps_per_epoch = math.ceil(len(data.train) / (cfg.data.batch_size * ctx.world))
+    batches = _epoch_batches(cfg, data, rt, ctx, sampler)
 
-    for epoch in range(start, epochs):
-        torch.manual_seed(cfg.seed * 100_003 + epoch * 1_009 + ctx.rank)
-        gen = torch.Generator().manual_seed(cfg.seed * 7_919 + epoch)
-        noise_gen = torch.Generator().manual_seed(cfg.seed * 15_485_863 + epoch * 104_729 + ctx.rank)
-        if sampler is not None:
-            sampler.set_epoch(epoch)
-        loader = DataLoader(data.train, batch_size=cfg.data.batch_size, shuffle=sampler is None, sampler=sampler,
-                            generator=gen, num_workers=cfg.data.workers, drop_last=False,
-                            persistent_workers=False, pin_memory=device.type == "cuda")
-        net.train()
-        for b in blocks.values():
-            b.record = True
-        sums: Dict[str, float] = {}
-        seen, correct, t0 = 0, 0, time.perf_counter()
-        bar = _progress(loader, steps_per_epoch, f"{role} {epoch + 1}/{epochs}", ctx.main)
-        for step, (x, y) in enumerate(bar):
-            lr = lr_at(cfg, epoch + step / steps_per_epoch, epochs)
-            for g in optimizer.param_groups:
-                g["lr"] = lr
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            loss, parts, counts = task.batch_loss(net, x, y, noise_gen)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.optim.grad_clip > 0:
-                nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-            optimizer.step()
-            task.after_step(model)
-            for b in blocks.values():
-                b.last = None
-            n = len(y)
-            seen += n
-            correct += counts.get("correct", 0)
-            parts["loss"] = float(loss.detach())
-            for k, v in parts.items():
-                sums[k] = sums.get(k, 0.0) + v * n
-            if ctx.main and hasattr(bar, "set_postfix") and step % max(cfg.log_every, 1) == 0:
-                shown = {"loss": f"{sums['loss'] / seen:.4f}", "lr": f"{lr:.2e}"}
-                if "correct" in counts:
-                    shown["acc"] = f"{100 * correct / seen:.1f}"
-                bar.set_postfix(**shown)
-        for b in blocks.values():
-            b.record = False
-        train_time = time.perf_counter() - t0
+    try:
+        for epoch in range(start, epochs):
+            torch.manual_seed(cfg.seed * 100_003 + epoch * 1_009 + ctx.rank)
+            gen = torch.Generator().manual_seed(cfg.seed * 7_919 + epoch)
+            noise_gen = torch.Generator().manual_seed(cfg.seed * 15_485_863 + epoch * 104_729 + ctx.rank)
+            if sampler is not None:
+                sampler.set_epoch(epoch)
+            stepper.begin_epoch(epoch * steps_per_epoch)
+            sums: Dict[str, float] = {}
+            seen, correct, t0 = 0, 0, time.perf_counter()
+            bar = _progress(batches(epoch, gen), steps_per_epoch, f"{role} {epoch + 1}/{epochs}", ctx.main)
+            for step, (x, y) in enumerate(bar):
+                lr = lr_at(cfg, epoch + step / steps_per_epoch, epochs)
+                loss, parts, counts = stepper.run(x, y, lr=lr, generator=noise_gen)
+                n = len(y)
+                seen += n
+                correct += counts.get("correct", 0)
+                parts["loss"] = float(loss)
+                for k, v in parts.items():
+                    sums[k] = sums.get(k, 0.0) + v * n
+                if ctx.main and hasattr(bar, "set_postfix") and step % max(cfg.log_every, 1) == 0:
+                    shown = {"loss": f"{sums['loss'] / seen:.4f}", "lr": f"{lr:.2e}", "threads": stepper.threads}
+                    if "correct" in counts:
+                        shown["acc"] = f"{100 * correct / seen:.1f}"
+                    bar.set_postfix(**shown)
+            stepper.end_epoch()
+            train_time = time.perf_counter() - t0
+            ctx.barrier()
+            record = {"epoch": epoch + 1, "lr": lr, "train_time_s": round(train_time, 3),
+                      "train_images_per_s": round(seen * ctx.world / train_time, 1),
+                      "steps": (epoch + 1) * steps_per_epoch, "threads": stepper.threads}
+            if cfg.task == "classify":
+                record["train_top1"] = round(100.0 * correct / max(seen, 1), 3)
+            record.update({f"train_{k}": round(v / max(seen, 1), 6) for k, v in sums.items()})
+            if ctx.main:
+                score = float(epoch)  # no val split: the latest epoch is the best
+                if data.val is not None:
+                    figures, score = task.validate(task.eval_model(model), data.val, device)
+                    record.update(figures)
+                history.append(record)
+                extra = {**task.extra_state(), **stepper.extra_state()}
+                # best.pt before last.pt: a run killed between the two must not resume believing best.pt exists
+                if score > best_val:
+                    best_val = score
+                    save_checkpoint(make_payload(model, epoch=epoch + 1, history=history, best_val=best_val,
+                                                 extra=extra, **meta), best_path)
+                save_checkpoint(make_payload(model, optimizer=optimizer.state_dict(), epoch=epoch + 1,
+                                             history=history, best_val=best_val, extra=extra, **meta), last_path)
+                _write_metrics(stage_dir / "metrics.jsonl", history)
+                shown = " ".join(f"{k.replace('train_', '')} {v:.4g}" for k, v in record.items()
+                                 if k.startswith(("train_", "val_")) and k not in ("train_time_s", "train_images_per_s"))
+                print(f"[{role}] epoch {epoch + 1}/{epochs} {shown} lr {lr:.4g} "
+                      f"{record['train_images_per_s']:.0f} img/s {train_time:.1f}s", flush=True)
+            ctx.barrier()
+        summary: Dict[str, Any] = {}
+        if ctx.main:  # tested at the thread count training ended with (a busy machine stays busy)
+            summary = finish_stage(stage_dir, data, cfg, device, role, task)
         ctx.barrier()
-        record = {"epoch": epoch + 1, "lr": lr, "train_time_s": round(train_time, 3),
-                  "train_images_per_s": round(seen * ctx.world / train_time, 1), "steps": (epoch + 1) * steps_per_epoch}
-        if cfg.task == "classify":
-            record["train_top1"] = round(100.0 * correct / max(seen, 1), 3)
-        record.update({f"train_{k}": round(v / max(seen, 1), 6) for k, v in sums.items()})
-        if ctx.main:
-            score = float(epoch)  # no val split: the latest epoch is the best
-            if data.val is not None:
-                figures, score = task.validate(task.eval_model(model), data.val, device)
-                record.update(figures)
-            history.append(record)
-            # best.pt before last.pt: a run killed between the two must not resume believing best.pt exists
-            if score > best_val:
-                best_val = score
-                save_checkpoint(make_payload(model, epoch=epoch + 1, history=history, best_val=best_val,
-                                             extra=task.extra_state(), **meta), best_path)
-            save_checkpoint(make_payload(model, optimizer=optimizer.state_dict(), epoch=epoch + 1, history=history,
-                                         best_val=best_val, extra=task.extra_state(), **meta), last_path)
-            _write_metrics(stage_dir / "metrics.jsonl", history)
-            shown = " ".join(f"{k.replace('train_', '')} {v:.4g}" for k, v in record.items()
-                             if k.startswith(("train_", "val_")) and k not in ("train_time_s", "train_images_per_s"))
-            print(f"[{role}] epoch {epoch + 1}/{epochs} {shown} lr {lr:.4g} "
-                  f"{record['train_images_per_s']:.0f} img/s {train_time:.1f}s", flush=True)
-        ctx.barrier()
-
-    summary: Dict[str, Any] = {}
-    if ctx.main:
-        summary = finish_stage(stage_dir, data, cfg, device, role, task)
-    ctx.barrier()
+    finally:
+        stepper.close()
     return summary
 
 
-def _blocks_in_plan_order(model: nn.Module, plans: List[SitePlan]):
-    sites = {n: m for n, m in model.named_modules() if isinstance(m, REDSite)}
-    return [getattr(sites[p.student], "red_in" if p.where == "in" else "red_out") for p in plans]
+def _epoch_batches(cfg: RunConfig, data: DataBundle, rt, ctx: Dist, sampler):
+    """``batches(epoch, generator)``: an epoch's training batches, augmented whole on the device
+    (``runtime.device_augment``) or per image in a DataLoader; ``generator`` orders them."""
+    if rt.device_augment:
+        source = device_batches(data, cfg.data.augment, cfg.data.image_size, cfg.data.batch_size, ctx.device,
+                                rt.memory_format)
+
+        def batches(epoch, gen):
+            augment = torch.Generator().manual_seed(cfg.seed * 6_700_417 + epoch * 3_571 + ctx.rank)
+            return source.epoch(epoch_order(len(source), gen, sampler), augment)
+    else:
+        def batches(epoch, gen):
+            return DataLoader(data.train, batch_size=cfg.data.batch_size, shuffle=sampler is None, sampler=sampler,
+                              generator=gen, num_workers=rt.workers, drop_last=False, persistent_workers=False,
+                              pin_memory=ctx.device.type == "cuda")
+    return batches
 
 
 def _write_metrics(path: Path, history: List[dict]) -> None:
@@ -260,6 +240,8 @@ def finish_stage(stage_dir: Path, data: DataBundle, cfg: RunConfig, device: torc
 # --- the whole run ----------------------------------------------------------------------------
 
 _RESUME_MAY_CHANGE = {"epochs", "device", "log_every", "data.workers", "data.eval_batch_size", "teacher.epochs", "student.epochs"}
+#: sections a resume may change: how the run uses the machine, not what it trains
+_RESUME_MAY_CHANGE_SECTIONS = ("runtime.",)
 
 
 #: keys only the student reads: a run whose trained teacher differs from a new config only in these can lend it
@@ -276,7 +258,8 @@ def _check_saved_config(cfg: RunConfig, run_dir: Path, resume: bool) -> None:
         raise UserError(f"{run_dir} already holds a run: pass --resume to continue it, or name=NEW for a new run")
     saved = flatten_config(yaml.safe_load(path.read_text()) or {})
     now = flatten_config(cfg.to_dict())
-    differ = [k for k in sorted(set(saved) | set(now)) if k not in _RESUME_MAY_CHANGE and saved.get(k) != now.get(k)]
+    differ = [k for k in sorted(set(saved) | set(now)) if k not in _RESUME_MAY_CHANGE
+              and not k.startswith(_RESUME_MAY_CHANGE_SECTIONS) and saved.get(k) != now.get(k)]
     if not differ:
         return
     k = differ[0]
@@ -360,7 +343,8 @@ def run_distill(cfg: RunConfig, resume: bool = False) -> Dict[str, Any]:
 
     if not method.teacher_only:
         student, plans = build_student(cfg, labels, teacher_model)
-        tap = TeacherTap(teacher_model, plans) if method.needs_teacher else None
+        rt = resolve_runtime(cfg.runtime, ctx.device, task=cfg.task, world=ctx.world)
+        tap = make_teacher_tap(cfg, teacher_model, plans, rt) if method.needs_teacher else None
         ssum = fit(cfg, role="student", method=cfg.method, arch=cfg.student.arch, width_mult=cfg.student.width_mult,
                    model=student, data=data, stage_dir=run_dir / "student", epochs=cfg.student.epochs or cfg.epochs,
                    resume=resume, ctx=ctx, teacher=tap, plans=plans)

@@ -193,3 +193,100 @@ class UNet(nn.Module):
     @property
     def output_names(self) -> List[str]:
         return ["eps"]
+
+
+# --- where RED blocks go in a U-Net pair (named placements, registered in train/red.py PLACEMENTS) -------------
+
+
+def level_sizes(strides: Sequence[int], image_size: int) -> List[int]:
+    """Side length of each level's maps: the head maps H to ceil(H / A), each level's down conv by its digit."""
+    sizes, h = [], image_size
+    for s in strides:
+        h = -(-h // s)
+        sizes.append(h)
+    return sizes
+
+
+def _samplers(strides: Sequence[int], image_size: int, num_res_blocks: int):
+    """The layers that change H x W, in forward order: (module, stride, H in, H out) for the down path (head,
+    each level's down conv) and the up path (each level's up conv, the tail, which the head's stride mirrors)."""
+    sz, n = level_sizes(strides, image_size), len(strides)
+    down = [("head", strides[0], image_size, sz[0])] + [(f"down.{i}.0", strides[i], sz[i - 1], sz[i]) for i in range(1, n)]
+    up = [(f"up.{i}.{num_res_blocks + 1}", strides[i], sz[i], sz[i - 1]) for i in reversed(range(1, n))]
+    return down, up + [("tail", strides[0], sz[0], image_size)]
+
+
+def paper_sites(student: Sequence[int], teacher: Sequence[int], image_size: int, num_res_blocks: int) -> List[dict]:
+    """``red.sites: paper``: the RED sites of the paper's DDPM student, as ``red.sites`` entries.
+
+    The paper's code (pipeline_diffusion/config/reedx2_dist_config.yaml, wired by reed/models.py ReED_Diffuser)
+    puts RED blocks on the head's output, on the input and output of the student's DownSample and UpSample
+    convs that downsample before the teacher's (stride > 1, low-resolution side smaller than the teacher's at the
+    same layer: downblocks.2 and .5, upblocks.7 and .11 of its flat lists, here down.1.0, down.2.0, up.2.3 and
+    up.1.3), and on the tail's input: 10 blocks for [2,2,2,1] against [1,2,2,2]. Each is matched to the
+    teacher's sampling conv (stride > 1) whose tensor on the same side has the same H x W, the first in forward
+    order (else the other side): head out -> teacher downblocks.2 out, a DownSample's in/out -> the teacher's
+    next DownSample's in/out, an UpSample's in/out -> the teacher's previous UpSample's, tail in -> teacher
+    upblocks.11 in. Skips as in the paper's UNet.forward (pipeline_diffusion/model.py), whose ``hs`` list takes
+    each down layer's return value: the RED outputs on the head and DownSample outputs are what the skips carry,
+    a DownSample's input-side RED feeds that conv only (reed/hooks.py: a forward pre-hook replaces the layer's
+    input, a forward hook its output). ``REDSite`` (red_in -> layer -> red_out, in place of the layer) does exactly
+    that. ``student``/``teacher``: head stride then one digit per level.
+    """
+    if len(student) != len(teacher):
+        raise UserError(f"red.sites: paper pairs U-Nets with the same levels, not {len(student)} and {len(teacher)}")
+    s_down, s_up = _samplers(student, image_size, num_res_blocks)
+    t_down, t_up = _samplers(teacher, image_size, num_res_blocks)
+    sites = []
+    for low, s_path, t_path in (("out", s_down, t_down), ("in", s_up, t_up)):
+        at = {}  # (H, side) -> the teacher's first sampling conv with a tensor of that H on that side
+        for name, stride, h_in, h_out in t_path:
+            if stride > 1:
+                if name != "head":
+                    at.setdefault((h_in, "in"), name)
+                if name != "tail":
+                    at.setdefault((h_out, "out"), name)
+        for (name, stride, h_in, h_out), (_, _, t_in, t_out) in zip(s_path, t_path):
+            h_low, t_low = (h_out, t_out) if low == "out" else (h_in, t_in)
+            if stride == 1 or h_low >= t_low:
+                continue
+            sides = {"head": (("out", h_out),), "tail": (("in", h_in),)}.get(name, (("in", h_in), ("out", h_out)))
+            for where, h in sides:
+                other = "in" if where == "out" else "out"
+                twhere = where if (h, where) in at else other if (h, other) in at else None
+                if twhere is not None:
+                    sites.append({"student": name, "where": where, "teacher": at[h, twhere],
+                                  "teacher_where": None if twhere == where else twhere})
+    if not sites:
+        raise UserError("red.sites: paper found no student layer that downsamples before the teacher's: the student's "
+                        "strides must move a stride into the head or an earlier level")
+    return sites
+
+
+def output_sites(student: Sequence[int], teacher: Sequence[int], image_size: int, num_res_blocks: int) -> List[dict]:
+    """``red.sites: outputs``: five output-side sites, this project's first DDPM placement (not the paper's).
+
+    The head's output and the last down and up residual blocks of the student's two largest levels, each matched
+    to the teacher's tensor of equal H x W (the head to the teacher's downsampling conv, a block to the last block
+    of the teacher's level of that size). The RED output on ``down.0.{n-1}`` is what its skip carries, where the
+    paper's placement puts that block on the next down conv's input, off the skip (see ``paper_sites``).
+    """
+    s_sz, t_sz = level_sizes(student, image_size), level_sizes(teacher, image_size)
+
+    def teacher_level(h: int, first: int = 0) -> int:
+        for k in range(first, len(t_sz)):
+            if t_sz[k] == h:
+                return k
+        raise UserError(f"red.sites: outputs needs a teacher level of {h} px (the teacher's are {t_sz} at "
+                        f"{image_size} px); list red.sites by hand")
+
+    def last_down(level: int) -> str:
+        return f"down.{level}.{num_res_blocks - 1 if level == 0 else num_res_blocks}"
+
+    if len(s_sz) < 2:
+        raise UserError("red.sites: outputs needs a U-Net with at least two levels")
+    sites = [{"student": "head", "where": "out", "teacher": f"down.{teacher_level(s_sz[0], 1)}.0"}]
+    sites += [{"student": last_down(lv), "where": "out", "teacher": last_down(teacher_level(s_sz[lv]))} for lv in (0, 1)]
+    sites += [{"student": f"up.{lv}.{num_res_blocks}", "where": "out",
+               "teacher": f"up.{teacher_level(s_sz[lv])}.{num_res_blocks}"} for lv in (1, 0)]
+    return sites

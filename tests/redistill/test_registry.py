@@ -101,6 +101,18 @@ def _check_augmentation(name, fn):
     img = torch.randint(0, 256, (3, 40, 48), dtype=torch.uint8)
     x = build_transform(32, (0.5,) * 3, (0.25,) * 3, True, name)(img)
     assert x.shape == (3, 32, 32) and x.dtype == torch.float32
+    xb = fn.batched(img.expand(2, 3, 40, 48), 32, torch.Generator().manual_seed(0))  # the form run on the device
+    assert xb.shape == (2, 3, 32, 32) and xb.dtype == torch.uint8
+
+
+def _check_precision(name, precision):
+    """Autocast in it on the CPU gives its dtype (float32 for none)."""
+    from train.runtime import resolve_runtime
+    from train.config import RuntimeConfig
+
+    with resolve_runtime(RuntimeConfig(amp=name), torch.device("cpu")).autocast():
+        out = torch.nn.functional.linear(torch.randn(2, 4), torch.randn(3, 4))
+    assert precision.name == name and out.dtype == (precision.dtype or torch.float32)
 
 
 def _check_optimizer(name, fn):
@@ -201,6 +213,16 @@ def _check_calibration(name, calibration):
         assert np.all(inits[n.input[1]] > 0) and np.all(np.isfinite(inits[n.input[1]])) and not inits[n.input[2]].any()
 
 
+def _check_recipe(name, recipe):
+    """A recipe loads over a preset, sets every key it names and says where each comes from."""
+    from train.config import flatten_config, load_config
+
+    flat = flatten_config(load_config("quick", [f"recipe={name}"]).to_dict())
+    assert recipe.name == name and recipe.sources and recipe.settings
+    for key, value in recipe.settings:
+        assert flat[key] == (list(value) if isinstance(value, tuple) else value), key
+
+
 def _check_inplace_rule(name, rule):
     """The rule names inputs the node really has (the analysis may reuse one of them for the output)."""
     from onnx import helper
@@ -211,13 +233,28 @@ def _check_inplace_rule(name, rule):
         assert idx and all(0 <= k < n_inputs for k in idx), (name, n_inputs, idx)
 
 
+def _check_placement(name, placement):
+    """The placement's sites fit a pair of its task: every block's H x W equals its teacher tensor's."""
+    from train.models import build_model
+    from train.red import place_sites, plan_sites
+
+    denoise = placement.task == "denoise"
+    student, teacher, size, n, kw = (("unet-2-221", "unet-1-222", 32, 0, {"ch": 16}) if denoise else
+                                     ("mobilenetv2-4-1221111", "mobilenetv2-1-1222121", 64, 10, {}))
+    sites = place_sites(name, student, teacher, size)
+    plans = plan_sites(build_model(student, n, size, **kw), build_model(teacher, n, size, **kw), sites, size, 1.0)
+    assert plans and placement.what
+
+
 CHECKS = {
     "architecture": _check_architecture,
+    "RED site placement": _check_placement,
     "RED distance": _check_distance,
     "distillation loss": _check_loss,
     "method": _check_method,
     "data set": _check_dataset,
     "augmentation": _check_augmentation,
+    "autocast precision": _check_precision,
     "optimizer": _check_optimizer,
     "learning-rate schedule": _check_lr_schedule,
     "noise schedule": _check_schedule,
@@ -226,6 +263,7 @@ CHECKS = {
     "export target": _check_target,
     "calibration method": _check_calibration,
     "in-place rule": _check_inplace_rule,
+    "recipe": _check_recipe,
 }
 
 

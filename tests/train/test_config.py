@@ -140,7 +140,7 @@ def test_names_given_as_examples_in_the_help_are_registered():
     ("optim.grad_clip=-1", r"optim.grad_clip=-1.0 is out of range"),
     ("data.train_subset=-1", r"data.train_subset=-1 is out of range: it must be 0 \(all\)"),
     ("data.test_subset=-3", r"data.test_subset=-3 is out of range"),
-    ("data.workers=-1", r"data.workers=-1 is out of range"),
+    ("runtime.workers=-1", r"runtime.workers='-1' is out of range"),
     ("data.cutmix=-0.2", r"data.cutmix=-0.2 is out of range"),
     ("red.alpha=-50", r"red.alpha=-50.0 is out of range"),
     ("loss.w_ce=-0.5", r"loss.w_ce=-0.5 is out of range"),

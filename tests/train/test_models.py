@@ -89,3 +89,41 @@ def test_image_size_and_stride_limits():
         build_model("resnet18-2-21222", image_size=16)
     with pytest.raises(UserError, match="total stride 128 exceeds image_size 64"):
         build_model("resnet18-8-21222", image_size=64)
+
+
+def test_mobilenetv3_squeeze_excitation_as_linear_changes_nothing_but_speed(tmp_path):
+    """runtime.se_linear: the same weights (names, shapes, init), outputs and exported graph as torchvision's."""
+    import onnx
+    from functools import partial
+
+    from torchvision.models.mobilenetv3 import InvertedResidual, MobileNetV3, _mobilenet_v3_conf
+
+    from train.design import export_for_analysis
+    from train.models import set_se_linear
+
+    torch.manual_seed(0)
+    model = build_model("mobilenetv3_small-2-22121111211", 10, 64)
+    torch.manual_seed(0)
+    setting, last = _mobilenet_v3_conf("mobilenet_v3_small")
+    plain = MobileNetV3(setting, last, num_classes=10, block=partial(InvertedResidual),
+                        norm_layer=partial(torch.nn.BatchNorm2d, eps=0.001, momentum=0.1))
+    theirs, ours = plain.state_dict(), model.state_dict()
+    assert list(theirs) == list(ours)
+    assert all(torch.equal(theirs[k], ours[k]) for k in theirs)
+    assert set_se_linear(model, True) == 9  # every squeeze-excitation of MobileNetV3-small
+    x = torch.randn(4, 3, 64, 64)
+    for train in (True, False):
+        model.train(train)
+        torch.manual_seed(1)
+        linear = model(x)
+        set_se_linear(model, False)
+        torch.manual_seed(1)
+        conv = model(x)
+        set_se_linear(model, True)
+        torch.testing.assert_close(linear, conv, rtol=1e-5, atol=1e-5)
+    graphs = []
+    for on in (True, False):
+        set_se_linear(model, on)
+        g = onnx.load(str(export_for_analysis(model, 64, tmp_path / f"{on}.onnx"))).graph
+        graphs.append(([n.op_type for n in g.node], sorted(i.name for i in g.initializer)))
+    assert graphs[0] == graphs[1] and graphs[0][0].count("Conv") > 40 and "Gemm" in graphs[0][0]

@@ -1,0 +1,416 @@
+"""The RED-vs-KD benchmark (issue 13): does RED beat KD at 64 px with a strong teacher? Resumable across sessions.
+
+    python -m bench.red_vs_kd --plan --calibrate     # measure this machine's step rates (~3 min), print plan and time
+    nohup python -m bench.red_vs_kd --commit --remarks bench/results/red_vs_kd_remarks.md \\
+        > runs/red_vs_kd.log 2>&1 &                  # run it (about 5 h on an idle 2-core CPU)
+    python -m bench.red_vs_kd --pages-only --remarks bench/results/red_vs_kd_remarks.md
+
+The MobileNetV3-small pair of ``mobilenetv3_small_x4_64`` on CIFAR-10 upsampled to 64 px. A teacher is trained
+once on the whole training split (its weights are committed beside the results when under 10 MB and reused
+by every student, in this session and later ones); then every variant of ``VARIANTS`` trains the student with
+the official student recipe (``recipe: paper_student``) and equal epochs on a balanced training subset, with
+every seed. Each step is one ``redistill distill ... --resume`` subprocess: a finished step is skipped on a
+re-run, an interrupted one continues from its last epoch. After each finished step its config, metrics,
+summaries, log and theoretical peak memory are copied to ``<results>_run/`` and the page is rewritten from
+those copies; ``--commit`` then commits exactly those files (by path), so a session can end at any time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+from bench.distill_report import clean_log
+from bench.red_vs_kd_page import REFERENCE, VARIANTS, Variant, write_results
+from redistill.errors import UserError, did_you_mean
+from redistill.io import atomic_write_json, atomic_write_text
+from redistill.report import add_page_options, machine, timestamp
+from train.design import analyze_model, checkpoint_design
+
+PROG = "python -m bench.red_vs_kd"
+PRESET = "mobilenetv3_small_x4_64"
+PREFIX = "rvk"
+#: the teacher's weights are committed when their checkpoint is smaller than this
+TEACHER_COMMIT_LIMIT = 10 * 1024 * 1024
+#: the teacher's recipe, for a strong teacher in few epochs: the `quick` preset's optimiser (Adam 3e-3, picked over
+#: SGD on the validation split there, train/configs/quick.yaml), cosine to zero, CIFAR crop + flip, no mixing,
+#: batch 128; not tuned at 64 px
+TEACHER_SETTINGS = ("recipe=", "optim.name=adam", "optim.lr=0.003", "optim.weight_decay=0", "optim.schedule=cosine",
+                    "optim.warmup_epochs=0.5", "data.batch_size=128", "data.augment=crop_flip", "data.cutmix=0",
+                    "data.mixup=0")
+
+
+#: step rates (training images per second, data loading included) the plan is estimated with; --calibrate measures
+#: them here. Defaults: the lead's idle 2-core figures at 32 px (teacher 512, distillation 539 images/s, batch 128)
+#: scaled to 64 px (teacher ~4x the work) and to batch 8 (per-step overhead), not measured
+RATE_KINDS = {"teacher": 130.0, "distill": 150.0, "student": 300.0, "distill_b64": 220.0}
+#: evaluation (validation and test forward passes) runs this many times faster than the stage's training step
+EVAL_SPEEDUP = 4.0
+#: per run: process start, decoding the data set, the memory analysis
+FIXED_S = 40.0
+
+
+@dataclass
+class Settings:
+    """What the benchmark trains; a state made with other settings is refused (a run would not be comparable)."""
+
+    preset: str = PRESET
+    data_root: str = "data/cifar10"
+    seeds: Tuple[int, ...] = (0, 1)
+    epochs: int = 6
+    teacher_epochs: int = 15
+    train_subset: int = 15000
+    variants: Tuple[str, ...] = tuple(v.name for v in VARIANTS)
+    reference: bool = True
+
+
+@dataclass
+class Step:
+    name: str  # state key and run name suffix
+    run: str  # run folder name under --runs
+    variant: Optional[Variant]  # None: the teacher
+    seed: int
+    argv: List[str]
+
+
+def variants_of(s: Settings) -> List[Variant]:
+    known = {v.name: v for v in VARIANTS}
+    return [known[n] for n in s.variants]
+
+
+def teacher_checkpoint(a) -> Path:
+    """The committed copy of the teacher's weights when there is one, else the run's own best.pt."""
+    committed = Path(a.results + "_run") / "teacher" / "best.pt"
+    return committed if committed.is_file() else Path(a.runs) / f"{PREFIX}-teacher" / "teacher" / "best.pt"
+
+
+def plan(a, s: Settings) -> List[Step]:
+    """The teacher, then every variant with every seed (seed-major), then the reference run if asked."""
+    cli = [sys.executable, "-m", "redistill.cli", "distill", s.preset]
+    common = [f"out_dir={a.runs}", f"data.root={s.data_root}"]
+    steps = [Step("teacher", f"{PREFIX}-teacher", None, s.seeds[0],
+                  cli + ["method=teacher", f"name={PREFIX}-teacher", f"seed={s.seeds[0]}", f"epochs={s.teacher_epochs}",
+                         *common, *TEACHER_SETTINGS, "--resume"])]
+    runs = [(v, seed) for seed in s.seeds for v in variants_of(s)]
+    runs += [(REFERENCE, s.seeds[0])] if s.reference else []
+    for v, seed in runs:
+        name = v.name if v is REFERENCE else f"{v.name}-s{seed}"
+        steps.append(Step(name, f"{PREFIX}-{name}", v, seed, cli + [
+            f"method={v.method}", f"name={PREFIX}-{name}", f"seed={seed}", f"epochs={s.epochs}", *common,
+            f"data.train_subset={s.train_subset}", f"teacher.checkpoint={teacher_checkpoint(a)}", *v.overrides,
+            "--resume"]))
+    return steps
+
+
+# --- time estimates -------------------------------------------------------------------------------------------
+
+
+def image_counts(root: str) -> Tuple[int, int]:
+    """(training, test) images under an image-folder root (CIFAR-10's 50,000 / 10,000 when it is not there)."""
+    counts = []
+    for split, default in (("train", 50000), ("test", 10000)):
+        d = Path(root) / split
+        counts.append(sum(len(os.listdir(c)) for c in d.iterdir() if c.is_dir()) if d.is_dir() else default)
+    return counts[0], counts[1]
+
+
+def estimate(step: Step, s: Settings, rates: Dict[str, float], counts: Tuple[int, int]) -> Tuple[int, float]:
+    """(training images, estimated seconds) of one step: training at its rate, validation every epoch and the test
+    set twice (best and last epoch) ``EVAL_SPEEDUP`` times faster, plus ``FIXED_S``."""
+    n_train, n_test = counts
+    if step.variant is None:
+        n, epochs, rate = n_train, s.teacher_epochs, rates["teacher"]
+    else:
+        full = "data.train_subset=0" in step.variant.overrides or not s.train_subset
+        n, epochs, rate = (n_train if full else min(s.train_subset, n_train)), s.epochs, rates[step.variant.rate]
+    val = round(n * 0.05)
+    images = (n - val) * epochs
+    return images, images / rate + (val * epochs + 2 * n_test) / (rate * EVAL_SPEEDUP) + FIXED_S
+
+
+def print_plan(steps: List[Step], s: Settings, rates: Dict[str, float], measured: bool, budget_h: float,
+               done: Dict[str, dict]) -> float:
+    """The plan as a table with its estimated time; returns the estimated seconds of the steps still to run."""
+    counts = image_counts(s.data_root)
+    total = left = 0.0
+    print(f"{'step':<20} {'images trained':>15} {'img/s':>7} {'est. min':>9}  status")
+    for st in steps:
+        images, sec = estimate(st, s, rates, counts)
+        kind = "teacher" if st.variant is None else st.variant.rate
+        status = f"done ({done[st.name]['seconds'] / 60:.1f} min)" if done.get(st.name, {}).get("done") else "to run"
+        total += sec
+        left += 0 if status.startswith("done") else sec
+        print(f"{st.name:<20} {images:>15,} {rates[kind]:>7.0f} {sec / 60:>9.1f}  {status}")
+    how = "measured here by --calibrate" if measured else "assumed (not measured; --calibrate measures them)"
+    print(f"total {total / 3600:.2f} h estimated ({left / 3600:.2f} h still to run); budget {budget_h:g} h; "
+          f"rates {how}: " + ", ".join(f"{k} {v:.0f} img/s" for k, v in rates.items()))
+    if total > budget_h * 3600:
+        print("over the budget: lower --train-subset, --epochs or --teacher-epochs (the estimate is linear in each)")
+    fit = subset_for(steps, s, rates, counts, budget_h * 3600)
+    if fit is not None and fit != s.train_subset:
+        print(f"--train-subset {fit} would make the estimate {budget_h:g} h with these epochs")
+    return left
+
+
+def subset_for(steps: List[Step], s: Settings, rates: Dict[str, float], counts: Tuple[int, int],
+               budget_s: float) -> Optional[int]:
+    """The student subset (in images, a multiple of 1,000) whose plan is estimated at ``budget_s``; the estimate is
+    affine in the subset, so two evaluations give it. None when no subset fits or the subset is not used."""
+    if not s.train_subset:
+        return None
+
+    def total(n):
+        t = replace(s, train_subset=n)
+        return sum(estimate(st, t, rates, counts)[1] for st in steps)
+
+    lo, hi = total(1000), total(2000)
+    n = 1000 + (budget_s - lo) / (hi - lo) * 1000 if hi > lo else 0
+    return int(min(n, counts[0]) // 1000 * 1000) if n >= 1000 else None
+
+
+def calibrate(a, s: Settings) -> Dict[str, float]:
+    """Measure each kind of step's training rate with tiny real runs (one epoch of 1,280 images) in <runs>/calibration."""
+    out = Path(a.runs) / "calibration"
+    shutil.rmtree(out, ignore_errors=True)
+    cli = [sys.executable, "-m", "redistill.cli", "distill", s.preset]
+    tiny = [f"out_dir={out}", f"data.root={s.data_root}", "epochs=1", "data.train_subset=1280", "data.test_subset=100"]
+    runs = {"teacher": ["method=teacher", *TEACHER_SETTINGS],
+            "distill": ["method=red", f"teacher.checkpoint={out}/teacher/teacher/best.pt"],
+            "student": ["method=student"],
+            "distill_b64": ["method=kd", "recipe=paper_kd", f"teacher.checkpoint={out}/teacher/teacher/best.pt"]}
+    rates = {}
+    for kind, extra in runs.items():
+        log = out / f"{kind}.log"
+        out.mkdir(parents=True, exist_ok=True)
+        with open(log, "w") as f:
+            rc = subprocess.call(cli + [f"name={kind}", *tiny, *extra], stdout=f, stderr=subprocess.STDOUT)
+        if rc != 0:
+            raise SystemExit(f"[red_vs_kd] calibration run {kind} failed (exit {rc}); see {log}")
+        stage = "teacher" if kind == "teacher" else "student"
+        hist = [json.loads(x) for x in (out / kind / stage / "metrics.jsonl").read_text().splitlines() if x.strip()]
+        rates[kind] = hist[-1]["train_images_per_s"]
+        print(f"[red_vs_kd] calibration: {kind} {rates[kind]:.0f} img/s", flush=True)
+    return rates
+
+
+# --- state and the finished steps' files ----------------------------------------------------------------------
+
+
+class State:
+    """The benchmark's record (settings, machine, calibration, steps), kept in <runs>/state.json and committed in
+    <results>_run/state.json; a later session without <runs> continues from the committed copy."""
+
+    def __init__(self, a, settings: Settings):
+        self.paths = [Path(a.runs) / "state.json", Path(a.results + "_run") / "state.json"]
+        found = next((p for p in self.paths if p.is_file()), None)
+        self.data = json.loads(found.read_text()) if found else {}
+        want = _settings_record(settings)
+        saved = self.data.get("settings")
+        if saved is not None and saved != want:
+            k = next(k for k in want if saved.get(k) != want[k])
+            raise UserError(f"{found} was made with {k}={saved.get(k)!r}, not {want[k]!r}: rerun with the same "
+                            f"settings, or give new --runs and --results folders for a new benchmark")
+        self.data.setdefault("settings", want)
+        self.data.setdefault("steps", {})
+
+    @property
+    def steps(self) -> Dict[str, dict]:
+        return self.data["steps"]
+
+    def save(self) -> None:
+        for p in self.paths:
+            atomic_write_json(p, self.data)
+
+
+def _settings_record(s: Settings) -> dict:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(s).items()}
+
+
+RUN_FILES = ("config.yaml", "summary.json", "teacher/metrics.jsonl", "teacher/summary.json",
+             "student/metrics.jsonl", "student/summary.json")
+
+
+def peak_memory(checkpoint: Path) -> dict:
+    """The theoretical peak activation memory of a checkpoint's network as exported (RED blocks included)."""
+    model, size = checkpoint_design(checkpoint)
+    return {"peak_bytes": analyze_model(model, size).peak_bytes, "image_size": size, "network": model.arch_name,
+            "definition": "liveness peak of the exported ONNX graph, FP32, batch 1 (redistill memory); exact to the byte"}
+
+
+def keep_step(a, step: Step, log: Path) -> List[Path]:
+    """Copy a finished step's run files, log and memory figure to <results>_run/<name>/ (the teacher's weights too,
+    under the limit); returns the paths written."""
+    run_dir, dest = Path(a.runs) / step.run, Path(a.results + "_run") / step.name
+    written = []
+    for rel in RUN_FILES:
+        if (run_dir / rel).is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(run_dir / rel, dest / rel)
+            written.append(dest / rel)
+    stage = "teacher" if step.variant is None else "student"
+    best = run_dir / stage / "best.pt"
+    atomic_write_json(dest / "memory.json", peak_memory(best))
+    written.append(dest / "memory.json")
+    atomic_write_text(dest / "log.txt", clean_log(log.read_text(errors="replace")))
+    written.append(dest / "log.txt")
+    if step.variant is None:
+        size = best.stat().st_size
+        if size < TEACHER_COMMIT_LIMIT:
+            shutil.copyfile(best, dest / "best.pt")
+            written.append(dest / "best.pt")
+        else:
+            print(f"[red_vs_kd] the teacher's best.pt is {size / 2**20:.1f} MiB, over the limit: not copied", flush=True)
+    return written
+
+
+def commit(paths: List[Path], message: str) -> None:
+    """``git add`` and ``git commit`` exactly ``paths`` (nothing else staged goes in)."""
+    where = Path(paths[0]).resolve().parent
+    top = subprocess.run(["git", "-C", str(where), "rev-parse", "--show-toplevel"], capture_output=True, text=True)
+    if top.returncode != 0:
+        raise UserError(f"--commit: {where} is not in a git repository ({top.stderr.strip()}); run without --commit")
+    rel = [str(Path(p).resolve().relative_to(top.stdout.strip())) for p in paths]
+    for argv in (["add", "--", *rel], ["commit", "-q", "-m", message, "--only", "--", *rel]):
+        r = subprocess.run(["git", "-C", top.stdout.strip(), *argv], capture_output=True, text=True)
+        if r.returncode != 0 and "nothing to commit" not in r.stdout + r.stderr:
+            raise UserError(f"--commit: git {argv[0]} failed: {(r.stderr or r.stdout).strip().splitlines()[-1]}")
+
+
+# --- the command ----------------------------------------------------------------------------------------------
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    d = Settings()
+    ap.add_argument("--plan", action="store_true", help="print the plan with its estimated time and stop")
+    ap.add_argument("--calibrate", action="store_true", help="measure the step rates here first (about 3 min of tiny "
+                    "real runs) and estimate the plan with them; kept in <runs>/calibration/rates.json for later runs")
+    ap.add_argument("--commit", action="store_true", help="git add + commit each finished step's result files (only those)")
+    ap.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: run the whole plan)")
+    ap.add_argument("--seeds", default=",".join(map(str, d.seeds)), help="student seeds; the teacher takes the first")
+    ap.add_argument("--epochs", type=int, default=d.epochs, help="epochs of every student")
+    ap.add_argument("--teacher-epochs", type=int, default=d.teacher_epochs)
+    ap.add_argument("--train-subset", type=int, default=d.train_subset,
+                    help="students train on this many training images, balanced over classes (0: all)")
+    ap.add_argument("--variants", default=",".join(d.variants), help="which of: " + ", ".join(v.name for v in VARIANTS))
+    ap.add_argument("--reference", action=argparse.BooleanOptionalAction, default=d.reference,
+                    help="last, train the student alone on the whole training split (first seed): what the subset "
+                    "cost (default: on)")
+    ap.add_argument("--budget-h", type=float, default=5.0, help="machine-time budget the plan is checked against")
+    ap.add_argument("--preset", default=d.preset)
+    ap.add_argument("--data-root", default=d.data_root)
+    ap.add_argument("--runs", default="runs/red_vs_kd", help="run folders and the working state")
+    ap.add_argument("--results", default="bench/results/red_vs_kd", help="page path without extension; run files "
+                    "go to <results>_run/")
+    add_page_options(ap, "<results>_run/ (configs, metrics, summaries, memory, state.json)")
+    return ap
+
+
+def settings_of(a) -> Settings:
+    names = [v.strip() for v in a.variants.split(",") if v.strip()]
+    known = [v.name for v in VARIANTS]
+    bad = [n for n in names if n not in known]
+    if bad:
+        raise UserError(f"--variants: unknown {bad[0]!r}." + did_you_mean(bad[0], known))
+    try:
+        seeds = tuple(int(x) for x in a.seeds.split(","))
+    except ValueError:
+        raise UserError(f"--seeds {a.seeds!r} must be integers separated by commas, e.g. 0,1") from None
+    if min(a.epochs, a.teacher_epochs) < 1 or a.train_subset < 0:
+        raise UserError("--epochs and --teacher-epochs must be at least 1 and --train-subset at least 0")
+    return Settings(a.preset, a.data_root, seeds, a.epochs, a.teacher_epochs, a.train_subset, tuple(names), a.reference)
+
+
+def _plan_options(argv: List[str]) -> List[str]:
+    """The command line without the options that only steer this invocation (--plan, --max-steps N, ...)."""
+    out, skip = [], False
+    for x in argv:
+        if skip:
+            skip = False
+        elif x in ("--max-steps",):
+            skip = True
+        elif x not in ("--plan", "--calibrate", "--pages-only") and not x.startswith("--max-steps="):
+            out.append(x)
+    return out
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    a = parser().parse_args(argv)
+    command = " ".join([PROG, *map(shlex.quote, _plan_options(argv))])
+    if a.pages_only:
+        write_results(a)
+        return 0
+    if a.remarks and not Path(a.remarks).is_file():
+        raise UserError(f"--remarks {a.remarks} not found: give the hand-written remarks file (Markdown)")
+    s = settings_of(a)
+    state = State(a, s)
+    steps = plan(a, s)
+    cal_file = Path(a.runs) / "calibration" / "rates.json"  # apart from the state: it holds for any settings
+    if a.calibrate:
+        atomic_write_json(cal_file, {"rates": calibrate(a, s), "when": timestamp(), "load_1min": os.getloadavg()[0]})
+    cal = json.loads(cal_file.read_text()) if cal_file.is_file() else state.data.get("calibration")
+    rates = {**RATE_KINDS, **(cal["rates"] if cal else {})}
+    print_plan(steps, s, rates, cal is not None, a.budget_h, state.steps)
+    if a.plan:
+        return 0
+    if cal is not None:
+        state.data["calibration"] = cal
+    state.data.setdefault("machine", machine())
+    state.data.setdefault("created", timestamp())
+    state.data["command"] = command
+    counts = image_counts(s.data_root)
+    ran = 0
+    for i in range(len(steps)):
+        st = plan(a, s)[i]  # again each time: the students read the teacher's weights where the teacher step left them
+        if state.steps.get(st.name, {}).get("done"):
+            continue
+        if a.max_steps and ran >= a.max_steps:
+            print(f"[red_vs_kd] stopping after {ran} step(s) (--max-steps); run again to continue", flush=True)
+            break
+        if st.variant is not None and not teacher_checkpoint(a).is_file():
+            raise UserError(f"the teacher's weights are neither committed nor in {a.runs}: remove 'teacher' from "
+                            f"{state.paths[1]} to train it again")
+        run_step(a, st, state, estimate(st, s, rates, counts)[1])
+        ran += 1
+        written = keep_step(a, st, Path(a.runs) / "logs" / f"{st.name}.log")
+        state.save()
+        written += [state.paths[1], *write_results(a)]
+        if a.commit:
+            commit(written, f"red_vs_kd: {st.name} finished ({state.steps[st.name]['seconds'] / 60:.0f} min)")
+    return 0
+
+
+def run_step(a, st: Step, state: State, estimate_s: float) -> None:
+    """One ``redistill distill`` subprocess, its wall time and the load it started under recorded in the state."""
+    log = Path(a.runs) / "logs" / f"{st.name}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    rec = state.steps.setdefault(st.name, {})
+    rec.update({"argv": st.argv, "estimate_s": round(estimate_s, 1), "load_1min_at_start": os.getloadavg()[0],
+                "attempts": rec.get("attempts", 0) + 1})
+    state.save()
+    print(f"[red_vs_kd] {st.name}: {' '.join(shlex.quote(x) for x in st.argv)}", flush=True)
+    if rec["load_1min_at_start"] > 1.5:
+        print(f"[red_vs_kd] load average {rec['load_1min_at_start']:.1f} at the start: something else is running, "
+              "so this run's machine time will read high (it is recorded on the page)", flush=True)
+    t0 = time.time()
+    with open(log, "a") as f:
+        rc = subprocess.call(st.argv, stdout=f, stderr=subprocess.STDOUT)
+    seconds = time.time() - t0
+    if rc != 0:
+        raise SystemExit(f"[red_vs_kd] {st.name} failed (exit {rc}); see {log}; run again to resume it")
+    rec.update({"done": True, "seconds": round(seconds, 1), "finished": timestamp()})
+    print(f"[red_vs_kd] {st.name}: {seconds / 60:.1f} min (estimated {estimate_s / 60:.1f})", flush=True)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

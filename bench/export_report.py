@@ -109,6 +109,14 @@ def _common(f: Dict[str, Any], rows: Dict[str, Any]) -> Dict[str, Any]:
 def _classify_result(f: Dict[str, Any], q: Dict[str, Any], rows: Dict[str, Any]) -> Dict[str, Any]:
     """A classifier's FP32 vs INT8: test top-1 from the manifests."""
     acc = q["accuracy"]
+    quant = q.get("quantization") or {}
+    search = quant.get("search")
+    extra: Dict[str, Any] = {}
+    if search is not None:  # bundles exported before the INT8 search have none of this
+        extra = {"validation": acc.get("validation"), "float_units": quant.get("float_units") or [],
+                 "search": {"goal": search["goal"], "goal_met": search["goal_met"],
+                            "calibrations": [t for t in search["trace"] if t["step"] == "calibration"],
+                            "failed": search.get("failed") or []}}
     return {
         **_common(f, rows),
         "data": acc.get("data"), "test_images": acc.get("images"), "full_test_set": not acc.get("subset"),
@@ -117,6 +125,7 @@ def _classify_result(f: Dict[str, Any], q: Dict[str, Any], rows: Dict[str, Any])
         "int8": {"top1": acc["int8_top1"], "bundle": rows["int8"]["bundle"], "bundle_id": rows["int8"]["bundle_id"],
                  "latency": rows["int8"]["latency"], "calibration": (q.get("quantization") or {}).get("calibration")},
         "drop_points": acc["drop"], "goal_max_drop": acc["goal_max_drop"], "goal_met": acc["goal_met"],
+        **extra,
     }
 
 
@@ -181,7 +190,38 @@ def render(r: Dict[str, Any]) -> str:
     if q.get("calibration"):
         c = q["calibration"]
         lines.append(f"Calibration: {c['method']}, {c['images']} {c['split']} images.")
+    if r.get("search"):
+        lines += _search_lines(r)
     return "\n".join(lines) + "\n"
+
+
+def _search_lines(r: Dict[str, Any]) -> List[str]:
+    """How the INT8 settings were chosen on validation: the calibrations tried and the nodes kept in float."""
+    v, s = r["validation"], r["search"]
+    lines = ["", "## INT8 choices (made on validation, never on the test split)", "",
+             f"- validation: {v['images']} images the run held out ({v['split']}); FP32 top-1 {v['fp32_top1']:.2f}%, "
+             f"INT8 {v['int8_top1']:.2f}%, drop {v['drop']:+.2f} +- {v['drop_se']:.2f} points (goal: drop + 1 standard "
+             f"error at most {s['goal']['max_val_drop']}; {'met' if s['goal_met'] else 'MISSED'})",
+             f"- nodes kept in float: {sum(len(u['nodes']) for u in r['float_units'])} "
+             f"(at most {s['goal']['max_float_nodes']})", ""]
+    lines += md_table(["calibration", "training images", "validation top-1 (%)", "drop (points)",
+                       "FP32 top-1 kept (%)", "chosen"],
+                      [[t["method"], t["calib_images"], f"{t['val_top1']:.2f}",
+                        f"{t['val_drop']:+.2f} +- {t['val_drop_se']:.2f}", f"{100 * t['agreement']:.2f}",
+                        "yes" if t["chosen"] else ""] for t in s["calibrations"]])
+    lines += ["", "The drop is +- one standard error; the calibration keeping FP32's top-1 on the most validation "
+                  "images is chosen."]
+    lines += [f"- {f['method']} on {f['calib_images']} images failed: {f['error']}" for f in s["failed"]]
+    if r["float_units"]:
+        lines += ["", "Nodes kept in float, in the order chosen (added noise: the quantization noise the unit adds, as "
+                      "an SQNR; lower = more sensitive):", ""]
+        lines += md_table(["nodes", "op", "added noise (dB)", "FP32 top-1 kept (%) before -> after",
+                           "validation drop before -> after"],
+                          [["<br>".join(f"`{n}`" for n in u["nodes"]), u["op_type"],
+                            "-" if u["added_sqnr_db"] is None else f"{u['added_sqnr_db']:.1f}",
+                            f"{100 * u['agreement_before']:.2f} -> {100 * u['agreement_after']:.2f}",
+                            f"{u['val_drop_before']:+.2f} -> {u['val_drop_after']:+.2f}"] for u in r["float_units"]])
+    return lines
 
 
 def rewrite_pages(out) -> Dict[str, Any]:

@@ -53,6 +53,34 @@ def run(sess, inputs: Union[np.ndarray, Feeds], batch: int = 1) -> np.ndarray:
     return np.concatenate(out).astype(np.float32)
 
 
+def symbolic_batch(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``proto`` whose inputs' and outputs' first axis is the symbol ``batch`` (inner shapes dropped)."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(proto)
+    for v in list(copy.graph.input) + list(copy.graph.output):
+        v.type.tensor_type.shape.dim[0].dim_param = "batch"
+    del copy.graph.value_info[:]
+    return copy
+
+
+def batched(proto: onnx.ModelProto, probe: np.ndarray) -> onnx.ModelProto:
+    """``proto`` with a symbolic batch axis, to evaluate many images per run (2-3x sooner than one at a time on the
+    CPU): the same operators and weights, checked to give the same logits as ``proto`` on the ``probe`` images.
+    ``proto`` itself when its batch is already symbolic, it has several inputs, or something in it fixes the batch
+    (a reshape to a constant shape), which the check finds."""
+    inp = proto.graph.input[0].type.tensor_type.shape.dim
+    if len(proto.graph.input) != 1 or not inp or not inp[0].HasField("dim_value") or len(probe) < 2:
+        return proto
+    copy = symbolic_batch(proto)
+    try:
+        many = run(session(copy), probe, batch=len(probe))
+    except Exception:  # onnxruntime raises its own exception types when a fixed batch inside clashes
+        return proto
+    one = run(session(proto), probe)
+    same = many.shape == one.shape and np.abs(many - one).max() <= 1e-4 and (many.argmax(1) == one.argmax(1)).all()
+    return copy if same else proto
+
+
 def take(dataset, n: int, seed: int = 0) -> Tuple[np.ndarray, np.ndarray]:
     """``n`` images (normalised, float32 NCHW) and labels: class-balanced when the set allows, fixed order."""
     labels = getattr(getattr(dataset, "set", None), "labels", None)

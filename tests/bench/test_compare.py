@@ -32,6 +32,13 @@ DDPM = ["unet.ch=8", "unet.num_res_blocks=2", "unet.norm_groups=4", "unet.dropou
         "data.train_subset=0", "data.test_subset=0", "data.batch_size=16", "data.val_fraction=0.1"]
 
 
+def _no_runs(tmp_path: Path) -> Path:
+    """An empty runs folder: compare's default ``runs/`` may hold real runs on a developer's machine."""
+    d = tmp_path / "no-runs"
+    d.mkdir(exist_ok=True)
+    return d
+
+
 def _distill(preset: str, data: Path, runs: Path, name: str, *extra: str) -> Path:
     run_distill(load_config(preset, [f"data.root={data}", f"out_dir={runs}", f"name={name}", "epochs=1", "device=cpu",
                                      *extra]))
@@ -412,8 +419,10 @@ def test_truncated_and_incomplete_reports_are_skipped_with_a_note(tiny_report, t
     cut.write_text(text[: len(text) // 2])
     bare = reports / "loop0" / "tiny-fp32" / "3.json"
     bare.write_text(json.dumps({k: json.loads(text)[k] for k in ("schema", "schema_version")}))
-    out = tmp_path / "out"
-    assert main(["compare", "--bundles", str(bundles), "--reports", str(reports), "--out", str(out), "--no-analyze"]) == 0
+    out, runs = tmp_path / "out", tmp_path / "runs"  # not the default runs/: it may hold real runs
+    runs.mkdir()
+    assert main(["compare", "--runs", str(runs), "--bundles", str(bundles), "--reports", str(reports), "--out", str(out),
+                 "--no-analyze"]) == 0
     err = capsys.readouterr().err
     assert f"skipped {cut}: not valid JSON" in err and "truncated" in err
     assert f"skipped {bare}: incomplete device report (no bundle.id, bundle.model.arch" in err
@@ -440,14 +449,14 @@ def test_a_report_of_an_edited_manifest_is_flagged(tiny_report, tmp_path):
     report["deploy"] = {**report.get("deploy", {}), "bundle_id": device_id, "exported_bundle_id": "f" * 64}
     path.write_text(json.dumps(report))
     out = tmp_path / "out"
-    assert main(["compare", "--bundles", str(bundles), "--reports", str(reports), "--out", str(out), "--no-analyze"]) == 0
+    assert main(["compare", "--runs", str(_no_runs(tmp_path)), "--bundles", str(bundles), "--reports", str(reports), "--out", str(out), "--no-analyze"]) == 0
     (dep,) = _json(out / "compare.json")["models"][0]["deployments"]
     assert dep["notes"] == [f"manifest differs from the one recorded at export (device {device_id[:12]}, "
                             f"recorded at export ffffffffffff)"]
     assert dep["notes"][0] in (out / "compare.md").read_text() and dep["notes"][0] in (out / "compare.csv").read_text()
     report["deploy"]["exported_bundle_id"] = device_id
     path.write_text(json.dumps(report))
-    assert main(["compare", "--bundles", str(bundles), "--reports", str(reports), "--out", str(out), "--no-analyze"]) == 0
+    assert main(["compare", "--runs", str(_no_runs(tmp_path)), "--bundles", str(bundles), "--reports", str(reports), "--out", str(out), "--no-analyze"]) == 0
     assert _json(out / "compare.json")["models"][0]["deployments"][0]["notes"] == []
 
 
@@ -472,7 +481,7 @@ def test_slope_columns_and_the_below_resolution_flag(tiny_report, tmp_path):
     on["resolution_bytes"], on["bytes"] = 4 * theory, 2 * theory
     path.write_text(json.dumps(report))
     out = tmp_path / "out"
-    assert main(["compare", "--bundles", str(bundles), "--reports", str(reports), "--out", str(out), "--no-analyze"]) == 0
+    assert main(["compare", "--runs", str(_no_runs(tmp_path)), "--bundles", str(bundles), "--reports", str(reports), "--out", str(out), "--no-analyze"]) == 0
     (dep,) = _json(out / "compare.json")["models"][0]["deployments"]
     by = {x["method"]: x for x in dep["measures"]}
     assert list(by) == ["onnxruntime_rss_delta", "onnxruntime_slope_opt_off", "onnxruntime_slope_opt_on"]

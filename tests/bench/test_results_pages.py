@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from bench import diffusion_bench, distill_report, loopback_bench, measured_memory, memory_pairs, plan_timing, reproduce
+from bench import step_speed
 from redistill.cli import main as redistill_main
 from tests import fault_injection
 
@@ -48,6 +49,8 @@ PAGES = {
     "measured_memory.md": (["measured_memory.json", "measured_memory_remarks.md"],
                            lambda: measured_memory.main(["--pages-only", "--remarks",
                                                          "bench/results/measured_memory_remarks.md"])),
+    "step_speed.md": (["step_speed.json", "step_speed_remarks.md"],
+                      lambda: step_speed.main(["--pages-only", "--remarks", "bench/results/step_speed_remarks.md"])),
 }
 
 

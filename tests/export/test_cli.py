@@ -1,3 +1,4 @@
+import re
 import subprocess
 import sys
 
@@ -22,11 +23,13 @@ def test_help_lists_export_options(capsys):
     out = capsys.readouterr().out
     for flag in ("--opset", "--target", "--out", "--calib-method", "--dynamic-batch"):
         assert flag in out
-    assert "--int8" not in out, "the precision is the target's; --int8 is only an error naming the INT8 targets"
+    assert not re.search(r"--int8\b(?!-)", out), "the precision is the target's; --int8 is only an error naming the INT8 targets"
+    for flag in ("--int8-max-drop", "--int8-max-float-nodes", "--int8-val-images", "--calib-images {auto,N}"):
+        assert flag in out
     for name in TARGETS:  # every target with its runtime and precision, and every calibration method
         t = TARGETS.get(name)
         assert f"{name}: {t.runtime}, {t.precision}" in out
-    assert all(m in out for m in CALIBRATION)
+    assert all(m in out for m in CALIBRATION) and "{" + ",".join(["auto", *CALIBRATION]) + "}" in out
 
 
 def test_a_new_target_is_one_registry_entry():

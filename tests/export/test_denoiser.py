@@ -89,6 +89,9 @@ def test_denoiser_int8_reports_eps_error(denoiser_checkpoint, denoiser_bundle, t
     m = verify_bundle(path)
     assert m["precision"] == "int8" and m["quantization"]["format"] == "QDQ"
     assert "noised by q_sample" in m["quantization"]["calibration"]["selection"]
+    # no search for a denoiser (it judges top-1): auto means minmax, nothing kept in float, and the manifest says so
+    assert m["quantization"]["calibration"]["method"] == "minmax" and m["quantization"]["search"] is None
+    assert m["quantization"]["float_nodes"] == [] and "no search for denoisers" in m["quantization"]["search_note"]
     q = m["verification"]["int8"]
     assert q["max_abs_diff"] > 0 and q["atol"] is None
     assert m["denoising"]["int8_onnx_mse"] == pytest.approx(q["mse_got"])

@@ -4,6 +4,7 @@ import shutil
 import numpy as np
 import onnx
 import pytest
+from PIL import Image
 import torch
 
 from export.bundle import read_manifest, verify_bundle
@@ -47,6 +48,10 @@ def test_int8_bundle(bundles):
     assert {"fp32_top1", "int8_top1", "drop", "goal_met"} <= set(a)
     assert a["drop"] == pytest.approx(a["fp32_top1"] - a["int8_top1"])
     assert m["quantization"]["format"] == "QDQ" and m["quantization"]["calibration"]["images"] == 16
+    assert m["quantization"]["calibration"]["chosen_on"] == "given" and m["quantization"]["float_nodes"] == []
+    v = a["validation"]  # measured on the run's held-out images (1 per class here), the test split once after
+    assert v["images"] == 10 and v["drop"] == pytest.approx(v["fp32_top1"] - v["int8_top1"]) and a["images"] == 30
+    assert [t["step"] for t in m["quantization"]["search"]["trace"]] == ["calibration"]
     proto = onnx.load(str(int8 / "model.onnx"))
     assert any(n.op_type == "QuantizeLinear" for n in proto.graph.node)
     x, y = np.load(int8 / "reference/inputs.npy"), np.load(int8 / "reference/outputs.npy")
@@ -169,8 +174,7 @@ def test_wrong_data_classes(checkpoint, tmp_path):
     for split in ("train", "test"):
         for c in ("a", "b"):
             (root / split / c).mkdir(parents=True)
-            from torchvision.io import write_png
-            write_png(torch.zeros(3, 32, 32, dtype=torch.uint8), str(root / split / c / "0.png"))
+            Image.new("RGB", (32, 32)).save(root / split / c / "0.png")
     with pytest.raises(UserError, match="differ from the checkpoint's"):
         run_export(ExportOptions(str(checkpoint), out=str(tmp_path / "b"), data_root=str(root), quiet=True))
 

@@ -38,6 +38,6 @@ def test_int8_qdq_is_symmetric_and_runs(student):
 
 
 def test_calibration_methods_are_a_registry():
-    assert CALIBRATION.names() == ["entropy", "minmax", "percentile"]
+    assert CALIBRATION.names() == ["entropy", "minmax", "percentile", "percentile-99.9", "percentile-99.99"]
     with pytest.raises(UserError, match="Did you mean 'entropy'"):
         CALIBRATION.get("entropi")

@@ -215,13 +215,17 @@ def _search_lines(r: Dict[str, Any]) -> List[str]:
     if r["float_units"]:
         lines += ["", "Nodes kept in float, in the order chosen (added noise: the quantization noise the unit adds, as "
                       "an SQNR; lower = more sensitive):", ""]
-        lines += md_table(["nodes", "op", "added noise (dB)", "FP32 top-1 kept (%) before -> after",
-                           "validation drop before -> after"],
-                          [["<br>".join(f"`{n}`" for n in u["nodes"]), u["op_type"],
-                            "-" if u["added_sqnr_db"] is None else f"{u['added_sqnr_db']:.1f}",
-                            f"{100 * u['agreement_before']:.2f} -> {100 * u['agreement_after']:.2f}",
-                            f"{u['val_drop_before']:+.2f} -> {u['val_drop_after']:+.2f}"] for u in r["float_units"]])
+        lines += float_units_table(r["float_units"], "added noise (dB)", "validation drop before -> after")
     return lines
+
+
+def float_units_table(units, noise_title: str, drop_title: str) -> List[str]:
+    """The nodes an INT8 export kept in float, one row per unit, in the order chosen."""
+    return md_table(["nodes", "op", noise_title, "FP32 top-1 kept (%) before -> after", drop_title],
+                    [["<br>".join(f"`{n}`" for n in u["nodes"]), u["op_type"],
+                      "-" if u["added_sqnr_db"] is None else f"{u['added_sqnr_db']:.1f}",
+                      f"{100 * u['agreement_before']:.2f} -> {100 * u['agreement_after']:.2f}",
+                      f"{u['val_drop_before']:+.2f} -> {u['val_drop_after']:+.2f}"] for u in units])
 
 
 def rewrite_pages(out) -> Dict[str, Any]:

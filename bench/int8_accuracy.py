@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from bench.export_report import float_units_table
 from export.pipeline import INT8_GOAL_MAX_DROP, ExportOptions, run_export
 from redistill.errors import UserError
 from redistill.io import atomic_write_json, atomic_write_text, sha256_file
@@ -174,12 +175,7 @@ def _network_section(rec: Dict[str, Any]) -> List[str]:
     tries = [t for t in search.get("trace", []) if t["step"] == "keep float"]
     if s["float_units"]:
         lines += ["", f"Nodes kept in float ({len(tries)} units tried, in order of the noise they add):", ""]
-        lines += md_table(["nodes", "op", "added noise (SQNR dB)", "FP32 top-1 kept (%) before -> after",
-                           "val drop before -> after"],
-                          [["<br>".join(f"`{n}`" for n in u["nodes"]), u["op_type"],
-                            "-" if u["added_sqnr_db"] is None else f"{u['added_sqnr_db']:.1f}",
-                            f"{100 * u['agreement_before']:.2f} -> {100 * u['agreement_after']:.2f}",
-                            f"{u['val_drop_before']:+.2f} -> {u['val_drop_after']:+.2f}"] for u in s["float_units"]])
+        lines += float_units_table(s["float_units"], "added noise (SQNR dB)", "val drop before -> after")
     elif tries:
         lines += ["", f"No node kept in float: none of the {len(tries)} units tried kept FP32's top-1 on more "
                       "validation images."]

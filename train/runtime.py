@@ -123,7 +123,7 @@ def resolve_runtime(rt, device: torch.device, *, task: str = "classify", world: 
     or several processes share the node (DistributedDataParallel: cores / processes each), else adaptive;
     ``auto`` workers are 0 on a CPU (a worker takes cores the step needs; 1-2 workers cost 13-29 % on 2 cores)
     and for batches augmented on the device; channels_last is on for CNN classifiers (on 2 CPU cores it made
-    the MobileNetV3 x4 step 1.7x faster: depthwise convs and BatchNorm on 2x2 maps) and off for U-Nets
+    the MobileNetV3 x4 step 1.41x faster, bench/results/step_speed.md) and off for U-Nets
     (GroupNorm, attention); compile is on for CUDA only (on 2 CPU cores it took 3.5 min and gained nothing)."""
     cuda = device.type == "cuda"
     cores = cpu_cores()

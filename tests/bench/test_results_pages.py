@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from bench import diffusion_bench, distill_report, loopback_bench, measured_memory, memory_pairs, plan_timing, reproduce
-from bench import step_speed
+from bench import int8_accuracy, step_speed
 from redistill.cli import main as redistill_main
 from tests import fault_injection
 
@@ -49,6 +49,8 @@ PAGES = {
     "measured_memory.md": (["measured_memory.json", "measured_memory_remarks.md"],
                            lambda: measured_memory.main(["--pages-only", "--remarks",
                                                          "bench/results/measured_memory_remarks.md"])),
+    "int8_accuracy.md": (["int8_accuracy", "int8_accuracy_remarks.md"],
+                         lambda: int8_accuracy.main(["--pages-only", "--remarks", "bench/results/int8_accuracy_remarks.md"])),
     "step_speed.md": (["step_speed.json", "step_speed_remarks.md"],
                       lambda: step_speed.main(["--pages-only", "--remarks", "bench/results/step_speed_remarks.md"])),
 }

@@ -125,7 +125,7 @@ def _evaluate(args) -> int:
     from train.checkpoint import load_checkpoint, model_from_checkpoint
     from train.data import load_data
     from train.tasks import evaluate
-    from train.trainer import resolve_device
+    from train.runtime import resolve_device
 
     if args.subset < 0:
         raise UserError(f"--subset {args.subset}: give 0 (the whole test split) or a positive image count")

@@ -65,7 +65,7 @@ def draw_samples(args, checkpoint: str):
     import torch
 
     from train.sampling import SAMPLERS, load_denoiser, resolve_labels, sample
-    from train.trainer import resolve_device
+    from train.runtime import resolve_device
 
     SAMPLERS.get(args.sampler)  # unknown name -> did-you-mean before the checkpoint is loaded
     device = resolve_device(args.device)

@@ -36,8 +36,6 @@ from train.runtime import resolve_device, resolve_runtime
 from train.step import DistillStep, TeacherTap, blocks_in_plan_order, make_teacher_tap
 from train.tasks import TASKS
 
-_blocks_in_plan_order = blocks_in_plan_order  # the name tests and benchmarks import
-
 
 # --- environment ------------------------------------------------------------------------------
 
@@ -91,7 +89,7 @@ def fit(
     last_path, best_path = stage_dir / "last.pt", stage_dir / "best.pt"
     num_classes = len(data.classes)
     model.to(device)
-    blocks = {p.key: b for p, b in zip(plans, _blocks_in_plan_order(model, plans))}
+    blocks = {p.key: b for p, b in zip(plans, blocks_in_plan_order(model, plans))}
     task = TASKS.get(cfg.task)(cfg, method, teacher, plans, blocks, num_classes=num_classes)
     task.attach(model)
     # a task's training-only modules (FitNet's regressors) train with the model; its extra_state saves them

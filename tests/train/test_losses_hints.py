@@ -16,7 +16,7 @@ from train.models import build_model
 from train.optim import make_optimizer
 from train.red import REDSite, SitePlan
 from train.tasks import ClassifyTask
-from train.trainer import TeacherTap
+from train.step import TeacherTap
 
 TINY = ["data.batch_size=8", "data.eval_batch_size=16", "data.val_fraction=0.1"]
 PLANS = [SitePlan("a", "out", "x", "out", alpha=50.0), SitePlan("b", "in", "z", "in", alpha=10.0)]

@@ -8,7 +8,7 @@ from train.config import load_config
 from train.models import build_model, example_inputs, input_names, parse_arch, task_of
 from train.red import plan_sites
 from train.design import build_student
-from train.trainer import TeacherTap
+from train.step import TeacherTap
 
 TINY = dict(ch=16, ch_mult=[1, 2, 2, 2], attn=[1], num_res_blocks=1, dropout=0.0)
 
@@ -130,10 +130,10 @@ def test_red_sites_match_teacher_tensors_of_equal_hw(preset, placement):
     _, t_feats = tap(x, t)
     with torch.no_grad():
         student(x, t)
-    from train.trainer import _blocks_in_plan_order
+    from train.step import blocks_in_plan_order
 
     modules = dict(student.named_modules())
-    for p, block in zip(plans, _blocks_in_plan_order(student, plans)):
+    for p, block in zip(plans, blocks_in_plan_order(student, plans)):
         site = modules[p.student]
         assert block is (site.red_in if p.where == "in" else site.red_out), p.key
         assert block.last.shape[-2:] == t_feats[p.key].shape[-2:] == p.hw, p.key

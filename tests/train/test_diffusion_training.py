@@ -13,7 +13,8 @@ from train.diffusion import Diffusion
 from train.models import build_model
 from train.tasks import DenoiseTask
 from train.design import build_student
-from train.trainer import TeacherTap, run_distill
+from train.step import TeacherTap
+from train.trainer import run_distill
 
 SMALL = ["unet.ch=8", "unet.num_res_blocks=2", "unet.norm_groups=4", "unet.dropout=0.0", "diffusion.timesteps=50"]
 
@@ -43,9 +44,9 @@ def test_a_few_training_steps_lower_the_loss(tmp_path):
     torch.manual_seed(0)
     teacher = build_model(cfg.teacher.arch, 0, 32, **build_kwargs(cfg, cfg.teacher)).eval()
     student, plans = build_student(cfg, 0, teacher)
-    from train.trainer import _blocks_in_plan_order
+    from train.step import blocks_in_plan_order
 
-    blocks = {p.key: b for p, b in zip(plans, _blocks_in_plan_order(student, plans))}
+    blocks = {p.key: b for p, b in zip(plans, blocks_in_plan_order(student, plans))}
     task = DenoiseTask(cfg, "red", TeacherTap(teacher, plans), plans, blocks)
     task.attach(student)
     x, y = _batch(), torch.zeros(8, dtype=torch.long)
@@ -80,9 +81,9 @@ def test_teacher_sees_the_same_noisy_input_as_the_student(tmp_path):
     seen = {}
     teacher.register_forward_pre_hook(lambda m, inp: seen.setdefault("teacher", inp))
     student.register_forward_pre_hook(lambda m, inp: seen.setdefault("student", inp))
-    from train.trainer import _blocks_in_plan_order
+    from train.step import blocks_in_plan_order
 
-    blocks = {p.key: b for p, b in zip(plans, _blocks_in_plan_order(student, plans))}
+    blocks = {p.key: b for p, b in zip(plans, blocks_in_plan_order(student, plans))}
     for b in blocks.values():
         b.record = True
     task = DenoiseTask(cfg, "red", TeacherTap(teacher, plans), plans, blocks)

@@ -16,7 +16,7 @@ from train.losses import LossInputs, total_loss
 from train.models import build_model
 from train.design import build_student
 from train.optim import lr_at, make_optimizer
-from train.trainer import TeacherTap
+from train.step import TeacherTap
 
 TINY = ["data.batch_size=8", "data.eval_batch_size=16", "data.val_fraction=0.1", "optim.warmup_epochs=0"]
 

@@ -191,10 +191,12 @@ class ThreadGovernor:
     once, as a count that collapses can be 40x slower. Probes come when the median rises above ``slowdown``
     times the best of this epoch (another process took a core: fewer threads), and on a schedule in global
     steps so that a freed core is taken back: at step ``first``, soon again after a win (in the same
-    direction), else every ``base`` steps, doubling to ``most`` while probes lose. It starts at one thread
-    and climbs: on a busy machine even a few steps at too many threads cost more than a few at too few, and
-    before a step is risked on more threads a matrix product of a few milliseconds must run ``gate`` times
-    faster on them (``parallel_speedup``): a collapsed step cost 3-13 s on the shared 2-core machine.
+    direction), else every ``base`` steps, doubling to ``most`` while probes lose. On a busy machine even a few
+    steps at too many threads cost more than a few at too few (a collapsed step cost 3-13 s on the shared
+    2-core machine), so before a step is risked on more threads a matrix product of a few milliseconds must
+    run ``gate`` times faster on them (``parallel_speedup``). The same check picks the start: the most threads
+    whose product runs ``gate`` times faster than on half as many (all cores on an idle machine), else one
+    thread; the probe at step ``first`` then tests a start the check got wrong (it is a few milliseconds).
 
     On an idle machine every probe ends the same way at the same steps in every run, and the schedule is saved
     in checkpoints (``state``), so a resumed run stays bit-identical there (the thread count changes float sums).
@@ -220,6 +222,11 @@ class ThreadGovernor:
         self.candidates = sorted({max(1, self.most_threads >> k) for k in range(16)}, reverse=True)
         self.current, self.up = self.candidates[-1], True
         self.interval, self.next_probe = self.base, self.first
+        speedup = self.speedup or parallel_speedup
+        for more, fewer in zip(self.candidates, self.candidates[1:]):
+            if speedup(more, fewer) >= self.gate:
+                self.current, self.up = more, more < self.candidates[0]
+                break
         self.set_threads(self.current)
         self.restart(0)
 

@@ -133,6 +133,7 @@ class RuntimeConfig:
     amp: str = "none"  # autocast precision (PRECISIONS, train/runtime.py), e.g. none, bf16, fp16; fp16 with a GradScaler
     fold_teacher: bool = True  # the frozen teacher runs with its BatchNorm folded, without autograd (taps keep their tensors)
     se_linear: bool = True  # MobileNetV3 squeeze-excitation as linear layers in training (same weights and export)
+    teacher_stop: bool = True  # the teacher's pass stops at its last tapped tensor when no loss reads its output (RED alone)
 
     def __post_init__(self):
         for key in ("device_augment", "channels_last", "compile"):

@@ -96,6 +96,7 @@ class Runtime:
     precision: Precision
     fold_teacher: bool
     se_linear: bool
+    teacher_stop: bool = False
     why_threads: str = ""
 
     @property
@@ -110,7 +111,7 @@ class Runtime:
 
     def describe(self) -> str:
         """One line for the run's log."""
-        on = [k for k in ("channels_last", "compile", "fold_teacher", "se_linear") if getattr(self, k)]
+        on = [k for k in ("channels_last", "compile", "fold_teacher", "se_linear", "teacher_stop") if getattr(self, k)]
         data = (f"batches augmented on {self.device.type}" if self.device_augment
                 else f"per-image loading, {self.workers} workers")
         return (f"runtime: threads {self.why_threads}; {data}; amp {self.precision.name}; "
@@ -151,7 +152,7 @@ def resolve_runtime(rt, device: torch.device, *, task: str = "classify", world: 
     return Runtime(device=device, threads=threads, adaptive=adaptive, workers=workers, device_augment=device_augment,
                    channels_last=switch(rt.channels_last, task == "classify"), compile=switch(rt.compile, cuda),
                    precision=precision, fold_teacher=bool(rt.fold_teacher), se_linear=bool(rt.se_linear),
-                   why_threads=why)
+                   teacher_stop=bool(getattr(rt, "teacher_stop", False)), why_threads=why)
 
 
 # --- adaptive threads ---------------------------------------------------------------------------------------
@@ -190,7 +191,8 @@ class ThreadGovernor:
     when ``win`` times faster; a probe step ``abort`` times slower than the current median ends the probe at
     once, as a count that collapses can be 40x slower. Probes come when the median rises above ``slowdown``
     times the best of this epoch (another process took a core: fewer threads), and on a schedule in global
-    steps so that a freed core is taken back: at step ``first``, soon again after a win (in the same
+    steps so that a freed core is taken back (once ``window`` steps are timed at the current count, so that
+    slow first steps of an epoch do not decide): at step ``first``, soon again after a win (in the same
     direction), else every ``base`` steps, doubling to ``most`` while probes lose. On a busy machine even a few
     steps at too many threads cost more than a few at too few (a collapsed step cost 3-13 s on the shared
     2-core machine), so before a step is risked on more threads a matrix product of a few milliseconds must
@@ -257,7 +259,7 @@ class ThreadGovernor:
             self.best = med if self.best is None else min(self.best, med)
         if self.best is not None and med > self.slowdown * self.best and self._neighbour(up=False):
             self._start(self._neighbour(up=False), scheduled=False)
-        elif self.global_step >= self.next_probe:
+        elif self.global_step >= self.next_probe and len(self.times) == self.window:
             target = self._neighbour(self.up)
             if target is None:
                 self.up = not self.up

@@ -14,6 +14,7 @@ speed change is a ``runtime.*`` config key (``train.config.RuntimeConfig``, reso
     fold_teacher   true | false   teacher BatchNorm folded into its convs, run without autograd
     channels_last  auto | true | false   teacher, student and batches in channels_last (auto: classifiers)
     se_linear      true | false   MobileNetV3 squeeze-excitation as linear layers
+    teacher_stop   true | false   the teacher's pass ends at its last tapped tensor when no loss reads its output
     compile        auto | true | false   torch.compile of the student (auto: CUDA only)
     threads        auto | N       CPU intra-op threads (auto: adaptive to the load, see ThreadGovernor)
     amp            none | bf16 | fp16     autocast (fp16 with a GradScaler)
@@ -47,11 +48,13 @@ class TeacherTap:
     BatchNorm named in ``keep`` or by a plan keeps its own tensors, so every tap reads what it read unfolded.
     The pass runs under ``no_grad``, not ``inference_mode``: inference tensors cannot be saved for backward,
     and a loss may use a teacher tensor as is (an MSE target), which ``no_grad`` allows at the same speed.
+    ``stop``: the pass ends once every plan's tensor is taken and returns None for the output (RED alone reads
+    no teacher output; the layers after the deepest site are most of a teacher's work when the sites are early).
     """
 
     def __init__(self, teacher: nn.Module, plans: List[SitePlan], *, fold: bool = False, image_size: int = 32,
-                 keep=(), memory_format: torch.memory_format = torch.contiguous_format):
-        self.folded = False
+                 keep=(), memory_format: torch.memory_format = torch.contiguous_format, stop: bool = False):
+        self.folded, self.stop, self._stopping = False, bool(stop and plans), False
         if fold:
             param = next(teacher.parameters(), None)
             device = param.device if param is not None else torch.device("cpu")
@@ -64,25 +67,40 @@ class TeacherTap:
         self.teacher = teacher.eval().requires_grad_(False).to(memory_format=memory_format)
         self.feats: Dict[str, torch.Tensor] = {}
         modules = dict(self.teacher.named_modules())
+        wanted = len({p.key for p in plans})
         for p in plans:
             def hook(mod, inp, out, p=p):
                 self.feats[p.key] = inp[0] if p.teacher_where == "in" else out
+                if self._stopping and len(self.feats) == wanted:
+                    raise _TapsTaken
 
             modules[p.teacher].register_forward_hook(hook)
 
     @torch.no_grad()
     def __call__(self, *inputs: torch.Tensor):
-        self.feats = {}
-        return self.teacher(*inputs), self.feats
+        self.feats, self._stopping = {}, self.stop  # only a pass from here stops: the module alone runs whole
+        try:
+            return self.teacher(*inputs), self.feats
+        except _TapsTaken:
+            return None, self.feats
+        finally:
+            self._stopping = False
+
+
+class _TapsTaken(Exception):
+    """Raised by the last tap's hook to end a stopping teacher's pass."""
 
 
 def make_teacher_tap(cfg: RunConfig, teacher: nn.Module, plans: List[SitePlan], rt: Runtime) -> TeacherTap:
     """The run's teacher tap: folded per ``runtime.fold_teacher``, keeping every configured site's teacher
-    tensors (RED plans, and the sites FitNet/AT tap), in the run's memory format."""
+    tensors (RED plans, and the sites FitNet/AT tap), in the run's memory format; stopping at its last RED tap
+    per ``runtime.teacher_stop`` when the method reads neither the teacher's output nor other taps."""
     sites = cfg.red.sites if isinstance(cfg.red.sites, list) else []
     keep = {s.teacher for s in sites if isinstance(s, REDSiteConfig)}
+    method = METHODS.get(cfg.method)
+    stop = rt.teacher_stop and not method.needs_logits and not method.needs_taps
     return TeacherTap(teacher, plans, fold=rt.fold_teacher, image_size=cfg.data.image_size, keep=keep,
-                      memory_format=rt.memory_format)
+                      memory_format=rt.memory_format, stop=stop)
 
 
 def blocks_in_plan_order(model: nn.Module, plans: List[SitePlan]) -> List[nn.Module]:

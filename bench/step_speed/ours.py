@@ -42,6 +42,7 @@ class Switch:
 #: the changes timed one at a time (a key this checkout's ``runtime`` section lacks is left out, with a note)
 SWITCHES: Dict[str, Switch] = {s.key: s for s in (
     Switch("fold_teacher", True, False, "teacher as a folded inference graph (BatchNorm folded, no autograd)"),
+    Switch("teacher_stop", True, False, "teacher pass ends at its last RED tap (RED alone reads no teacher output)"),
     Switch("channels_last", True, False, "channels_last memory format for teacher and student"),
     Switch("se_linear", True, False, "squeeze-excitation as linear layers instead of 1x1 convs",
            ("mobilenetv3_small",)),

@@ -59,6 +59,36 @@ def test_folded_teacher_gives_the_unfolded_features_and_logits(arch):
             torch.testing.assert_close(f_feats[k], feats[k], rtol=1e-5, atol=1e-5, msg=lambda m: f"{arch} {k}: {m}")
 
 
+@pytest.mark.parametrize("arch", sorted(TAPS))
+def test_a_stopping_teacher_takes_the_same_tensors_and_skips_the_rest(arch):
+    torch.manual_seed(0)
+    teacher = _shake_batchnorm(build_model(arch, 10, 32))
+    plans = [SitePlan(f"s{i}", "out", name, where, 1.0) for i, (name, where) in enumerate(TAPS[arch][:2])]
+    ran = []
+    modules = dict(teacher.named_modules())
+    last = [n for n, m in teacher.named_modules() if isinstance(m, torch.nn.Linear)][-1]  # the classifier
+    modules[last].register_forward_hook(lambda *a: ran.append(last))
+    x = torch.randn(2, 3, 32, 32)
+    logits, feats = TeacherTap(copy.deepcopy(teacher), plans)(x)
+    stopping = TeacherTap(teacher, plans, stop=True)
+    ran.clear()
+    out, s_feats = stopping(x)
+    assert out is None and not ran and set(s_feats) == set(feats)
+    for k in feats:
+        torch.testing.assert_close(s_feats[k], feats[k], rtol=0, atol=0)
+    torch.testing.assert_close(stopping.teacher(x), logits)  # the module called on its own runs whole
+
+
+@pytest.mark.parametrize("method,stops", [("red", True), ("red_kd", False), ("kd", False), ("fitnet", False)])
+def test_the_teacher_stops_only_when_no_loss_reads_its_output(method, stops):
+    step = _step("mobilenetv3_small_x4", [f"method={method}"])
+    tap = step.task.teacher
+    assert tap.stop == stops
+    r = step.run(torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,)))
+    assert torch.isfinite(r.loss)
+    step.close()
+
+
 def test_a_tapped_conv_keeps_its_batchnorm_apart():
     """Folding a tapped conv's BatchNorm into it would hand the tap the normalised tensor."""
     teacher = _shake_batchnorm(build_model("mobilenetv3_small-1-22121111211", 10, 32))
@@ -80,7 +110,7 @@ def test_the_run_keeps_every_configured_site_even_without_red_blocks():
 
 
 OFF = ["runtime.fold_teacher=false", "runtime.channels_last=false", "runtime.se_linear=false",
-       "runtime.compile=false", "runtime.amp=none"]
+       "runtime.teacher_stop=false", "runtime.compile=false", "runtime.amp=none"]
 
 
 def _step(preset, extra, teacher_state=None):
@@ -116,7 +146,7 @@ def _same_updates(a, b, tol=1e-2):
 
 @pytest.mark.parametrize("preset", ["mobilenetv3_small_x4", "resnext18_x4"])
 @pytest.mark.parametrize("change", ["runtime.fold_teacher=true", "runtime.channels_last=true",
-                                    "runtime.se_linear=true", "all"])
+                                    "runtime.se_linear=true", "runtime.teacher_stop=true", "all"])
 def test_each_speed_change_keeps_the_step(preset, change):
     """One step's loss, and the weight change of two steps, as with every change off (float tolerance)."""
     teacher_state = _shake_batchnorm(build_model(load_config(preset).teacher.arch, 10, 32)).state_dict()

@@ -280,7 +280,11 @@ def commit(paths: List[Path], message: str) -> None:
         raise UserError(f"--commit: {where} is not in a git repository ({top.stderr.strip()}); run without --commit")
     rel = [str(Path(p).resolve().relative_to(top.stdout.strip())) for p in paths]
     for argv in (["add", "--", *rel], ["commit", "-q", "-m", message, "--only", "--", *rel]):
-        r = subprocess.run(["git", "-C", top.stdout.strip(), *argv], capture_output=True, text=True)
+        for wait in (5, 15, 40, 0):  # someone else's git command holds the index for a moment
+            r = subprocess.run(["git", "-C", top.stdout.strip(), *argv], capture_output=True, text=True)
+            if r.returncode == 0 or "index.lock" not in r.stderr or not wait:
+                break
+            time.sleep(wait)
         if r.returncode != 0 and "nothing to commit" not in r.stdout + r.stderr:
             raise UserError(f"--commit: git {argv[0]} failed: {(r.stderr or r.stdout).strip().splitlines()[-1]}")
 

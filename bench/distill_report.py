@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 from pathlib import Path
 from typing import List, Optional
 
 import yaml
 
 from redistill.errors import UserError
-from redistill.io import atomic_write_json, atomic_write_text
+from redistill.io import atomic_copy, atomic_write_json, atomic_write_text
 from redistill.memory import fmt_bytes
 from redistill.report import add_page_options, machine, machine_line, md_table, remarks_section
 
@@ -64,13 +63,19 @@ def build_report(run_dir: Path, command: str, wall_s: Optional[float], where=Non
 
 def copy_run_files(run_dir: Path, dest: Path, log: Optional[str]) -> str:
     """Copy the run's config, summaries and metrics (not its checkpoints) so the figures stay traceable."""
-    for rel in RUN_FILES:
-        if (run_dir / rel).is_file():
-            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(run_dir / rel, dest / rel)
+    copied_run_files(run_dir, dest)
     if log:
         atomic_write_text(dest / Path(log).name, clean_log(Path(log).read_text(errors="replace")))
     return str(dest)
+
+
+def copied_run_files(run_dir: Path, dest: Path) -> List[Path]:
+    """Copy (atomically) each of ``RUN_FILES`` the run has to ``dest``; the paths written."""
+    written = []
+    for rel in RUN_FILES:
+        if (run_dir / rel).is_file():
+            written.append(atomic_copy(run_dir / rel, dest / rel))
+    return written
 
 
 def clean_log(text: str) -> str:

@@ -57,7 +57,15 @@ def _summary(m: Dict[str, Any], seconds: float) -> Dict[str, Any]:
         "float_nodes": q.get("float_nodes") or [], "float_units": q.get("float_units") or [],
         "search": {k: search[k] for k in ("goal", "goal_met", "candidates", "chosen", "trace", "failed") if k in search},
         "quantized_nodes": q.get("quantized_nodes"),
+        **({"qat": q["qat"]} if q.get("qat") else {}),
     }
+
+
+def search_options(args: argparse.Namespace) -> Dict[str, Any]:
+    """The search export's options (QAT only when asked for: records made before it have no such key)."""
+    opts = dict(calib_method=args.calib_method, calib_images=args.calib_images,
+                int8_max_float_nodes=args.int8_max_float_nodes)
+    return {**opts, "int8_qat_epochs": args.qat_epochs} if args.qat_epochs else opts
 
 
 def measure(checkpoint: Path, work: Path, args: argparse.Namespace, say=print) -> Dict[str, Any]:
@@ -68,8 +76,7 @@ def measure(checkpoint: Path, work: Path, args: argparse.Namespace, say=print) -
     manifest: Dict[str, Any] = {}
     for variant in VARIANTS:
         if variant == "search":
-            opts = dict(calib_method=args.calib_method, calib_images=args.calib_images,
-                        int8_max_float_nodes=args.int8_max_float_nodes)
+            opts = search_options(args)
         elif variant == "calibrated":
             chosen = exports["search"]["calibration"]
             opts = dict(calib_method=chosen["method"], calib_images=chosen["images"], int8_max_float_nodes=0)
@@ -172,6 +179,15 @@ def _network_section(rec: Dict[str, Any]) -> List[str]:
                         f"{100 * t['agreement']:.2f}", "-" if t["logit_sqnr_db"] is None else f"{t['logit_sqnr_db']:.1f}",
                         "yes" if t["chosen"] else ""] for t in trials])
     lines += [f"- {f['method']} on {f['calib_images']} images failed: {f['error']}" for f in search.get("failed", [])]
+    if s.get("qat"):
+        q = s["qat"]
+        a, b = q["validation_ptq"], q["validation_qat"]
+        lines += ["", f"Quantization-aware fine-tuning ({q['settings']['epochs']} epoch(s), {q['images_trained']:,} "
+                      f"images, {q['seconds']:.0f} s; KL from FP32 on {q['check_images']} validation images "
+                      f"{q['kl_before']:.4f} -> {q['kl_after']:.4f}): FP32's top-1 kept on {100 * a['agreement']:.2f}% "
+                      f"-> {100 * b['agreement']:.2f}% of the validation images, val drop {_drop(a['val_drop'])} -> "
+                      f"{_drop(b['val_drop'])}; {'kept' if q['chosen'] else 'not kept'} (the search above is "
+                      f"on {'the fine-tuned' if q['chosen'] else 'the original'} weights)."]
     tries = [t for t in search.get("trace", []) if t["step"] == "keep float"]
     if s["float_units"]:
         lines += ["", f"Nodes kept in float ({len(tries)} units tried, in order of the noise they add):", ""]
@@ -212,6 +228,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--calib-images", type=int, default=0, help="the search export's (0: auto)")
     ap.add_argument("--int8-max-float-nodes", type=int, default=8, help="the search export's cap")
     ap.add_argument("--int8-max-drop", type=float, default=INT8_GOAL_MAX_DROP, help="the validation goal")
+    ap.add_argument("--qat-epochs", type=int, default=0,
+                    help="the search export's --int8-qat-epochs: QAT epochs tried where the goal is missed (0: none)")
     ap.add_argument("--eval-subset", type=int, default=0, help="test images (0: the full split; the target needs it)")
     ap.add_argument("--again", action="store_true", help="export networks whose run file is current too")
     ap.add_argument("--quiet", action="store_true", help="no export progress")
@@ -230,7 +248,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                 run_file = out / f"{network_name(ck)}.json"
                 if run_file.is_file() and not args.again:
                     old = json.loads(run_file.read_text())
-                    if old.get("checkpoint_sha256") == sha256_file(ck):
+                    same = old.get("exports", {}).get("search", {}).get("options") == search_options(args)
+                    if old.get("checkpoint_sha256") == sha256_file(ck) and same:
                         print(f"[int8-accuracy] {run_file} is current: kept (--again exports it anew)")
                         continue
                 atomic_write_json(run_file, measure(ck, Path(args.work), args))

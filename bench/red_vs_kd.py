@@ -29,10 +29,10 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
-from bench.distill_report import clean_log
+from bench.distill_report import clean_log, copied_run_files
 from bench.red_vs_kd_page import REFERENCE, VARIANTS, Variant, write_results
 from redistill.errors import UserError, did_you_mean
-from redistill.io import atomic_write_json, atomic_write_text
+from redistill.io import atomic_copy, atomic_write_json, atomic_write_text
 from redistill.report import add_page_options, machine, timestamp
 from train.design import analyze_model, checkpoint_design
 
@@ -211,12 +211,15 @@ class State:
 
     def __init__(self, a, settings: Settings):
         self.paths = [Path(a.runs) / "state.json", Path(a.results + "_run") / "state.json"]
-        found = next((p for p in self.paths if p.is_file()), None)
+        found = self.found = next((p for p in self.paths if p.is_file()), None)
         self.data = json.loads(found.read_text()) if found else {}
         want = _settings_record(settings)
         saved = self.data.get("settings")
+        if saved is not None:  # a setting added since takes its default
+            saved = {**_settings_record(Settings()), **saved}
+            self.data["settings"] = saved
         if saved is not None and saved != want:
-            k = next(k for k in want if saved.get(k) != want[k])
+            k = next((k for k in {**saved, **want} if saved.get(k) != want.get(k)), "settings")
             raise UserError(f"{found} was made with {k}={saved.get(k)!r}, not {want[k]!r}: rerun with the same "
                             f"settings, or give new --runs and --results folders for a new benchmark")
         self.data.setdefault("settings", want)
@@ -235,10 +238,6 @@ def _settings_record(s: Settings) -> dict:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(s).items()}
 
 
-RUN_FILES = ("config.yaml", "summary.json", "teacher/metrics.jsonl", "teacher/summary.json",
-             "student/metrics.jsonl", "student/summary.json")
-
-
 def peak_memory(checkpoint: Path) -> dict:
     """The theoretical peak activation memory of a checkpoint's network as exported (RED blocks included)."""
     model, size = checkpoint_design(checkpoint)
@@ -250,12 +249,7 @@ def keep_step(a, step: Step, log: Path) -> List[Path]:
     """Copy a finished step's run files, log and memory figure to <results>_run/<name>/ (the teacher's weights too,
     under the limit); returns the paths written."""
     run_dir, dest = Path(a.runs) / step.run, Path(a.results + "_run") / step.name
-    written = []
-    for rel in RUN_FILES:
-        if (run_dir / rel).is_file():
-            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(run_dir / rel, dest / rel)
-            written.append(dest / rel)
+    written = copied_run_files(run_dir, dest)
     stage = "teacher" if step.variant is None else "student"
     best = run_dir / stage / "best.pt"
     atomic_write_json(dest / "memory.json", peak_memory(best))
@@ -265,11 +259,14 @@ def keep_step(a, step: Step, log: Path) -> List[Path]:
     if step.variant is None:
         size = best.stat().st_size
         if size < TEACHER_COMMIT_LIMIT:
-            shutil.copyfile(best, dest / "best.pt")
-            written.append(dest / "best.pt")
+            written.append(atomic_copy(best, dest / "best.pt"))
         else:
             print(f"[red_vs_kd] the teacher's best.pt is {size / 2**20:.1f} MiB, over the limit: not copied", flush=True)
     return written
+
+
+def _inside(path: Path, folder: str) -> bool:
+    return Path(folder).resolve() in Path(path).resolve().parents
 
 
 def commit(paths: List[Path], message: str) -> None:
@@ -382,15 +379,16 @@ def main(argv=None) -> int:
             print(f"[red_vs_kd] stopping after {ran} step(s) (--max-steps); run again to continue", flush=True)
             break
         if st.variant is not None and not teacher_checkpoint(a).is_file():
-            raise UserError(f"the teacher's weights are neither committed nor in {a.runs}: remove 'teacher' from "
-                            f"{state.paths[1]} to train it again")
+            raise UserError(f"the teacher's weights are neither committed nor in {a.runs}: remove the 'teacher' "
+                            f"step from {state.found or state.paths[1]} to train it again")
         run_step(a, st, state, estimate(st, s, rates, counts)[1])
         ran += 1
         written = keep_step(a, st, Path(a.runs) / "logs" / f"{st.name}.log")
         state.save()
         written += [state.paths[1], *write_results(a)]
-        if a.commit:
-            commit(written, f"red_vs_kd: {st.name} finished ({state.steps[st.name]['seconds'] / 60:.0f} min)")
+        if a.commit:  # the whole results folder: a step whose commit failed before goes in with this one
+            commit([Path(a.results + "_run"), *(p for p in written if not _inside(p, a.results + "_run"))],
+                   f"red_vs_kd: {st.name} finished ({state.steps[st.name]['seconds'] / 60:.0f} min)")
     return 0
 
 
@@ -411,8 +409,12 @@ def run_step(a, st: Step, state: State, estimate_s: float) -> None:
         rc = subprocess.call(st.argv, stdout=f, stderr=subprocess.STDOUT)
     seconds = time.time() - t0
     if rc != 0:
+        rec["seconds_before"] = round(rec.get("seconds_before", 0.0) + seconds, 1)
+        state.save()
         raise SystemExit(f"[red_vs_kd] {st.name} failed (exit {rc}); see {log}; run again to resume it")
-    rec.update({"done": True, "seconds": round(seconds, 1), "finished": timestamp()})
+    # an attempt killed with its session records nothing: ``attempts`` says the time may be short
+    seconds += rec.get("seconds_before", 0.0)
+    rec.update({"done": True, "seconds": round(seconds, 1), "finished": timestamp(), "machine": machine()})
     print(f"[red_vs_kd] {st.name}: {seconds / 60:.1f} min (estimated {estimate_s / 60:.1f})", flush=True)
 
 

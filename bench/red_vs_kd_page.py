@@ -65,6 +65,18 @@ def _json(path: Path) -> Any:
     return json.loads(path.read_text())
 
 
+def _machines(state: Dict[str, Any]) -> List[str]:
+    """The machine line, or one per machine when the runs were spread over several (sessions on other hosts)."""
+    seen: Dict[str, List[str]] = {}
+    for name, v in state.get("steps", {}).items():
+        if v.get("done"):
+            seen.setdefault(machine_line(v.get("machine") or state.get("machine")), []).append(name)
+    if len(seen) <= 1:
+        return [f"Machine: {machine_line(state.get('machine'))}"]
+    return ["Machines (the runs were spread over several; compare their times only within one):", "",
+            *[f"- {line}: {', '.join(names)}" for line, names in seen.items()]]
+
+
 def _history(path: Path) -> List[dict]:
     return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
 
@@ -211,8 +223,8 @@ def write_results(a) -> List[Path]:
          f"Command: `{command}` (resumable" + ("; each finished run committed as it finished)" if "--commit" in command
                                               else ")") + f"; the page is rewritten from the run files by `{page_command}`.",
          "",
-         f"Machine: {machine_line(state.get('machine'))}", "",
-         f"Machine time: **{total_s / 3600:.2f} h**, the sum of the finished runs' wall time "
+         *_machines(state), "",
+         f"Machine time: **{total_s / 3600:.2f} h**, the sum of the finished runs' wall time over their attempts "
          f"({len(done)} of {planned} planned runs finished; `{Path(a.results).name}_run/state.json`).", "",
          "## Does RED beat KD here?", ""]
     L += md_table(["target", "result", "verdict"], _checks(f, rows))
@@ -243,6 +255,8 @@ def write_results(a) -> List[Path]:
     L += _teacher(t)
     L += ["", "## What the subset and epochs cost", "", *_cost(record), "",
           "## Machine time per run", ""]
+    L += ["Wall time sums a run's attempts that ended (finished or failed); an attempt ended with its session "
+          "records none, so a run of several attempts may read short (its training column sums every epoch)."]
     L += md_table(["run", "wall time", "training (sum of epochs)", "estimated", "load (1 min) at start", "attempts"],
                   [[n, f"{v['seconds'] / 60:.1f} min", _train_s(record, n), f"{v.get('estimate_s', 0) / 60:.1f} min",
                     f"{v.get('load_1min_at_start', 0):.2f}", v.get("attempts", 1)]

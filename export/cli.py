@@ -77,6 +77,9 @@ def add_commands(sub) -> None:
                            "it; while it is not, the most sensitive nodes stay float")
     int8.add_argument("--int8-max-float-nodes", default=str(INT8_MAX_FLOAT_NODES), metavar="N",
                       help="at most this many nodes stay float (0: quantize every node, choose the calibration only)")
+    int8.add_argument("--int8-qat-epochs", default="0", metavar="N",
+                      help="when the goal is missed on validation after post-training quantization, fine-tune N "
+                           "epochs with the INT8 rounding (QAT) and keep the INT8 graph closer to FP32 (default 0: off)")
     int8.add_argument("--int8-val-images", default="0", metavar="N",
                       help="validation images the choices are judged on (0: every image the run held out, 2,500 "
                            "for a CIFAR-10 run at data.val_fraction 0.05)")
@@ -104,7 +107,8 @@ def _export(args) -> int:
         calib_images=_count("--calib-images", args.calib_images, auto=True), calib_method=args.calib_method,
         int8_max_drop=_points("--int8-max-drop", args.int8_max_drop),
         int8_max_float_nodes=_count("--int8-max-float-nodes", args.int8_max_float_nodes),
-        int8_val_images=_count("--int8-val-images", args.int8_val_images), verify_images=args.verify_images,
+        int8_val_images=_count("--int8-val-images", args.int8_val_images),
+        int8_qat_epochs=_count("--int8-qat-epochs", args.int8_qat_epochs), verify_images=args.verify_images,
         reference_images=args.reference_images, eval_subset=args.eval_subset, tarball=args.tarball, name=args.name,
     ))
     return 0

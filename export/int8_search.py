@@ -170,10 +170,12 @@ def validate(q: onnx.ModelProto, images: np.ndarray, labels: np.ndarray, ref: np
 class _Search:
     """The state both steps share: the graphs, the validation images and FP32's logits on them, the trace."""
 
-    def __init__(self, fp32: onnx.ModelProto, val: Tuple[np.ndarray, np.ndarray], say: Callable[[str], None]):
+    def __init__(self, fp32: onnx.ModelProto, val: Tuple[np.ndarray, np.ndarray], say: Callable[[str], None],
+                 reference: Optional[onnx.ModelProto] = None):
         self.fp32, (self.vx, self.vy), self.say = fp32, val, say
         self.ev = batched(fp32, self.vx[:2])  # every graph is run many images at a time when the batch allows
-        self.ref = run(session(self.ev), self.vx, batch=EVAL_BATCH)
+        ref_graph = self.ev if reference is None else batched(reference, self.vx[:2])
+        self.ref = run(session(ref_graph), self.vx, batch=EVAL_BATCH)
         self.fp32_top1 = 100.0 * float((self.ref.argmax(1) == self.vy).mean())
         self.trace: List[Trial] = []
         self.failed: List[Dict[str, Any]] = []
@@ -247,18 +249,21 @@ class _Search:
 
 
 def search_int8(fp32: onnx.ModelProto, calib: Mapping[int, np.ndarray], val: Tuple[np.ndarray, np.ndarray],
-                goal: Goal, say: Callable[[str], None] = lambda _: None) -> SearchResult:
+                goal: Goal, say: Callable[[str], None] = lambda _: None,
+                reference: Optional[onnx.ModelProto] = None) -> SearchResult:
     """Choose the calibration and the nodes kept in float on ``val`` (images, labels); ``calib[n]``: ``n``
-    class-balanced training images for each candidate size."""
-    search = _Search(fp32, val, say)
+    class-balanced training images for each candidate size. Every score is against ``reference``'s logits when
+    given (the original FP32 graph, when ``fp32`` holds fine-tuned weights), else against ``fp32``'s."""
+    search = _Search(fp32, val, say, reference)
     vx, vy = val
     say(f"INT8: choosing on {len(vx)} validation images (FP32 top-1 {search.fp32_top1:.2f}%), goal: drop + 1 "
         f"standard error <= {goal.max_drop} points")
     cur, ranges, q = search.calibration(calib, goal)
     ranking: List[NodeSensitivity] = []
     kept: List[Dict[str, Any]] = []
-    sel = balanced_indices(torch.as_tensor(vy), min(SENSITIVITY_IMAGES, len(vy)))
+    sel: List[int] = []
     if not cur.meets(goal.max_drop) and goal.max_float_nodes > 0:
+        sel = balanced_indices(torch.as_tensor(vy), min(SENSITIVITY_IMAGES, len(vy)))
         ranking = node_sensitivity(search.ev, search.as_run(q), {fp32.graph.input[0].name: vx[sel]})
         say(f"INT8: drop {cur.drop:.2f} +- {cur.se:.2f} is not within {goal.max_drop}: keeping the most sensitive "
             f"of {len(ranking)} units in float (at most {goal.max_float_nodes} nodes; sensitivity on {len(sel)} "

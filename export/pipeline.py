@@ -25,6 +25,7 @@ from export.int8_search import Goal, SearchResult, search_int8
 from train.fold import fold_batchnorm
 from export.onnx_export import INPUT_NAME, MIN_OPSET, check_model, export_onnx, graph_io, lower_ir_version
 from export.preflight import preflight
+from export.qat import QATSettings, finetune
 from export.quantize import qdq_summary, quantize_int8
 from export.targets import get_target
 from export.verify import (accuracy, batched, compare, compare_eps, denoise_inputs, run, session, symbolic_batch, take,
@@ -59,6 +60,7 @@ class ExportOptions:
     int8_max_drop: float = INT8_GOAL_MAX_DROP  # goal: validation top-1 drop, points
     int8_max_float_nodes: int = INT8_MAX_FLOAT_NODES  # nodes that may stay float to meet it (0: none)
     int8_val_images: int = 0  # validation images the INT8 choices are judged on (0 = all the run held out)
+    int8_qat_epochs: int = 0  # when the search misses the goal on validation: QAT epochs to try (0: none)
     verify_images: int = 64
     reference_images: int = 8
     eval_subset: int = 0  # 0 = the whole test split
@@ -87,6 +89,8 @@ def check_options(o: ExportOptions):
                             f"({INT8_MAX_FLOAT_NODES} is the default)")
         if o.int8_val_images < 0:
             raise UserError("--int8-val-images must be 0 (every image the run held out) or a positive count")
+        if o.int8_qat_epochs < 0:
+            raise UserError("--int8-qat-epochs must be 0 (no quantization-aware fine-tuning) or a positive count")
     for flag, v in (("--verify-images", o.verify_images), ("--reference-images", o.reference_images)):
         if v < 1:
             raise UserError(f"{flag} must be at least 1")
@@ -178,10 +182,10 @@ def _calib_feeds(ck: Dict[str, Any], calib, n: int, denoise: bool):
     return feeds, len(cal_x)
 
 
-def _quantize(o: ExportOptions, ck: Dict[str, Any], proto, int8: Int8Data, denoise: bool
-              ) -> Tuple[Any, Dict[str, Any], Optional[SearchResult]]:
-    """The INT8 graph, its calibration record, and the search that chose it (None for a denoiser, or a classifier
-    whose run held no images out and whose settings were all given)."""
+def _quantize(o: ExportOptions, ck: Dict[str, Any], proto, int8: Int8Data, denoise: bool, folded=None
+              ) -> Tuple[Any, Dict[str, Any], Optional[SearchResult], Optional[Dict[str, Any]]]:
+    """The INT8 graph, its calibration record, the search that chose it (None for a denoiser, or a classifier
+    whose run held no images out and whose settings were all given) and the QAT record (None: not tried)."""
     selection = "class-balanced, first images per class of the run's training part (never its held-out images), eval transform"
     given = o.calib_method != AUTO and bool(o.calib_images)
     if denoise:
@@ -190,10 +194,10 @@ def _quantize(o: ExportOptions, ck: Dict[str, Any], proto, int8: Int8Data, denoi
         _say(o, f"INT8: calibrating on {n_cal} noisy training images (x_t, t) at seeded random time steps ({method})")
         record = {"method": method, "images": int(n_cal), "split": "train", "chosen_on": "given" if given else "default",
                   "selection": selection + "; noised by q_sample at seeded uniform time steps"}
-        return quantize_int8(proto, cal, method), record, None
+        return quantize_int8(proto, cal, method), record, None, None
     methods = auto_methods() if o.calib_method == AUTO else [o.calib_method]
     sizes = sorted({min(n, len(int8.calib)) for n in ([o.calib_images] if o.calib_images else AUTO_CALIB_SIZES)})
-    search = None
+    search, qat = None, None
     if int8.val is None:  # nothing left to choose (run_export refused otherwise)
         method, n_cal = methods[0], sizes[0]
         _say(o, f"INT8: calibrating on {n_cal} training images ({method}); the run held out no validation images")
@@ -203,6 +207,8 @@ def _quantize(o: ExportOptions, ck: Dict[str, Any], proto, int8: Int8Data, denoi
         calib = {n: take(int8.calib, n)[0] for n in sizes}
         goal = Goal(o.int8_max_drop, o.int8_max_float_nodes, methods, sizes)
         search = search_int8(proto, calib, val, goal, lambda m: _say(o, m))
+        if not search.goal_met and o.int8_qat_epochs and folded is not None:
+            search, qat = _try_qat(o, ck, proto, folded, int8, calib, val, goal, search)
         final, method, n_cal = search.model, search.method, search.calib_images
         nodes = len(search.float_nodes)
         drop = f"{search.score.drop:+.2f} +- {search.score.se:.2f}"
@@ -215,7 +221,28 @@ def _quantize(o: ExportOptions, ck: Dict[str, Any], proto, int8: Int8Data, denoi
                     f"{o.int8_max_float_nodes}); the bundle is written anyway")
     record = {"method": method, "images": int(n_cal), "split": "train",
               "chosen_on": "given" if given else "validation", "selection": selection}
-    return final, record, search
+    return final, record, search, qat
+
+
+def _try_qat(o: ExportOptions, ck: Dict[str, Any], proto, folded, int8: Int8Data, calib, val, goal: Goal,
+             ptq: SearchResult) -> Tuple[SearchResult, Dict[str, Any]]:
+    """Fine-tune with the INT8 rounding (``export.qat``), search again on the fine-tuned weights against the original
+    FP32 graph, and keep whichever INT8 graph keeps FP32's top-1 on more validation images."""
+    _say(o, f"INT8: the goal is missed after post-training quantization; quantization-aware fine-tuning for "
+            f"{o.int8_qat_epochs} epoch(s) on the run's {len(int8.calib)} training images")
+    model, record = finetune(folded, int8.calib, calib[max(calib)], val[0], QATSettings(o.int8_qat_epochs),
+                             lambda m: _say(o, m))
+    tuned = export_onnx(model, ck["image_size"], o.opset, o.dynamic_batch)
+    qat = search_int8(tuned, calib, val, goal, lambda m: _say(o, m), reference=proto)
+    keep = (qat.score.agreement, -qat.score.drop) > (ptq.score.agreement, -ptq.score.drop)
+    record.update(chosen=keep, validation_ptq=ptq.score.record(), validation_qat=qat.score.record(),
+                  chosen_by="FP32's top-1 kept on more validation images (ties: the smaller drop)",
+                  note="when chosen, the INT8 graph's weights are the fine-tuned ones; the checkpoint, the FP32 "
+                       "figures and the test drop's FP32 side are the original network's")
+    _say(o, f"INT8: {'QAT kept' if keep else 'QAT not kept'}: FP32's top-1 kept on {100 * qat.score.agreement:.1f}% "
+            f"of the validation images (post-training: {100 * ptq.score.agreement:.1f}%), drop {qat.score.drop:+.2f} "
+            f"(post-training {ptq.score.drop:+.2f})")
+    return (qat if keep else ptq), record
 
 
 def _validation_record(search: Optional[SearchResult], int8: Optional[Int8Data]) -> Optional[Dict[str, Any]]:
@@ -255,6 +282,8 @@ def run_export(o: ExportOptions) -> Tuple[Path, Dict[str, Any]]:
         raise UserError("--dynamic-batch is not supported for denoisers: their bundles take one denoising step at "
                         "batch 1 (x [1,3,H,W], t [1]); drop --dynamic-batch")
     precision = target.precision
+    if denoise and o.int8_qat_epochs:
+        raise UserError("--int8-qat-epochs applies to classifiers (it is judged on top-1); drop it for a denoiser")
     if precision == "int8" and chooses_on_validation(o, denoise) and not val_fraction(ck):
         raise UserError(f"{o.checkpoint} records no held-out validation images (data.val_fraction "
                         f"{val_fraction(ck) or 0}), and INT8 settings are chosen on them, never on the test split: "
@@ -317,7 +346,7 @@ def run_export(o: ExportOptions) -> Tuple[Path, Dict[str, Any]]:
     if precision == "int8":
         import onnxruntime
 
-        final, calibration, search = _quantize(o, ck, proto, int8, denoise)
+        final, calibration, search, qat = _quantize(o, ck, proto, int8, denoise, folded)
         lower_ir_version(final, target.max_ir_version)
         check_model(final)
         checks["int8"] = preflight(final, target)
@@ -354,6 +383,7 @@ def run_export(o: ExportOptions) -> Tuple[Path, Dict[str, Any]]:
                  "float_nodes": search.float_nodes if search else [],
                  "float_units": search.float_units if search else [],
                  "search": search.record() if search else None,
+                 "qat": qat,
                  **qdq_summary(final)}
         if denoise:
             quant["search_note"] = ("no search for denoisers: it judges top-1, which a denoiser has not; calibrated "

@@ -3,8 +3,9 @@ QDQ debugging tools (``onnxruntime.quantization.qdq_loss_debug``) on real images
 
 Both graphs are augmented to output every intermediate tensor (``modify_model_output_intermediate_tensors``),
 run on the same images (``collect_activations``), and each quantized tensor is matched with its float original
-(``create_activation_matching``). The error measure is ``compute_activation_error``'s SQNR (signal power over
-error power, in dB), summed over chunks of images so that memory stays flat for any number of them.
+(``create_activation_matching``). The error measure is an SQNR as ``compute_activation_error`` defines it
+(signal power over error power, in dB), computed here from power sums over chunks of images so that memory
+stays flat for any number of them.
 
 The candidates for float are units: a quantized node with the pass-through nodes (ReLU, Clip, MaxPool, reshapes)
 that only it reads, since such a node kept in float alone is re-quantized on the same scale and changes nothing.

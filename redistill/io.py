@@ -50,6 +50,14 @@ def atomic_write_json(path: PathLike, obj: Any) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
+def atomic_copy(src: PathLike, dst: PathLike) -> Path:
+    """Copy ``src`` to ``dst`` so that ``dst`` is never seen half-written."""
+    import shutil
+
+    with open(src, "rb") as f:
+        return atomic_write(dst, lambda out: shutil.copyfileobj(f, out))
+
+
 def atomic_torch_save(obj: Any, path: PathLike) -> Path:
     import torch
 

@@ -96,7 +96,7 @@ class Runtime:
     precision: Precision
     fold_teacher: bool
     se_linear: bool
-    teacher_stop: bool = False
+    teacher_stop: bool
     why_threads: str = ""
 
     @property
@@ -123,8 +123,7 @@ def resolve_runtime(rt, device: torch.device, *, task: str = "classify", world: 
     """``cfg.runtime`` for ``device``: ``auto`` threads are fixed when OMP_NUM_THREADS is set (the user chose)
     or several processes share the node (DistributedDataParallel: cores / processes each), else adaptive;
     ``auto`` workers are 0 on a CPU (a worker takes cores the step needs; 1-2 workers cost 13-29 % on 2 cores)
-    and for batches augmented on the device; channels_last is on for CNN classifiers (on 2 CPU cores it made
-    the MobileNetV3 x4 step 1.41x faster, bench/results/step_speed.md) and off for U-Nets
+    and for batches augmented on the device; channels_last is on for CNN classifiers (bench/results/step_speed.md times it) and off for U-Nets
     (GroupNorm, attention); compile is on for CUDA only (on 2 CPU cores it took 3.5 min and gained nothing)."""
     cuda = device.type == "cuda"
     cores = cpu_cores()
@@ -152,7 +151,7 @@ def resolve_runtime(rt, device: torch.device, *, task: str = "classify", world: 
     return Runtime(device=device, threads=threads, adaptive=adaptive, workers=workers, device_augment=device_augment,
                    channels_last=switch(rt.channels_last, task == "classify"), compile=switch(rt.compile, cuda),
                    precision=precision, fold_teacher=bool(rt.fold_teacher), se_linear=bool(rt.se_linear),
-                   teacher_stop=bool(getattr(rt, "teacher_stop", False)), why_threads=why)
+                   teacher_stop=bool(rt.teacher_stop), why_threads=why)
 
 
 # --- adaptive threads ---------------------------------------------------------------------------------------
@@ -190,15 +189,17 @@ class ThreadGovernor:
     (halving or doubling) for ``probe_steps`` steps (the first not counted: thread pools warm up), adopting it
     when ``win`` times faster; a probe step ``abort`` times slower than the current median ends the probe at
     once, as a count that collapses can be 40x slower. Probes come when the median rises above ``slowdown``
-    times the best of this epoch (another process took a core: fewer threads), and on a schedule in global
-    steps so that a freed core is taken back (once ``window`` steps are timed at the current count, so that
-    slow first steps of an epoch do not decide): at step ``first``, soon again after a win (in the same
-    direction), else every ``base`` steps, doubling to ``most`` while probes lose. On a busy machine even a few
+    times the best seen at this count (another process took a core: fewer threads; the best is kept across
+    epochs and checkpoints, so a core taken during evaluation is noticed too), and on a schedule in global
+    steps so that a freed core is taken back: first at step ``first`` or once ``window`` steps are timed at
+    the current count, whichever is later (slow first steps of an epoch do not decide), soon again after a
+    win (in the same direction), else every ``base`` steps, doubling to ``most`` while probes lose. On a busy machine even a few
     steps at too many threads cost more than a few at too few (a collapsed step cost 3-13 s on the shared
     2-core machine), so before a step is risked on more threads a matrix product of a few milliseconds must
     run ``gate`` times faster on them (``parallel_speedup``). The same check picks the start: the most threads
     whose product runs ``gate`` times faster than on half as many (all cores on an idle machine), else one
-    thread; the probe at step ``first`` then tests a start the check got wrong (it is a few milliseconds).
+    thread (a resumed run takes the fewer of that and its checkpoint's count); the first scheduled probe then
+    tests a start the check got wrong (it is a few milliseconds).
 
     On an idle machine every probe ends the same way at the same steps in every run, and the schedule is saved
     in checkpoints (``state``), so a resumed run stays bit-identical there (the thread count changes float sums).
@@ -222,7 +223,7 @@ class ThreadGovernor:
 
     def __post_init__(self):
         self.candidates = sorted({max(1, self.most_threads >> k) for k in range(16)}, reverse=True)
-        self.current, self.up = self.candidates[-1], True
+        self.current, self.up, self.best = self.candidates[-1], True, None
         self.interval, self.next_probe = self.base, self.first
         speedup = self.speedup or parallel_speedup
         for more, fewer in zip(self.candidates, self.candidates[1:]):
@@ -233,9 +234,9 @@ class ThreadGovernor:
         self.restart(0)
 
     def restart(self, global_step: int) -> None:
-        """At an epoch's start: the clock restarts (evaluation between epochs is not a step) and so does the window."""
+        """At an epoch's start: the clock restarts (evaluation between epochs is not a step) and so does the window;
+        the best median stays, the yardstick of a slowdown."""
         self.global_step, self.times = global_step, []
-        self.best: Optional[float] = None
         self.probe: Optional[Tuple[int, List[float], bool]] = None  # (threads, per-image seconds, scheduled)
         self.last: Optional[float] = None
         self.set_threads(self.current)
@@ -309,12 +310,14 @@ class ThreadGovernor:
 
     def state(self) -> Dict[str, Any]:
         """What a checkpoint keeps, so a resumed run probes at the same steps."""
-        return {"threads": self.current, "up": self.up, "interval": self.interval, "next_probe": self.next_probe}
+        return {"threads": self.current, "up": self.up, "interval": self.interval, "next_probe": self.next_probe,
+                "best": self.best}
 
     def load(self, state: Optional[Dict[str, Any]]) -> None:
         if not state:
             return
-        if int(state["threads"]) in self.candidates:
-            self.current = int(state["threads"])
+        if int(state["threads"]) in self.candidates:  # never more than the start check found free now
+            self.current = min(int(state["threads"]), self.current)
         self.up, self.interval, self.next_probe = bool(state["up"]), int(state["interval"]), int(state["next_probe"])
+        self.best = state.get("best") if self.current == int(state["threads"]) else None
         self.set_threads(self.current)

@@ -50,6 +50,8 @@ class TeacherTap:
     and a loss may use a teacher tensor as is (an MSE target), which ``no_grad`` allows at the same speed.
     ``stop``: the pass ends once every plan's tensor is taken and returns None for the output (RED alone reads
     no teacher output; the layers after the deepest site are most of a teacher's work when the sites are early).
+    The first pass runs whole and counts the taps: a tapped module that runs twice in a pass (its last call is
+    what a whole pass keeps) turns stopping off.
     """
 
     def __init__(self, teacher: nn.Module, plans: List[SitePlan], *, fold: bool = False, image_size: int = 32,
@@ -58,9 +60,10 @@ class TeacherTap:
         if fold:
             param = next(teacher.parameters(), None)
             device = param.device if param is not None else torch.device("cpu")
-            try:
-                teacher = fold_batchnorm(teacher.cpu(), image_size, keep={p.teacher for p in plans} | set(keep))
-                self.folded = True
+            try:  # fold_batchnorm folds a copy; the caller's teacher goes back where it was
+                folded = fold_batchnorm(teacher.cpu(), image_size, keep={p.teacher for p in plans} | set(keep))
+                teacher.to(device)
+                teacher, self.folded = folded, True
             except UserError as e:  # a speed change never stops a run: the teacher runs unfolded
                 print(f"teacher not folded ({e})", flush=True)
             teacher = teacher.to(device)
@@ -68,10 +71,13 @@ class TeacherTap:
         self.feats: Dict[str, torch.Tensor] = {}
         modules = dict(self.teacher.named_modules())
         wanted = len({p.key for p in plans})
+        self._calls: Optional[Dict[str, int]] = {} if self.stop else None  # the first pass counts the taps
         for p in plans:
             def hook(mod, inp, out, p=p):
                 self.feats[p.key] = inp[0] if p.teacher_where == "in" else out
-                if self._stopping and len(self.feats) == wanted:
+                if self._calls is not None:
+                    self._calls[p.key] = self._calls.get(p.key, 0) + 1
+                elif self._stopping and len(self.feats) == wanted:
                     raise _TapsTaken
 
             modules[p.teacher].register_forward_hook(hook)
@@ -80,7 +86,10 @@ class TeacherTap:
     def __call__(self, *inputs: torch.Tensor):
         self.feats, self._stopping = {}, self.stop  # only a pass from here stops: the module alone runs whole
         try:
-            return self.teacher(*inputs), self.feats
+            out = self.teacher(*inputs)
+            if self._calls is not None:
+                self.stop, self._calls = all(n == 1 for n in self._calls.values()), None
+            return out, self.feats
         except _TapsTaken:
             return None, self.feats
         finally:

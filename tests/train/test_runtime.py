@@ -91,8 +91,32 @@ def test_busy_cores_cost_no_step_and_a_collapsing_probe_one(gate_fooled):
     assert g.current == 1
     if not gate_fooled:
         assert not g.switches and steps_at_two == 0
-    else:  # started on both cores: the probe at step `first` leaves them, then one step per probe, ever rarer
+    else:  # started on both cores: the first scheduled probe leaves them, then one step per probe, ever rarer
         assert [s[1:3] for s in g.switches] == [(2, 1)] and steps_at_two <= 16
+
+
+def test_a_core_taken_between_epochs_is_noticed():
+    m = FakeMachine({1: 1.0, 2: 0.6})
+    g = _governor(m)
+    g.restart(0)
+    m.run(g, 300)
+    m.per_image = {1: 1.1, 2: 20.0}  # taken while the epoch's evaluation ran
+    g.restart(300)
+    m.run(g, 20)
+    assert m.threads == 1 and g.switches[-1][3] == "slowdown"
+
+
+def test_a_resume_on_busy_cores_starts_on_the_fewer_threads():
+    m = FakeMachine({1: 1.0, 2: 0.6})
+    g = _governor(m)
+    g.restart(0)
+    m.run(g, 300)
+    state = g.state()
+    assert state["threads"] == 2 and state["best"] is not None
+    busy = FakeMachine({1: 1.1, 2: 20.0})
+    g2 = _governor(busy)  # its start check finds the cores busy
+    g2.load(state)
+    assert busy.threads == 1 and g2.best is None
 
 
 def test_more_cores_are_climbed_in_halvings():

@@ -71,12 +71,33 @@ def test_a_stopping_teacher_takes_the_same_tensors_and_skips_the_rest(arch):
     x = torch.randn(2, 3, 32, 32)
     logits, feats = TeacherTap(copy.deepcopy(teacher), plans)(x)
     stopping = TeacherTap(teacher, plans, stop=True)
+    first, _ = stopping(x)  # the first pass runs whole, counting the taps
+    torch.testing.assert_close(first, logits)
     ran.clear()
     out, s_feats = stopping(x)
     assert out is None and not ran and set(s_feats) == set(feats)
     for k in feats:
         torch.testing.assert_close(s_feats[k], feats[k], rtol=0, atol=0)
     torch.testing.assert_close(stopping.teacher(x), logits)  # the module called on its own runs whole
+
+
+def test_a_tap_on_a_module_that_runs_twice_never_stops():
+    class Twice(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.act, self.head = torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.head(self.act(self.conv(self.act(x))).mean((2, 3)))
+
+    net = Twice().eval()
+    plan = SitePlan("s", "out", "act", "out", 1.0)
+    tap = TeacherTap(net, [plan], stop=True)
+    x = torch.randn(2, 3, 8, 8)
+    tap(x)
+    out, feats = tap(x)
+    assert not tap.stop and out is not None
+    torch.testing.assert_close(feats[plan.key], torch.relu(net.conv(torch.relu(x))))  # the last call, as a whole pass
 
 
 @pytest.mark.parametrize("method,stops", [("red", True), ("red_kd", False), ("kd", False), ("fitnet", False)])

@@ -173,6 +173,10 @@ class RunConfig:
         arch = self.teacher.arch or self.student.arch
         return task_of(arch) if arch else "classify"
 
+    def label_count(self, num_classes: int) -> int:
+        """Labels the networks take: the classes for a classifier or a class-conditional denoiser, else 0."""
+        return num_classes if self.task == "classify" or self.diffusion.conditional else 0
+
     @property
     def run_dir(self) -> Path:
         return Path(self.out_dir) / self.name

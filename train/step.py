@@ -261,7 +261,7 @@ def build_step(cfg: RunConfig, *, num_classes: int = 10, device: Optional[torch.
     device = device or resolve_device(cfg.device)
     rt = resolve_runtime(cfg.runtime, device, task=cfg.task)
     method = METHODS.get(cfg.method)
-    labels = num_classes if cfg.task == "classify" or cfg.diffusion.conditional else 0
+    labels = cfg.label_count(num_classes)
     if method.teacher_only:
         model = build_model(cfg.teacher.arch, labels, cfg.data.image_size, **build_kwargs(cfg, cfg.teacher))
         plans, tap = [], None

@@ -107,8 +107,7 @@ def fit(
         if ctx.main:
             print(f"[{role}] resuming from {last_path} at epoch {start}/{epochs}", flush=True)
 
-    cond = cfg.task == "classify" or cfg.diffusion.conditional
-    meta = dict(arch=arch, role=role, method=method, num_classes=num_classes if cond else 0,
+    meta = dict(arch=arch, role=role, method=method, num_classes=cfg.label_count(num_classes),
                 image_size=cfg.data.image_size, classes=data.classes, mean=data.mean, std=data.std,
                 width_mult=width_mult, plans=plans, red_distance=cfg.red.distance, config=cfg.to_dict(),
                 build_kwargs=build_kwargs(cfg, cfg.teacher if role == "teacher" else cfg.student))
@@ -310,7 +309,7 @@ def run_distill(cfg: RunConfig, resume: bool = False) -> Dict[str, Any]:
     num_classes = cfg.num_classes or len(data.classes)
     if num_classes != len(data.classes):
         raise UserError(f"num_classes={cfg.num_classes} but the data set has {len(data.classes)} classes; drop num_classes")
-    labels = num_classes if cfg.task == "classify" or cfg.diffusion.conditional else 0  # a denoiser's label embedding
+    labels = cfg.label_count(num_classes)
     method = METHODS.get(cfg.method)
     reused = _reused_teacher(cfg, data, num_classes) if method.teacher_only or method.needs_teacher else None
     check_networks(cfg, labels, reused)

@@ -259,7 +259,8 @@ def build_step(cfg: RunConfig, *, num_classes: int = 10, device: Optional[torch.
     of ``cfg.data.batch_size`` images of ``cfg.data.image_size`` px with ``cfg.runtime`` switches set.
     """
     device = device or resolve_device(cfg.device)
-    rt = resolve_runtime(cfg.runtime, device, task=cfg.task)
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    rt = resolve_runtime(cfg.runtime, device, task=cfg.task, world=world)
     method = METHODS.get(cfg.method)
     labels = cfg.label_count(num_classes)
     if method.teacher_only:
@@ -270,12 +271,20 @@ def build_step(cfg: RunConfig, *, num_classes: int = 10, device: Optional[torch.
             teacher = build_model(cfg.teacher.arch, labels, cfg.data.image_size, **build_kwargs(cfg, cfg.teacher))
         model, plans = build_student(cfg, labels, teacher)
         tap = make_teacher_tap(cfg, teacher.to(device), plans, rt) if method.needs_teacher else None
-    model.to(device)
-    blocks = dict(zip([p.key for p in plans], blocks_in_plan_order(model, plans)))
-    task = TASKS.get(cfg.task)(cfg, cfg.method, tap, plans, blocks, num_classes=num_classes)
-    task.attach(model)
-    optimizer = make_optimizer(cfg, nn.ModuleList([model, *task.trainable_modules()]))
-    step = DistillStep(cfg, model, task, optimizer, blocks=blocks, runtime=rt, plans=plans,
-                       world=dist.get_world_size() if dist.is_initialized() else 1)
+    task, blocks, optimizer = assemble(cfg, cfg.method, model, tap, plans, num_classes, device)
+    step = DistillStep(cfg, model, task, optimizer, blocks=blocks, runtime=rt, plans=plans, world=world)
     step.begin_epoch(0)
     return step
+
+
+def assemble(cfg: RunConfig, method: str, model: nn.Module, tap: Optional[TeacherTap], plans: List[SitePlan],
+             num_classes: int, device: torch.device):
+    """What a step trains besides the networks, as the trainer and ``build_step`` both need it: the task (its
+    loss, attached to ``model`` on ``device``), the RED blocks by site key, and the optimizer over the model and
+    the task's training-only modules (FitNet's regressors)."""
+    model.to(device)
+    blocks = dict(zip([p.key for p in plans], blocks_in_plan_order(model, plans)))
+    task = TASKS.get(cfg.task)(cfg, method, tap, plans, blocks, num_classes=num_classes)
+    task.attach(model)
+    optimizer = make_optimizer(cfg, nn.ModuleList([model, *task.trainable_modules()]))
+    return task, blocks, optimizer

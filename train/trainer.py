@@ -30,11 +30,10 @@ from train.design import build_student, theoretical_reduction
 from train.gpu_data import epoch_order
 from train.losses import METHODS
 from train.models import build_model
-from train.optim import lr_at, make_optimizer
+from train.optim import lr_at
 from train.red import SitePlan
 from train.runtime import resolve_device, resolve_runtime
-from train.step import DistillStep, TeacherTap, blocks_in_plan_order, make_teacher_tap
-from train.tasks import TASKS
+from train.step import DistillStep, TeacherTap, assemble, make_teacher_tap
 
 
 # --- environment ------------------------------------------------------------------------------
@@ -88,12 +87,8 @@ def fit(
     device = ctx.device
     last_path, best_path = stage_dir / "last.pt", stage_dir / "best.pt"
     num_classes = len(data.classes)
-    model.to(device)
-    blocks = {p.key: b for p, b in zip(plans, blocks_in_plan_order(model, plans))}
-    task = TASKS.get(cfg.task)(cfg, method, teacher, plans, blocks, num_classes=num_classes)
-    task.attach(model)
     # a task's training-only modules (FitNet's regressors) train with the model; its extra_state saves them
-    optimizer = make_optimizer(cfg, nn.ModuleList([model, *task.trainable_modules()]))
+    task, blocks, optimizer = assemble(cfg, method, model, teacher, plans, num_classes, device)
     start, history, best_val, ck = 0, [], -math.inf, None
     if last_path.exists():
         if not resume:

@@ -186,13 +186,7 @@ class DistillStep:
                 g["lr"] = lr
         x = x.to(self.device, non_blocking=True).contiguous(memory_format=self.runtime.memory_format)
         y = y.to(self.device, non_blocking=True)
-        loss, parts, counts = self._loss(x, y, generator or self.generator)
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.scaler is not None:
-            self.scaler.scale(loss).backward()
-            self.scaler.unscale_(self.optimizer)
-        else:
-            loss.backward()
+        loss, parts, counts = self._loss_and_grads(x, y, generator or self.generator)
         if self.cfg.optim.grad_clip > 0:
             nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
         if self.scaler is not None:
@@ -208,23 +202,31 @@ class DistillStep:
             self.governor.tick(len(y), full=len(y) == self.cfg.data.batch_size)
         return StepResult(loss.detach(), parts, counts)
 
-    def _loss(self, x, y, generator):
-        if self.net is self.eager:
-            with self.runtime.autocast():
-                return self.task.batch_loss(self.net, x, y, generator)
+    def _loss_and_grads(self, x, y, generator):
+        """The loss and its gradients; a compiled student that fails (in the forward pass or in a backward compiled
+        lazily) runs eagerly from then on, this batch again included."""
         try:
-            with self.runtime.autocast():
-                return self.task.batch_loss(self.net, x, y, generator)
+            return self._forward_backward(x, y, generator)
         except Exception as e:
             from torch._dynamo.exc import TorchDynamoException
 
-            if not isinstance(e, TorchDynamoException):
+            if self.net is self.eager or not isinstance(e, TorchDynamoException):
                 raise
             print(f"torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); the student runs "
                   "eagerly: set runtime.compile=false to skip the attempt", flush=True)
             self.net = self.eager
-            with self.runtime.autocast():
-                return self.task.batch_loss(self.net, x, y, generator)
+            return self._forward_backward(x, y, generator)
+
+    def _forward_backward(self, x, y, generator):
+        with self.runtime.autocast():
+            loss, parts, counts = self.task.batch_loss(self.net, x, y, generator)
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)
+        else:
+            loss.backward()
+        return loss, parts, counts
 
     @property
     def threads(self) -> int:

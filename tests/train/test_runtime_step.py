@@ -235,3 +235,29 @@ def test_a_failing_compile_falls_back_to_eager(monkeypatch, capsys):
     assert torch.isfinite(r.loss) and step.net is step.eager
     assert "torch.compile failed (Boom: no C++ compiler); the student runs eagerly" in capsys.readouterr().out
     step.close()
+
+
+def test_a_compile_failing_in_the_backward_pass_falls_back_too(monkeypatch, capsys):
+    """A backward compiled lazily (after a recompile) fails in loss.backward(), not in the forward pass."""
+    from torch._dynamo.exc import TorchDynamoException
+
+    class Boom(TorchDynamoException):
+        pass
+
+    def compile_(net):
+        def lazily_broken(*a, **k):
+            out = net(*a, **k)
+
+            def fail(grad):
+                raise Boom("backward compile failed")
+            out.register_hook(fail)
+            return out
+        return lazily_broken
+
+    monkeypatch.setattr(torch, "compile", compile_)
+    step = _step("quick", ["runtime.compile=true"])
+    r = step.run(torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,)))
+    assert torch.isfinite(r.loss) and step.net is step.eager
+    assert any(p.grad is not None for p in step.model.parameters())
+    assert "torch.compile failed (Boom: backward compile failed)" in capsys.readouterr().out
+    step.close()

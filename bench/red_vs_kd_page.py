@@ -256,7 +256,7 @@ def write_results(a) -> List[Path]:
     L += ["", "## What the subset and epochs cost", "", *_cost(record), "",
           "## Machine time per run", ""]
     L += ["Wall time sums a run's attempts that ended (finished or failed); an attempt ended with its session "
-          "records none, so a run of several attempts may read short (its training column sums every epoch)."]
+          "records none, so a run of several attempts may read short (its training column sums every epoch).", ""]
     L += md_table(["run", "wall time", "training (sum of epochs)", "estimated", "load (1 min) at start", "attempts"],
                   [[n, f"{v['seconds'] / 60:.1f} min", _train_s(record, n), f"{v.get('estimate_s', 0) / 60:.1f} min",
                     f"{v.get('load_1min_at_start', 0):.2f}", v.get("attempts", 1)]

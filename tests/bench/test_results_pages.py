@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from bench import diffusion_bench, distill_report, loopback_bench, measured_memory, memory_pairs, plan_timing, reproduce
-from bench import int8_accuracy, step_speed
+from bench import int8_accuracy, red_vs_kd, step_speed
 from redistill.cli import main as redistill_main
 from tests import fault_injection
 
@@ -53,6 +53,8 @@ PAGES = {
                          lambda: int8_accuracy.main(["--pages-only", "--remarks", "bench/results/int8_accuracy_remarks.md"])),
     "step_speed.md": (["step_speed.json", "step_speed_remarks.md"],
                       lambda: step_speed.main(["--pages-only", "--remarks", "bench/results/step_speed_remarks.md"])),
+    "red_vs_kd.md": (["red_vs_kd_run", "red_vs_kd_remarks.md"],
+                     lambda: red_vs_kd.main(["--pages-only", "--remarks", "bench/results/red_vs_kd_remarks.md"])),
 }
 
 

@@ -220,7 +220,7 @@ class State:
             self.data["settings"] = saved
         if saved is not None and saved != want:
             k = next((k for k in {**saved, **want} if saved.get(k) != want.get(k)), "settings")
-            raise UserError(f"{found} was made with {k}={saved.get(k)!r}, not {want[k]!r}: rerun with the same "
+            raise UserError(f"{found} was made with {k}={saved.get(k)!r}, not {want.get(k)!r}: rerun with the same "
                             f"settings, or give new --runs and --results folders for a new benchmark")
         self.data.setdefault("settings", want)
         self.data.setdefault("steps", {})

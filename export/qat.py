@@ -108,7 +108,7 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 @torch.no_grad()
 def observe(layers: List[FakeQuant], model: nn.Module, images: np.ndarray, batch: int = 64) -> None:
-    """The min-max pass: every wrapped layer's input range over ``images`` (N x C x H x W, normalised)."""
+    """The min-max pass: every wrapped layer's input and output ranges over ``images`` (N x C x H x W, normalised)."""
     for fq in layers:
         fq.observing = True
         fq.absmax.zero_()

@@ -35,6 +35,15 @@ def _governor(machine, most=2, **kw):
     return ThreadGovernor(most, clock=machine.clock, set_threads=machine.set_threads, **kw)
 
 
+def _idle_run(steps=300):
+    """A governor after ``steps`` steps on an idle 2-core machine (settled on both cores)."""
+    m = FakeMachine({1: 1.0, 2: 0.6})
+    g = _governor(m)
+    g.restart(0)
+    m.run(g, steps)
+    return m, g
+
+
 def test_idle_machine_starts_on_every_core_and_stays():
     m = FakeMachine({1: 1.0, 2: 0.6})
     g = _governor(m)
@@ -96,10 +105,7 @@ def test_busy_cores_cost_no_step_and_a_collapsing_probe_one(gate_fooled):
 
 
 def test_a_core_taken_between_epochs_is_noticed():
-    m = FakeMachine({1: 1.0, 2: 0.6})
-    g = _governor(m)
-    g.restart(0)
-    m.run(g, 300)
+    m, g = _idle_run()
     m.per_image = {1: 1.1, 2: 20.0}  # taken while the epoch's evaluation ran
     g.restart(300)
     m.run(g, 20)
@@ -107,10 +113,7 @@ def test_a_core_taken_between_epochs_is_noticed():
 
 
 def test_a_resume_on_busy_cores_starts_on_the_fewer_threads():
-    m = FakeMachine({1: 1.0, 2: 0.6})
-    g = _governor(m)
-    g.restart(0)
-    m.run(g, 300)
+    _, g = _idle_run()
     state = g.state()
     assert state["threads"] == 2 and state["best"] is not None
     busy = FakeMachine({1: 1.1, 2: 20.0})
@@ -119,7 +122,7 @@ def test_a_resume_on_busy_cores_starts_on_the_fewer_threads():
     assert busy.threads == 1 and g2.best is None
 
 
-def test_more_cores_are_climbed_in_halvings():
+def test_more_cores_are_tried_in_halvings_and_all_kept_when_they_pay():
     m = FakeMachine({1: 8.0, 2: 4.2, 4: 2.3, 8: 1.4, 16: 1.0})
     g = _governor(m, most=16)
     g.restart(0)
@@ -128,10 +131,7 @@ def test_more_cores_are_climbed_in_halvings():
 
 
 def test_the_schedule_survives_a_checkpoint():
-    m = FakeMachine({1: 1.0, 2: 0.6})
-    g = _governor(m)
-    g.restart(0)
-    m.run(g, 300)
+    _, g = _idle_run()
     state = g.state()
     m2 = FakeMachine({1: 1.0, 2: 0.6})
     g2 = _governor(m2)

@@ -22,6 +22,7 @@ import json
 import os
 import shlex
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -34,6 +35,7 @@ from bench.red_vs_kd_page import REFERENCE, VARIANTS, Variant, write_results
 from redistill.errors import UserError, did_you_mean
 from redistill.io import atomic_copy, atomic_write_json, atomic_write_text
 from redistill.report import add_page_options, machine, timestamp
+from train.config import load_config
 from train.design import analyze_model, checkpoint_design
 
 PROG = "python -m bench.red_vs_kd"
@@ -71,6 +73,8 @@ class Settings:
     train_subset: int = 15000
     variants: Tuple[str, ...] = tuple(v.name for v in VARIANTS)
     reference: bool = True
+    image_size: int = 0  # 0: the preset's (64 px)
+    overrides: Tuple[str, ...] = ()  # key=value given to every run, e.g. runtime.amp=bf16 on a GPU
 
 
 @dataclass
@@ -93,10 +97,15 @@ def teacher_checkpoint(a) -> Path:
     return committed if committed.is_file() else Path(a.runs) / f"{PREFIX}-teacher" / "teacher" / "best.pt"
 
 
+def run_settings(s: Settings) -> List[str]:
+    """The ``key=value`` every run of the benchmark takes beyond the preset: the data, the image size, ``--set``."""
+    return [f"data.root={s.data_root}", *([f"data.image_size={s.image_size}"] if s.image_size else []), *s.overrides]
+
+
 def plan(a, s: Settings) -> List[Step]:
     """The teacher, then every variant with every seed (seed-major), then the reference run if asked."""
     cli = [sys.executable, "-m", "redistill.cli", "distill", s.preset]
-    common = [f"out_dir={a.runs}", f"data.root={s.data_root}"]
+    common = [f"out_dir={a.runs}", *run_settings(s)]
     steps = [Step("teacher", f"{PREFIX}-teacher", None, s.seeds[0],
                   cli + ["method=teacher", f"name={PREFIX}-teacher", f"seed={s.seeds[0]}", f"epochs={s.teacher_epochs}",
                          *common, *TEACHER_SETTINGS, "--resume"])]
@@ -137,69 +146,95 @@ def estimate(step: Step, s: Settings, rates: Dict[str, float], counts: Tuple[int
     return images, images / rate + (val * epochs + 2 * n_test) / (rate * EVAL_SPEEDUP) + FIXED_S
 
 
+def wall_s(times: Dict[str, float], jobs: int) -> float:
+    """Wall time of steps (name -> seconds) when the students run ``jobs`` at a time after the teacher: the
+    teacher's, plus the students' sum over ``jobs`` (never less than the longest student)."""
+    students = [t for n, t in times.items() if n != "teacher"]
+    return times.get("teacher", 0.0) + (max(sum(students) / jobs, max(students)) if students else 0.0)
+
+
 def print_plan(steps: List[Step], s: Settings, rates: Dict[str, float], measured: bool, budget_h: float,
-               done: Dict[str, dict]) -> float:
-    """The plan as a table with its estimated time; returns the estimated seconds of the steps still to run."""
+               done: Dict[str, dict], jobs: int = 1) -> float:
+    """The plan as a table with its estimated time; returns the estimated wall seconds of the steps still to run."""
     counts = image_counts(s.data_root)
-    total = left = 0.0
+    total, todo = 0.0, {}
     print(f"{'step':<20} {'images trained':>15} {'img/s':>7} {'est. min':>9}  status")
     for st in steps:
         images, sec = estimate(st, s, rates, counts)
         kind = "teacher" if st.variant is None else st.variant.rate
         status = f"done ({done[st.name]['seconds'] / 60:.1f} min)" if done.get(st.name, {}).get("done") else "to run"
         total += sec
-        left += 0 if status.startswith("done") else sec
+        if not status.startswith("done"):
+            todo[st.name] = sec
         print(f"{st.name:<20} {images:>15,} {rates[kind]:>7.0f} {sec / 60:>9.1f}  {status}")
     how = "measured here by --calibrate" if measured else "assumed (not measured; --calibrate measures them)"
-    print(f"total {total / 3600:.2f} h estimated ({left / 3600:.2f} h still to run); budget {budget_h:g} h; "
+    left = wall_s(todo, jobs)
+    wall = wall_s({st.name: estimate(st, s, rates, counts)[1] for st in steps}, jobs)
+    print(f"total {total / 3600:.2f} h estimated" + (f", {wall / 3600:.2f} h of wall time with --jobs {jobs}"
+                                                     if jobs > 1 else "")
+          + f" ({left / 3600:.2f} h still to run); budget {budget_h:g} h; "
           f"rates {how}: " + ", ".join(f"{k} {v:.0f} img/s" for k, v in rates.items()))
-    if total > budget_h * 3600:
+    if wall > budget_h * 3600:
         print("over the budget: lower --train-subset, --epochs or --teacher-epochs (the estimate is linear in each)")
-    fit = subset_for(steps, s, rates, counts, budget_h * 3600)
+    fit = subset_for(steps, s, rates, counts, budget_h * 3600, jobs)
     if fit is not None and fit != s.train_subset:
         print(f"--train-subset {fit} would make the estimate {budget_h:g} h with these epochs")
     return left
 
 
 def subset_for(steps: List[Step], s: Settings, rates: Dict[str, float], counts: Tuple[int, int],
-               budget_s: float) -> Optional[int]:
-    """The student subset (in images, a multiple of 1,000) whose plan is estimated at ``budget_s``; the estimate is
-    affine in the subset, so two evaluations give it. None when no subset fits or the subset is not used."""
+               budget_s: float, jobs: int = 1) -> Optional[int]:
+    """The student subset (in images, a multiple of 1,000) whose plan is estimated at ``budget_s`` of wall time;
+    the estimate is affine in the subset, so two evaluations give it. None when no subset fits or it is not used."""
     if not s.train_subset:
         return None
 
     def total(n):
         t = replace(s, train_subset=n)
-        return sum(estimate(st, t, rates, counts)[1] for st in steps)
+        return wall_s({st.name: estimate(st, t, rates, counts)[1] for st in steps}, jobs)
 
     lo, hi = total(1000), total(2000)
     n = 1000 + (budget_s - lo) / (hi - lo) * 1000 if hi > lo else 0
     return int(min(n, counts[0]) // 1000 * 1000) if n >= 1000 else None
 
 
-def calibrate(a, s: Settings) -> Dict[str, float]:
-    """Measure each kind of step's training rate with tiny real runs (one epoch of 1,280 images) in <runs>/calibration."""
+def calibrate(a, s: Settings, jobs: int = 1) -> Dict[str, float]:
+    """Measure each kind of step's training rate with tiny real runs (one epoch of 1,280 images) in <runs>/calibration.
+
+    With ``jobs`` > 1 the student kinds run ``jobs`` at once (mostly distillation, as in the plan), so the rates are
+    those of a step sharing the machine as the benchmark's students will; each kind's rate is the median of its runs."""
     out = Path(a.runs) / "calibration"
     shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
     cli = [sys.executable, "-m", "redistill.cli", "distill", s.preset]
-    tiny = [f"out_dir={out}", f"data.root={s.data_root}", "epochs=1", "data.train_subset=1280", "data.test_subset=100"]
-    runs = {"teacher": ["method=teacher", *TEACHER_SETTINGS],
-            "distill": ["method=red", f"teacher.checkpoint={out}/teacher/teacher/best.pt"],
-            "student": ["method=student"],
-            "distill_b64": ["method=kd", "recipe=paper_kd", f"teacher.checkpoint={out}/teacher/teacher/best.pt"]}
-    rates = {}
-    for kind, extra in runs.items():
-        log = out / f"{kind}.log"
-        out.mkdir(parents=True, exist_ok=True)
-        with open(log, "w") as f:
-            rc = subprocess.call(cli + [f"name={kind}", *tiny, *extra], stdout=f, stderr=subprocess.STDOUT)
-        if rc != 0:
-            raise SystemExit(f"[red_vs_kd] calibration run {kind} failed (exit {rc}); see {log}")
-        stage = "teacher" if kind == "teacher" else "student"
-        hist = [json.loads(x) for x in (out / kind / stage / "metrics.jsonl").read_text().splitlines() if x.strip()]
-        rates[kind] = hist[-1]["train_images_per_s"]
-        print(f"[red_vs_kd] calibration: {kind} {rates[kind]:.0f} img/s", flush=True)
-    return rates
+    tiny = [f"out_dir={out}", *run_settings(s), "epochs=1", "data.train_subset=1280", "data.test_subset=100"]
+    teacher = f"teacher.checkpoint={out}/teacher/teacher/best.pt"
+    # batch 128: 40 steps, not 10, so that a GPU's first slow steps weigh less
+    extra = {"teacher": ["method=teacher", *TEACHER_SETTINGS, "data.train_subset=5120"], "distill": ["method=red", teacher],
+             "student": ["method=student"], "distill_b64": ["method=kd", "recipe=paper_kd", teacher]}
+    kinds = ["distill"] * max(jobs - 2, 1) + ["student", "distill_b64"]
+    names = {"teacher": "teacher", **{f"{k}{i}" if jobs > 1 else k: k for i, k in enumerate(kinds)}}
+    rates: Dict[str, List[float]] = {}
+    students = [n for n in names if n != "teacher"]
+    for group in [["teacher"], *([[n] for n in students] if jobs == 1 else [students])]:
+        procs = []
+        for n in group:
+            f = open(out / f"{n}.log", "w")
+            procs.append((n, f, subprocess.Popen(cli + [f"name={n}", *tiny, *extra[names[n]]], stdout=f,
+                                                 stderr=subprocess.STDOUT)))
+        for n, f, proc in procs:
+            rc = proc.wait()
+            f.close()
+            if rc != 0:
+                raise SystemExit(f"[red_vs_kd] calibration run {n} failed (exit {rc}); see {out / (n + '.log')}")
+            stage = "teacher" if n == "teacher" else "student"
+            hist = [json.loads(x) for x in (out / n / stage / "metrics.jsonl").read_text().splitlines() if x.strip()]
+            rates.setdefault(names[n], []).append(hist[-1]["train_images_per_s"])
+    rate = {k: statistics.median(v) for k, v in rates.items()}
+    for k, v in rate.items():
+        print(f"[red_vs_kd] calibration: {k} {v:.0f} img/s" + (f" (median of {len(rates[k])} runs at once)"
+                                                               if len(rates[k]) > 1 else ""), flush=True)
+    return rate
 
 
 # --- state and the finished steps' files ----------------------------------------------------------------------
@@ -297,6 +332,10 @@ def parser() -> argparse.ArgumentParser:
                     "real runs) and estimate the plan with them; kept in <runs>/calibration/rates.json for later runs")
     ap.add_argument("--commit", action="store_true", help="git add + commit each finished step's result files (only those)")
     ap.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: run the whole plan)")
+    ap.add_argument("--jobs", type=int, default=1, help="students trained at once after the teacher (1 on a 2-core "
+                    "CPU; more on a GPU, where one small-batch step leaves it mostly idle); --calibrate measures so too")
+    ap.add_argument("--stop-after-s", type=float, default=0, help="stop the running steps after this many seconds "
+                    "(they resume on the next run) and start none estimated to end later (0: no limit)")
     ap.add_argument("--seeds", default=",".join(map(str, d.seeds)), help="student seeds; the teacher takes the first")
     ap.add_argument("--epochs", type=int, default=d.epochs, help="epochs of every student")
     ap.add_argument("--teacher-epochs", type=int, default=d.teacher_epochs)
@@ -308,6 +347,10 @@ def parser() -> argparse.ArgumentParser:
                     "cost (default: on)")
     ap.add_argument("--budget-h", type=float, default=5.0, help="machine-time budget the plan is checked against")
     ap.add_argument("--preset", default=d.preset)
+    ap.add_argument("--image-size", type=int, default=d.image_size, help="train every run at this size (0: the "
+                    "preset's, 64 px)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                    help="a config key for every run, e.g. runtime.amp=bf16 (repeatable; part of the settings)")
     ap.add_argument("--data-root", default=d.data_root)
     ap.add_argument("--runs", default="runs/red_vs_kd", help="run folders and the working state")
     ap.add_argument("--results", default="bench/results/red_vs_kd", help="page path without extension; run files "
@@ -326,9 +369,12 @@ def settings_of(a) -> Settings:
         seeds = tuple(int(x) for x in a.seeds.split(","))
     except ValueError:
         raise UserError(f"--seeds {a.seeds!r} must be integers separated by commas, e.g. 0,1") from None
-    if min(a.epochs, a.teacher_epochs) < 1 or a.train_subset < 0:
-        raise UserError("--epochs and --teacher-epochs must be at least 1 and --train-subset at least 0")
-    return Settings(a.preset, a.data_root, seeds, a.epochs, a.teacher_epochs, a.train_subset, tuple(names), a.reference)
+    if min(a.epochs, a.teacher_epochs) < 1 or a.train_subset < 0 or a.image_size < 0:
+        raise UserError("--epochs and --teacher-epochs must be at least 1, --train-subset and --image-size at least 0")
+    s = Settings(a.preset, a.data_root, seeds, a.epochs, a.teacher_epochs, a.train_subset, tuple(names), a.reference,
+                 a.image_size, tuple(a.overrides))
+    load_config(s.preset, [o for o in run_settings(s) if not o.startswith("data.root=")])  # a bad --set: one line now
+    return s
 
 
 def _plan_options(argv: List[str]) -> List[str]:
@@ -337,9 +383,9 @@ def _plan_options(argv: List[str]) -> List[str]:
     for x in argv:
         if skip:
             skip = False
-        elif x in ("--max-steps",):
+        elif x in ("--max-steps", "--stop-after-s"):
             skip = True
-        elif x not in ("--plan", "--calibrate", "--pages-only") and not x.startswith("--max-steps="):
+        elif x not in ("--plan", "--calibrate", "--pages-only") and not x.startswith(("--max-steps=", "--stop-after-s=")):
             out.append(x)
     return out
 
@@ -353,15 +399,18 @@ def main(argv=None) -> int:
         return 0
     if a.remarks and not Path(a.remarks).is_file():
         raise UserError(f"--remarks {a.remarks} not found: give the hand-written remarks file (Markdown)")
+    if a.jobs < 1 or a.stop_after_s < 0:
+        raise UserError("--jobs must be at least 1 and --stop-after-s at least 0")
     s = settings_of(a)
     state = State(a, s)
     steps = plan(a, s)
     cal_file = Path(a.runs) / "calibration" / "rates.json"  # apart from the state: it holds for any settings
     if a.calibrate:
-        atomic_write_json(cal_file, {"rates": calibrate(a, s), "when": timestamp(), "load_1min": os.getloadavg()[0]})
+        atomic_write_json(cal_file, {"rates": calibrate(a, s, a.jobs), "when": timestamp(), "jobs": a.jobs,
+                                     "load_1min": os.getloadavg()[0]})
     cal = json.loads(cal_file.read_text()) if cal_file.is_file() else state.data.get("calibration")
     rates = {**RATE_KINDS, **(cal["rates"] if cal else {})}
-    print_plan(steps, s, rates, cal is not None, a.budget_h, state.steps)
+    print_plan(steps, s, rates, cal is not None, a.budget_h, state.steps, a.jobs)
     if a.plan:
         return 0
     if cal is not None:
@@ -369,53 +418,131 @@ def main(argv=None) -> int:
     state.data.setdefault("machine", machine())
     state.data.setdefault("created", timestamp())
     state.data["command"] = command
-    counts = image_counts(s.data_root)
-    ran = 0
-    for i in range(len(steps)):
-        st = plan(a, s)[i]  # again each time: the students read the teacher's weights where the teacher step left them
-        if state.steps.get(st.name, {}).get("done"):
-            continue
-        if a.max_steps and ran >= a.max_steps:
-            print(f"[red_vs_kd] stopping after {ran} step(s) (--max-steps); run again to continue", flush=True)
-            break
-        if st.variant is not None and not teacher_checkpoint(a).is_file():
-            raise UserError(f"the teacher's weights are neither committed nor in {a.runs}: remove the 'teacher' "
-                            f"step from {state.found or state.paths[1]} to train it again")
-        run_step(a, st, state, estimate(st, s, rates, counts)[1])
-        ran += 1
-        written = keep_step(a, st, Path(a.runs) / "logs" / f"{st.name}.log")
+    return Runner(a, s, state, rates).run()
+
+
+class Runner:
+    """Runs the plan's unfinished steps: the teacher alone, then up to ``--jobs`` students at once, each a
+    subprocess; a finished step's files are kept (and committed) as it finishes. ``--stop-after-s`` stops the
+    running steps at that time (they resume on the next run) and starts none estimated to end after it."""
+
+    def __init__(self, a, s: Settings, state: State, rates: Dict[str, float]):
+        self.a, self.s, self.state, self.rates = a, s, state, rates
+        self.counts = image_counts(s.data_root)
+        self.deadline = time.time() + a.stop_after_s if a.stop_after_s else None
+        self.running: Dict[str, Tuple[Step, subprocess.Popen, float, object]] = {}
+        self.failed: List[str] = []
+
+    def run(self) -> int:
+        a, state = self.a, self.state
+        todo = [st.name for st in plan(a, self.s) if not state.steps.get(st.name, {}).get("done")]
+        if a.max_steps:
+            todo = todo[:a.max_steps]
+        while todo or self.running:
+            while todo and len(self.running) < a.jobs and "teacher" not in self.running:
+                st = next(x for x in plan(a, self.s) if x.name == todo[0])  # the teacher's weights: where it left them
+                if st.variant is not None and not teacher_checkpoint(a).is_file():
+                    self.stop_all()
+                    raise UserError(f"the teacher's weights are neither committed nor in {a.runs}: remove the 'teacher' "
+                                    f"step from {state.found or state.paths[1]} to train it again")
+                todo.pop(0)
+                est = estimate(st, self.s, self.rates, self.counts)[1]
+                if self.deadline and time.time() + est > self.deadline:
+                    print(f"[red_vs_kd] {st.name} not started: estimated {est / 60:.1f} min, past --stop-after-s",
+                          flush=True)
+                    if st.variant is None:
+                        todo = []  # the students need its weights
+                    continue
+                self.start(st, est)
+                if st.variant is None:
+                    break  # the students wait for the teacher's weights
+            if not self.running:
+                break
+            done = self.wait()
+            if done is None:
+                print(f"[red_vs_kd] --stop-after-s reached: stopped {', '.join(self.running)}; run again to resume",
+                      flush=True)
+                self.stop_all()
+                if any(v.get("done") for v in state.steps.values()):
+                    write_results(a)
+                return 0
+            self.finish(done)
+            if done in self.failed and done == "teacher":
+                todo = []
+        if self.failed:
+            raise SystemExit(f"[red_vs_kd] failed: {', '.join(self.failed)} (see {a.runs}/logs/); run again to resume them")
+        left = [st.name for st in plan(a, self.s) if not state.steps.get(st.name, {}).get("done")]
+        if left:
+            print(f"[red_vs_kd] {len(left)} step(s) left; run again to continue", flush=True)
+        return 0
+
+    def start(self, st: Step, estimate_s: float) -> None:
+        """Start one ``redistill distill`` subprocess; the load it started under and the jobs beside it recorded."""
+        log = Path(self.a.runs) / "logs" / f"{st.name}.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        rec = self.state.steps.setdefault(st.name, {})
+        rec.update({"argv": st.argv, "estimate_s": round(estimate_s, 1), "load_1min_at_start": os.getloadavg()[0],
+                    "attempts": rec.get("attempts", 0) + 1, "jobs": self.a.jobs})
+        self.state.save()
+        print(f"[red_vs_kd] {st.name}: {' '.join(shlex.quote(x) for x in st.argv)}", flush=True)
+        if rec["load_1min_at_start"] > 1.5 and self.a.jobs == 1:
+            print(f"[red_vs_kd] load average {rec['load_1min_at_start']:.1f} at the start: something else is running, "
+                  "so this run's machine time will read high (it is recorded on the page)", flush=True)
+        f = open(log, "a")
+        self.running[st.name] = (st, subprocess.Popen(st.argv, stdout=f, stderr=subprocess.STDOUT), time.time(), f)
+
+    def wait(self) -> Optional[str]:
+        """The name of the next step to end, or None once the deadline passes first."""
+        while True:
+            for name, (_, proc, _, _) in self.running.items():
+                if proc.poll() is not None:
+                    return name
+            if self.deadline and time.time() > self.deadline:
+                return None
+            time.sleep(0.5)
+
+    def _end(self, name: str) -> Tuple[Step, int, float]:
+        st, proc, t0, f = self.running.pop(name)
+        try:
+            rc = proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:  # a step that ignores SIGTERM
+            proc.kill()
+            rc = proc.wait()
+        f.close()
+        return st, rc, time.time() - t0
+
+    def stop_all(self) -> None:
+        """Stop every running step (each resumes from its last epoch) and keep its time so far."""
+        for name in list(self.running):
+            self.running[name][1].terminate()
+        for name in list(self.running):
+            _, _, seconds = self._end(name)
+            rec = self.state.steps[name]
+            rec["seconds_before"] = round(rec.get("seconds_before", 0.0) + seconds, 1)
+        self.state.save()
+
+    def finish(self, name: str) -> None:
+        """Record an ended step; a finished one's files are kept, the page rewritten and (``--commit``) committed."""
+        a, state = self.a, self.state
+        st, rc, seconds = self._end(name)
+        rec = state.steps[name]
+        log = Path(a.runs) / "logs" / f"{name}.log"
+        if rc != 0:
+            rec["seconds_before"] = round(rec.get("seconds_before", 0.0) + seconds, 1)
+            state.save()
+            self.failed.append(name)
+            print(f"[red_vs_kd] {name} failed (exit {rc}); see {log}", flush=True)
+            return
+        # an attempt killed with its session records nothing: ``attempts`` says the time may be short
+        seconds += rec.get("seconds_before", 0.0)
+        rec.update({"done": True, "seconds": round(seconds, 1), "finished": timestamp(), "machine": machine()})
+        print(f"[red_vs_kd] {name}: {seconds / 60:.1f} min (estimated {rec['estimate_s'] / 60:.1f})", flush=True)
+        written = keep_step(a, st, log)
         state.save()
         written += [state.paths[1], *write_results(a)]
         if a.commit:  # the whole results folder: a step whose commit failed before goes in with this one
             commit([Path(a.results + "_run"), *(p for p in written if not _inside(p, a.results + "_run"))],
-                   f"red_vs_kd: {st.name} finished ({state.steps[st.name]['seconds'] / 60:.0f} min)")
-    return 0
-
-
-def run_step(a, st: Step, state: State, estimate_s: float) -> None:
-    """One ``redistill distill`` subprocess, its wall time and the load it started under recorded in the state."""
-    log = Path(a.runs) / "logs" / f"{st.name}.log"
-    log.parent.mkdir(parents=True, exist_ok=True)
-    rec = state.steps.setdefault(st.name, {})
-    rec.update({"argv": st.argv, "estimate_s": round(estimate_s, 1), "load_1min_at_start": os.getloadavg()[0],
-                "attempts": rec.get("attempts", 0) + 1})
-    state.save()
-    print(f"[red_vs_kd] {st.name}: {' '.join(shlex.quote(x) for x in st.argv)}", flush=True)
-    if rec["load_1min_at_start"] > 1.5:
-        print(f"[red_vs_kd] load average {rec['load_1min_at_start']:.1f} at the start: something else is running, "
-              "so this run's machine time will read high (it is recorded on the page)", flush=True)
-    t0 = time.time()
-    with open(log, "a") as f:
-        rc = subprocess.call(st.argv, stdout=f, stderr=subprocess.STDOUT)
-    seconds = time.time() - t0
-    if rc != 0:
-        rec["seconds_before"] = round(rec.get("seconds_before", 0.0) + seconds, 1)
-        state.save()
-        raise SystemExit(f"[red_vs_kd] {st.name} failed (exit {rc}); see {log}; run again to resume it")
-    # an attempt killed with its session records nothing: ``attempts`` says the time may be short
-    seconds += rec.get("seconds_before", 0.0)
-    rec.update({"done": True, "seconds": round(seconds, 1), "finished": timestamp(), "machine": machine()})
-    print(f"[red_vs_kd] {st.name}: {seconds / 60:.1f} min (estimated {estimate_s / 60:.1f})", flush=True)
+                   f"red_vs_kd: {name} finished ({seconds / 60:.0f} min)")
 
 
 if __name__ == "__main__":

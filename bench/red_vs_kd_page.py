@@ -77,6 +77,16 @@ def _machines(state: Dict[str, Any]) -> List[str]:
             *[f"- {line}: {', '.join(names)}" for line, names in seen.items()]]
 
 
+def _environment(copy: Path) -> List[str]:
+    """The software and GPU a run elsewhere recorded (``environment.json``, from bench.red_vs_kd_gpu), if any."""
+    if not (copy / "environment.json").is_file():
+        return []
+    e = _json(copy / "environment.json")
+    return [f"Environment: torch {e.get('torch')}, CUDA {e.get('cuda')}, "
+            + (f"{e.get('gpu')} ({e.get('gpu_memory_gib')} GiB; nvidia-smi: {e.get('nvidia_smi')})"
+               if e.get("cuda_available") else "no GPU visible to torch") + "."]
+
+
 def _history(path: Path) -> List[dict]:
     return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
 
@@ -134,7 +144,9 @@ def build(results: str) -> Dict[str, Any]:
                       "train_s": statistics.fmean([r["train_s"] for r in done.values()]) if done else None}
     by_step = {"teacher": teacher, **{(n if known[n] is REFERENCE else f"{n}-s{seed}"): r
                                       for n, row in rows.items() for seed, r in row["runs"].items()}}
-    return {"state": state, "teacher": teacher, "rows": rows, "by_step": by_step, "facts": _facts(teacher, rows)}
+    px = settings.get("image_size") or (teacher or {}).get("config", {}).get("data", {}).get("image_size") or 64
+    return {"state": state, "teacher": teacher, "rows": rows, "by_step": by_step, "facts": _facts(teacher, rows),
+            "px": px}
 
 
 def _mean(rows, name) -> Optional[float]:
@@ -198,9 +210,10 @@ def plot(record: Dict[str, Any], path: Path) -> Path:
             x = r["peak_bytes"] / 1024 * (1 + 0.012 * (i - len(record["rows"]) / 2))  # spread points of one peak
             ax.errorbar([x], [r["test"]["mean"]], yerr=[r["test"]["std"]], fmt="o", capsize=3, label=r["label"])
     ax.set_xscale("log")
-    ax.set_xlabel("theoretical peak activation memory (KiB, liveness, FP32, batch 1, 64 px; points of one peak spread)")
+    ax.set_xlabel(f"theoretical peak activation memory (KiB, liveness, FP32, batch 1, {record['px']} px; "
+                  "points of one peak spread)")
     ax.set_ylabel("test top-1 (%), mean ± std over seeds")
-    ax.set_title("RED vs KD at 64 px: accuracy against peak memory")
+    ax.set_title(f"RED vs KD at {record['px']} px: accuracy against peak memory")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7)
     return atomic_save_figure(fig, path)
@@ -219,13 +232,17 @@ def write_results(a) -> List[Path]:
     done = [n for n, v in state.get("steps", {}).items() if v.get("done")]
     planned = 1 + sum(r["planned"] for r in rows.values())
     total_s = sum(state["steps"][n]["seconds"] for n in done)
-    L = [f"# RED vs KD at 64 px: `{s['preset']}` with a strong teacher", "",
+    jobs = max((state["steps"][n].get("jobs", 1) for n in done), default=1)
+    px = record["px"]
+    L = [f"# RED vs KD at {px} px: `{s['preset']}` with a strong teacher", "",
          f"Command: `{command}` (resumable" + ("; each finished run committed as it finished)" if "--commit" in command
                                               else ")") + f"; the page is rewritten from the run files by `{page_command}`.",
          "",
-         *_machines(state), "",
+         *_machines(state), *_environment(Path(a.results + "_run")), "",
          f"Machine time: **{total_s / 3600:.2f} h**, the sum of the finished runs' wall time over their attempts "
-         f"({len(done)} of {planned} planned runs finished; `{Path(a.results).name}_run/state.json`).", "",
+         f"({len(done)} of {planned} planned runs finished; `{Path(a.results).name}_run/state.json`)"
+         + (f"; students ran up to {jobs} at once (`--jobs`), sharing the machine, so a run's wall time is not "
+            "its own machine time and the sum exceeds the elapsed time." if jobs > 1 else "."), "",
          "## Does RED beat KD here?", ""]
     L += md_table(["target", "result", "verdict"], _checks(f, rows))
     if f["red"] and f["kd"]:
@@ -248,7 +265,7 @@ def write_results(a) -> List[Path]:
                     f"{r['step_s'] / 60:.1f} min" if r["step_s"] else "n/a"] for n, r in rows.items()])
     L += ["", f"Gap: teacher {_num(f['teacher_top1'])} - student alone {_num(f['student_top1'])} = {_num(f['gap'])} "
           "points; a variant's share is (its mean - student alone) / gap. Peak memory: the theoretical liveness peak "
-          "of the student as exported (RED blocks included), FP32, batch 1, 64 px, exact to the byte (`redistill "
+          f"of the student as exported (RED blocks included), FP32, batch 1, {px} px, exact to the byte (`redistill "
           "memory`); not measured on a device. Machine time: wall time of the run's `redistill distill` process "
           "(training, validation every epoch, the test set twice, the memory analysis)."]
     L += ["", f"![accuracy against peak memory]({plot_path.name})", "", "## Teacher", ""]
@@ -322,6 +339,8 @@ def _setup(a, record) -> List[str]:
                      + (f"; {sites} RED sites (`sites: auto`), where FitNet and AT tap the same tensors" if sites else "")
                      + ".")
     lines.append(f"- Seeds: students {', '.join(map(str, s['seeds']))}; means and spreads (sample std) over those.")
+    if s.get("overrides"):
+        lines.append(f"- Every run (teacher and students) also sets {', '.join(f'`{o}`' for o in s['overrides'])}.")
     lines += ["", *md_table(["variant", "method", "what it trains with"],
                             [[r["label"], f"`{r['method']}`", r["what"]] for r in rows.values()])]
     return lines
@@ -364,7 +383,7 @@ def _cannot(record) -> List[str]:
     n = len(s["seeds"])
     return [f"- With {n} seed{'s' if n != 1 else ''} per variant the spread is a rough figure: a difference smaller than "
             "the seeds' own range is not resolved.",
-            "- One teacher, one pair (MobileNetV3-small x4), one data set (CIFAR-10 upsampled to 64 px, JPEG): not the "
+            f"- One teacher, one pair (MobileNetV3-small x4), one data set (CIFAR-10 upsampled to {record['px']} px, JPEG): not the "
             "paper's STL10 at 128 px, nor its 300 epochs.",
             "- RED's alpha is chosen among 50 and 1 only; FitNet's and AT's weights are the paper zoo's defaults, untuned.",
             "- Peak memory is the theoretical liveness peak; nothing here is measured on a device."]

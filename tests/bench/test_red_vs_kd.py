@@ -1,6 +1,7 @@
 """The RED-vs-KD benchmark: its plan, its time estimate, the page from run files, and a tiny real run that resumes."""
 
 import json
+from datetime import datetime
 import subprocess
 from argparse import Namespace
 from pathlib import Path
@@ -67,6 +68,40 @@ def test_plan_prints_the_time_and_writes_nothing(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "total" in out and "over the budget" in out and "rates assumed" in out
     assert not (tmp_path / "runs").exists() and not (tmp_path / "res").exists()
+
+
+def test_image_size_and_set_reach_every_run_and_are_settings(tmp_path):
+    a = _args(tmp_path, "--image-size", "128", "--set", "runtime.amp=bf16", "--set=runtime.threads=2")
+    s = settings_of(a)
+    for st in plan(a, s):
+        cfg = load_config(s.preset, _overrides(st.argv))
+        assert cfg.data.image_size == 128 and cfg.runtime.amp == "bf16" and cfg.runtime.threads == "2"
+    red_vs_kd.State(a, s).save()
+    with pytest.raises(UserError, match="image_size=128, not 0"):
+        red_vs_kd.State(a, settings_of(_args(tmp_path, "--set", "runtime.amp=bf16", "--set=runtime.threads=2")))
+    with pytest.raises(UserError, match="runtime.amp.*bf16"):  # a bad --set is one line before anything runs
+        settings_of(_args(tmp_path, "--set", "runtime.amp=bf17"))
+
+
+def test_a_state_written_before_the_new_settings_still_resumes(tmp_path):
+    a = _args(tmp_path)
+    state = red_vs_kd.State(a, settings_of(a))
+    for key in ("image_size", "overrides"):
+        del state.data["settings"][key]
+    state.save()
+    assert red_vs_kd.State(a, settings_of(a)).data["settings"]["image_size"] == 0
+
+
+def test_wall_time_with_jobs_is_the_teacher_then_the_students_shared(tmp_path):
+    times = {"teacher": 10.0, "a": 20.0, "b": 20.0, "c": 20.0}
+    assert red_vs_kd.wall_s(times, 1) == 70.0
+    assert red_vs_kd.wall_s(times, 2) == 40.0
+    assert red_vs_kd.wall_s(times, 8) == 30.0  # never shorter than the longest student
+    a = _args(tmp_path)
+    s = settings_of(a)
+    rates = {"teacher": 100.0, "distill": 50.0, "student": 200.0, "distill_b64": 80.0}
+    one, eight = (red_vs_kd.subset_for(plan(a, s), s, rates, (50000, 10000), 4 * 3600, j) for j in (1, 8))
+    assert one < eight  # eight students at once (at these rates) train on more images in the same time
 
 
 def test_other_settings_or_bad_options_are_refused(tmp_path):
@@ -196,3 +231,24 @@ def test_a_tiny_benchmark_runs_commits_resumes_and_rerenders(tiny_images, tmp_pa
     assert red_vs_kd.main(["--pages-only", "--results", "bench/results/red_vs_kd"]) == 0
     assert Path("bench/results/red_vs_kd.md").read_text() == md
     assert "| FitNet | 1/1 |" in md and "3 of 3 planned runs finished" in md
+
+
+def test_students_run_jobs_at_once_and_a_deadline_stops_a_run_that_resumes(tiny_images, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(red_vs_kd, "FIXED_S", 0.0)  # tiny runs: every estimate fits the deadline below
+    argv = ["--data-root", str(tiny_images), "--seeds", "0", "--epochs", "1", "--teacher-epochs", "1", "--train-subset",
+            "40", "--variants", "student,red_a50", "--no-reference", "--runs", "runs", "--results", "res/rvk",
+            "--jobs", "2", "--set", "runtime.threads=1"]
+    assert red_vs_kd.main([*argv, "--stop-after-s", "2"]) == 0  # the teacher's process is stopped while it starts
+    teacher = json.loads(Path("runs/state.json").read_text())["steps"]["teacher"]
+    assert not teacher.get("done") and teacher["attempts"] == 1 and teacher["seconds_before"] >= 2
+    assert red_vs_kd.main(argv) == 0
+    steps = json.loads(Path("runs/state.json").read_text())["steps"]
+    assert all(steps[n]["done"] for n in ("teacher", "student-s0", "red_a50-s0")) and steps["teacher"]["attempts"] == 2
+    spans = []
+    for n in ("student-s0", "red_a50-s0"):
+        end = datetime.fromisoformat(steps[n]["finished"].replace("Z", "+00:00")).timestamp()
+        spans.append((end - steps[n]["seconds"], end))
+    assert max(s for s, _ in spans) < min(e for _, e in spans) - 1  # the two students ran at the same time
+    md = Path("res/rvk.md").read_text()
+    assert "students ran up to 2 at once" in md and "`runtime.threads=1`" in md

@@ -1,0 +1,89 @@
+"""The GPU driver of the RED-vs-KD comparison: sizing to the time left, the archive it returns, unpacking it here."""
+
+import json
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from bench import red_vs_kd, red_vs_kd_gpu
+from redistill.errors import UserError
+
+
+def _args(tmp_path, *extra):
+    return red_vs_kd_gpu.parser().parse_args(["--archive", "x", "--work", str(tmp_path / "work"), "--out",
+                                              str(tmp_path / "out"), *extra])
+
+
+def _rates(tmp_path, **rates):
+    cal = tmp_path / "work" / "runs" / "calibration"
+    cal.mkdir(parents=True, exist_ok=True)
+    (cal / "rates.json").write_text(json.dumps({"rates": rates}))
+
+
+def test_sizing_gives_the_teacher_its_share_and_the_students_the_rest(tmp_path):
+    a = _args(tmp_path)
+    _rates(tmp_path, teacher=5000.0, distill=300.0, student=600.0, distill_b64=1500.0)
+    rung = red_vs_kd_gpu.LADDER[0]
+    epochs, subset = red_vs_kd_gpu.size(a, rung, 400.0)
+    assert 1 <= epochs <= red_vs_kd_gpu.TEACHER_MAX_EPOCHS and subset % 1000 == 0 and subset >= 1000
+    probe = red_vs_kd.parser().parse_args(red_vs_kd_gpu.bench_argv(a, rung, teacher_epochs=epochs, subset=subset))
+    s = red_vs_kd.settings_of(probe)
+    counts = red_vs_kd.image_counts(s.data_root)
+    steps = red_vs_kd.plan(probe, s)
+    times = {st.name: red_vs_kd.estimate(st, s, json.loads((tmp_path / "work/runs/calibration/rates.json")
+                                                           .read_text())["rates"], counts)[1] for st in steps}
+    assert times["teacher"] <= red_vs_kd_gpu.TEACHER_SHARE * 400.0
+    assert red_vs_kd.wall_s(times, a.jobs) <= 400.0  # the plan fits the time left
+    assert s.image_size == 128 and "runtime.amp=bf16" in s.overrides and not s.reference
+    _rates(tmp_path, teacher=50000.0, distill=3000.0, student=6000.0, distill_b64=15000.0)
+    assert red_vs_kd_gpu.size(a, rung, 400.0)[0] == red_vs_kd_gpu.TEACHER_MAX_EPOCHS  # fast: capped
+
+
+def _archive(tmp_path, names):
+    src = tmp_path / "src"
+    for n in names:
+        (src / n).parent.mkdir(parents=True, exist_ok=True)
+        (src / n).write_text(n)
+    out = tmp_path / "a.tar.gz"
+    with tarfile.open(out, "w:gz") as tar:
+        for n in names:
+            tar.add(src / n, arcname=n)
+    return out
+
+
+def test_unpack_puts_the_results_beside_the_others_and_never_overwrites(tmp_path):
+    run = f"results/{red_vs_kd_gpu.RESULTS}_run"
+    archive = _archive(tmp_path, [f"{run}/state.json", f"{run}/teacher/summary.json", "results/red_vs_kd_128.md",
+                                  "logs/teacher.log", "calibration/rates.json", "environment.json"])
+    dest = tmp_path / "bench" / "results" / "rvk128"
+    dest.parent.mkdir(parents=True)
+    assert red_vs_kd_gpu.main(["--unpack", str(archive), "--results", str(dest)]) == 0
+    got = sorted(str(p.relative_to(dest.parent)) for p in dest.parent.rglob("*") if p.is_file())
+    assert got == ["rvk128_run/calibration/rates.json", "rvk128_run/environment.json", "rvk128_run/logs/teacher.log",
+                   "rvk128_run/state.json", "rvk128_run/teacher/summary.json"]
+    with pytest.raises(UserError, match="exists: move it away"):
+        red_vs_kd_gpu.main(["--unpack", str(archive), "--results", str(dest)])
+    with pytest.raises(UserError, match="not this command's archive"):
+        red_vs_kd_gpu.main(["--unpack", str(_archive(tmp_path, ["logs/x.log"])), "--results", str(tmp_path / "other")])
+
+
+def test_pack_leaves_the_checkpoints_out_but_the_teachers_weights(tmp_path):
+    work = tmp_path / "work"
+    for n in (f"results/{red_vs_kd_gpu.RESULTS}_run/teacher/best.pt", f"results/{red_vs_kd_gpu.RESULTS}_run/state.json",
+              "runs/calibration/teacher/teacher/best.pt", "runs/calibration/teacher/teacher/last.pt",
+              "runs/calibration/distill0/student/best.pt", "runs/calibration/rates.json", "runs/logs/teacher.log"):
+        (work / n).parent.mkdir(parents=True, exist_ok=True)
+        (work / n).write_text("x")
+    with tarfile.open(red_vs_kd_gpu.pack(_args(tmp_path), "r.tar.gz")) as tar:
+        names = {m.name for m in tar.getmembers() if m.isfile()}
+    assert names == {f"results/{red_vs_kd_gpu.RESULTS}_run/teacher/best.pt",
+                     f"results/{red_vs_kd_gpu.RESULTS}_run/state.json", "calibration/rates.json", "logs/teacher.log"}
+
+
+def test_bad_options_are_one_line(tmp_path):
+    with pytest.raises(UserError, match="give --archive"):
+        red_vs_kd_gpu.main(["--out", str(tmp_path)])
+    (tmp_path / "a.tar.gz").write_text("x")
+    with pytest.raises(UserError, match="--minutes must leave room"):
+        red_vs_kd_gpu.main(["--archive", str(tmp_path / "a.tar.gz"), "--out", str(tmp_path), "--minutes", "1"])

@@ -97,14 +97,16 @@ def pack(a, name: str) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     dest = out / name
     with tarfile.open(dest, "w:gz") as tar:
+        extra = [(f, f.name) for f in sorted((work / "runs").glob("calibration-failed-*"))]
         for folder, arc in ((work / "results", "results"), (work / "runs" / "logs", "logs"),
-                            (work / "runs" / "calibration", "calibration")):
+                            (work / "runs" / "calibration", "calibration"), *extra):
             if folder.is_dir():
                 tar.add(folder, arcname=arc, filter=lambda m: None if m.name.endswith(("last.pt", "student/best.pt",
                                                                                           "teacher/teacher/best.pt"))
                         else m)
-        if (work / "environment.json").is_file():
-            tar.add(work / "environment.json", arcname="environment.json")
+        for f in ("environment.json", "bench.log"):
+            if (work / f).is_file():
+                tar.add(work / f, arcname=f)
     return dest
 
 
@@ -125,7 +127,9 @@ def drive(a) -> int:
             if _run([*bench_argv(a, rung, teacher_epochs=1, subset=1000), "--plan", "--calibrate"], log) == 0:
                 chosen = rung
                 break
-            print(f"[gpu] calibration failed with {' '.join(rung)} (see {log_path}); trying the next settings", flush=True)
+            failed = work / "runs" / f"calibration-failed-{len(list((work / 'runs').glob('calibration-failed-*')))}"
+            (work / "runs" / "calibration").rename(failed)  # its logs travel back in the archive
+            print(f"[gpu] calibration failed with {' '.join(rung)} (logs: {failed}); trying the next settings", flush=True)
         if chosen is None:
             pack(a, RESULTS + ".tar.gz")
             raise SystemExit("[gpu] every rung of the settings ladder failed; see the logs in the archive")
@@ -154,7 +158,7 @@ def unpack(archive: str, results: str) -> int:
         tmp = dest.with_name(dest.name + ".unpacking")
         tar.extractall(tmp, filter="data")
     (tmp / "results" / f"{RESULTS}_run").rename(dest)
-    for extra in ("logs", "calibration", "environment.json"):
+    for extra in ("logs", "calibration", "environment.json", "bench.log", *(p.name for p in tmp.glob("calibration-failed-*"))):
         if (tmp / extra).exists():
             (tmp / extra).rename(dest / extra)
     for p in sorted(tmp.rglob("*"), reverse=True):  # what is left: the page written there (rewritten here)

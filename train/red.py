@@ -133,7 +133,8 @@ def probe_shapes(model: nn.Module, layers: Sequence[str], image_size: int) -> Di
     model.eval()
     try:
         with torch.no_grad():
-            model(*example_inputs(model, image_size))
+            device = next((q.device for q in model.parameters()), torch.device("cpu"))
+            model(*(x.to(device) for x in example_inputs(model, image_size)))  # where the model is (a teacher on a GPU)
     finally:
         for h in handles:
             h.remove()

@@ -129,6 +129,15 @@ def test_red_blocks_are_real_submodules_in_the_state_dict():
     assert s(torch.zeros(1, 3, 32, 32)).shape == (1, 10)
 
 
+def test_sites_are_planned_against_a_teacher_on_another_device():
+    """The trainer moves the teacher to the GPU before the student is built (found on a GPU: the probe's images
+    stayed on the CPU); the meta device stands in for a GPU here: a forward there mixes no CPU tensor."""
+    s = build_model("mobilenetv3_small-4-22111111111", 10, 32)
+    t = build_model("mobilenetv3_small-1-22121111211", 10, 32).to("meta")
+    plans = plan_sites(s, t, [{"student": "features.0.0", "where": "out", "teacher": "features.2.block.1.0"}], 32, 50.0)
+    assert [p.teacher for p in plans] == ["features.2.block.1.0"]
+
+
 def test_spatial_mismatch_names_both_layers_and_shapes():
     s = build_model("mobilenetv2-4-1221111", 10, 128)
     t = build_model("mobilenetv2-1-1222121", 10, 128)

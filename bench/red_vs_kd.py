@@ -1,6 +1,6 @@
 """The RED-vs-KD benchmark (issue 13): does RED beat KD at 64 px with a strong teacher? Resumable across sessions.
 
-    python -m bench.red_vs_kd --plan --calibrate     # measure this machine's step rates (~3 min), print plan and time
+    python -m bench.red_vs_kd --plan --calibrate     # measure this machine's step rates (~5 min), print plan and time
     nohup python -m bench.red_vs_kd --commit --remarks bench/results/red_vs_kd_remarks.md \\
         > runs/red_vs_kd.log 2>&1 &                  # run it (about 5 h on an idle 2-core CPU)
     python -m bench.red_vs_kd --pages-only --remarks bench/results/red_vs_kd_remarks.md
@@ -199,7 +199,9 @@ def subset_for(steps: List[Step], s: Settings, rates: Dict[str, float], counts: 
 
 
 def calibrate(a, s: Settings, jobs: int = 1) -> Dict[str, float]:
-    """Measure each kind of step's training rate with tiny real runs (one epoch of 1,280 images) in <runs>/calibration.
+    """Measure each kind of step's training rate with tiny real runs in <runs>/calibration: two epochs of 1,280
+    images (5,120 for the teacher), the rate read from the second, so that first-use costs (a GPU's kernel loading
+    and selection, on a lent H200 most of a one-epoch run) are not taken for the steady rate.
 
     With ``jobs`` > 1 the student kinds run ``jobs`` at once (mostly distillation, as in the plan), so the rates are
     those of a step sharing the machine as the benchmark's students will; each kind's rate is the median of its runs."""
@@ -207,7 +209,7 @@ def calibrate(a, s: Settings, jobs: int = 1) -> Dict[str, float]:
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     cli = [sys.executable, "-m", "redistill.cli", "distill", s.preset]
-    tiny = [f"out_dir={out}", *run_settings(s), "epochs=1", "data.train_subset=1280", "data.test_subset=100"]
+    tiny = [f"out_dir={out}", *run_settings(s), "epochs=2", "data.train_subset=1280", "data.test_subset=100"]
     teacher = f"teacher.checkpoint={out}/teacher/teacher/best.pt"
     # batch 128: 40 steps, not 10, so that a GPU's first slow steps weigh less
     extra = {"teacher": ["method=teacher", *TEACHER_SETTINGS, "data.train_subset=5120"], "distill": ["method=red", teacher],
@@ -328,7 +330,7 @@ def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     d = Settings()
     ap.add_argument("--plan", action="store_true", help="print the plan with its estimated time and stop")
-    ap.add_argument("--calibrate", action="store_true", help="measure the step rates here first (about 3 min of tiny "
+    ap.add_argument("--calibrate", action="store_true", help="measure the step rates here first (about 5 min of tiny "
                     "real runs) and estimate the plan with them; kept in <runs>/calibration/rates.json for later runs")
     ap.add_argument("--commit", action="store_true", help="git add + commit each finished step's result files (only those)")
     ap.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: run the whole plan)")

@@ -184,8 +184,8 @@ def print_plan(steps: List[Step], s: Settings, rates: Dict[str, float], measured
 
 def subset_for(steps: List[Step], s: Settings, rates: Dict[str, float], counts: Tuple[int, int],
                budget_s: float, jobs: int = 1) -> Optional[int]:
-    """The student subset (in images, a multiple of 1,000) whose plan is estimated at ``budget_s`` of wall time;
-    the estimate is affine in the subset, so two evaluations give it. None when no subset fits or it is not used."""
+    """The largest student subset (in images, a multiple of 1,000) whose plan is estimated within ``budget_s`` of
+    wall time. None when no subset fits or the plan uses none."""
     if not s.train_subset:
         return None
 
@@ -193,9 +193,13 @@ def subset_for(steps: List[Step], s: Settings, rates: Dict[str, float], counts: 
         t = replace(s, train_subset=n)
         return wall_s({st.name: estimate(st, t, rates, counts)[1] for st in steps}, jobs)
 
-    lo, hi = total(1000), total(2000)
-    n = 1000 + (budget_s - lo) / (hi - lo) * 1000 if hi > lo else 0
-    return int(min(n, counts[0]) // 1000 * 1000) if n >= 1000 else None
+    lo, hi = 1, counts[0] // 1000  # in thousands; the estimate never falls as the subset grows: bisect
+    if hi < 1 or total(1000) > budget_s:
+        return None
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if total(mid * 1000) <= budget_s else (lo, mid - 1)
+    return lo * 1000
 
 
 def calibrate(a, s: Settings, jobs: int = 1) -> Dict[str, float]:

@@ -21,17 +21,20 @@ import argparse
 import json
 import os
 import shlex
-import shutil
-import statistics
+import signal
 import subprocess
 import sys
+import threading
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 from bench.distill_report import clean_log, copied_run_files
-from bench.red_vs_kd_page import REFERENCE, VARIANTS, Variant, write_results
+from bench.red_vs_kd_page import VARIANTS, write_results
+from bench.red_vs_kd_plan import (OWN_KEYS, RATE_KINDS, TEACHER_SETTINGS, Settings, Step, calibrate, calibrated_for,
+                                  estimate, image_counts, plan, print_plan, run_settings, stop_processes,
+                                  teacher_checkpoint)
 from redistill.errors import UserError, did_you_mean
 from redistill.io import atomic_copy, atomic_write_json, atomic_write_text
 from redistill.report import add_page_options, machine, timestamp
@@ -39,208 +42,8 @@ from train.config import load_config
 from train.design import analyze_model, checkpoint_design
 
 PROG = "python -m bench.red_vs_kd"
-PRESET = "mobilenetv3_small_x4_64"
-PREFIX = "rvk"
 #: the teacher's weights are committed when their checkpoint is smaller than this
 TEACHER_COMMIT_LIMIT = 10 * 1024 * 1024
-#: the teacher's recipe, for a strong teacher in few epochs: the `quick` preset's optimiser (Adam 3e-3, picked over
-#: SGD on the validation split there, train/configs/quick.yaml), cosine to zero, CIFAR crop + flip, no mixing,
-#: batch 128; not tuned at 64 px
-TEACHER_SETTINGS = ("recipe=", "optim.name=adam", "optim.lr=0.003", "optim.weight_decay=0", "optim.schedule=cosine",
-                    "optim.warmup_epochs=0.5", "data.batch_size=128", "data.augment=crop_flip", "data.cutmix=0",
-                    "data.mixup=0")
-
-
-#: step rates (training images per second, data loading included) the plan is estimated with; --calibrate measures
-#: them here. Defaults: the lead's idle 2-core figures at 32 px (teacher 512, distillation 539 images/s, batch 128)
-#: scaled to 64 px (teacher ~4x the work) and to batch 8 (per-step overhead), not measured
-RATE_KINDS = {"teacher": 130.0, "distill": 150.0, "student": 300.0, "distill_b64": 220.0}
-#: evaluation (validation and test forward passes) runs this many times faster than the stage's training step
-EVAL_SPEEDUP = 4.0
-#: per run: process start, decoding the data set, the memory analysis
-FIXED_S = 40.0
-
-
-@dataclass
-class Settings:
-    """What the benchmark trains; a state made with other settings is refused (a run would not be comparable)."""
-
-    preset: str = PRESET
-    data_root: str = "data/cifar10"
-    seeds: Tuple[int, ...] = (0, 1)
-    epochs: int = 6
-    teacher_epochs: int = 15
-    train_subset: int = 15000
-    variants: Tuple[str, ...] = tuple(v.name for v in VARIANTS)
-    reference: bool = True
-    image_size: int = 0  # 0: the preset's (64 px)
-    overrides: Tuple[str, ...] = ()  # key=value given to every run, e.g. runtime.amp=bf16 on a GPU
-
-
-@dataclass
-class Step:
-    name: str  # state key and run name suffix
-    run: str  # run folder name under --runs
-    variant: Optional[Variant]  # None: the teacher
-    seed: int
-    argv: List[str]
-
-
-def variants_of(s: Settings) -> List[Variant]:
-    known = {v.name: v for v in VARIANTS}
-    return [known[n] for n in s.variants]
-
-
-def teacher_checkpoint(a) -> Path:
-    """The committed copy of the teacher's weights when there is one, else the run's own best.pt."""
-    committed = Path(a.results + "_run") / "teacher" / "best.pt"
-    return committed if committed.is_file() else Path(a.runs) / f"{PREFIX}-teacher" / "teacher" / "best.pt"
-
-
-def run_settings(s: Settings) -> List[str]:
-    """The ``key=value`` every run of the benchmark takes beyond the preset: the data, the image size, ``--set``."""
-    return [f"data.root={s.data_root}", *([f"data.image_size={s.image_size}"] if s.image_size else []), *s.overrides]
-
-
-def plan(a, s: Settings) -> List[Step]:
-    """The teacher, then every variant with every seed (seed-major), then the reference run if asked."""
-    cli = [sys.executable, "-m", "redistill.cli", "distill", s.preset]
-    common = [f"out_dir={a.runs}", *run_settings(s)]
-    steps = [Step("teacher", f"{PREFIX}-teacher", None, s.seeds[0],
-                  cli + ["method=teacher", f"name={PREFIX}-teacher", f"seed={s.seeds[0]}", f"epochs={s.teacher_epochs}",
-                         *common, *TEACHER_SETTINGS, "--resume"])]
-    runs = [(v, seed) for seed in s.seeds for v in variants_of(s)]
-    runs += [(REFERENCE, s.seeds[0])] if s.reference else []
-    for v, seed in runs:
-        name = v.name if v is REFERENCE else f"{v.name}-s{seed}"
-        steps.append(Step(name, f"{PREFIX}-{name}", v, seed, cli + [
-            f"method={v.method}", f"name={PREFIX}-{name}", f"seed={seed}", f"epochs={s.epochs}", *common,
-            f"data.train_subset={s.train_subset}", f"teacher.checkpoint={teacher_checkpoint(a)}", *v.overrides,
-            "--resume"]))
-    return steps
-
-
-# --- time estimates -------------------------------------------------------------------------------------------
-
-
-def image_counts(root: str) -> Tuple[int, int]:
-    """(training, test) images under an image-folder root (CIFAR-10's 50,000 / 10,000 when it is not there)."""
-    counts = []
-    for split, default in (("train", 50000), ("test", 10000)):
-        d = Path(root) / split
-        counts.append(sum(len(os.listdir(c)) for c in d.iterdir() if c.is_dir()) if d.is_dir() else default)
-    return counts[0], counts[1]
-
-
-def estimate(step: Step, s: Settings, rates: Dict[str, float], counts: Tuple[int, int]) -> Tuple[int, float]:
-    """(training images, estimated seconds) of one step: training at its rate, validation every epoch and the test
-    set twice (best and last epoch) ``EVAL_SPEEDUP`` times faster, plus ``FIXED_S``."""
-    n_train, n_test = counts
-    if step.variant is None:
-        n, epochs, rate = n_train, s.teacher_epochs, rates["teacher"]
-    else:
-        full = "data.train_subset=0" in step.variant.overrides or not s.train_subset
-        n, epochs, rate = (n_train if full else min(s.train_subset, n_train)), s.epochs, rates[step.variant.rate]
-    val = round(n * 0.05)
-    images = (n - val) * epochs
-    return images, images / rate + (val * epochs + 2 * n_test) / (rate * EVAL_SPEEDUP) + FIXED_S
-
-
-def wall_s(times: Dict[str, float], jobs: int) -> float:
-    """Wall time of steps (name -> seconds) when the students run ``jobs`` at a time after the teacher: the
-    teacher's, plus the students' sum over ``jobs`` (never less than the longest student)."""
-    students = [t for n, t in times.items() if n != "teacher"]
-    return times.get("teacher", 0.0) + (max(sum(students) / jobs, max(students)) if students else 0.0)
-
-
-def print_plan(steps: List[Step], s: Settings, rates: Dict[str, float], measured: bool, budget_h: float,
-               done: Dict[str, dict], jobs: int = 1) -> float:
-    """The plan as a table with its estimated time; returns the estimated wall seconds of the steps still to run."""
-    counts = image_counts(s.data_root)
-    total, todo = 0.0, {}
-    print(f"{'step':<20} {'images trained':>15} {'img/s':>7} {'est. min':>9}  status")
-    for st in steps:
-        images, sec = estimate(st, s, rates, counts)
-        kind = "teacher" if st.variant is None else st.variant.rate
-        status = f"done ({done[st.name]['seconds'] / 60:.1f} min)" if done.get(st.name, {}).get("done") else "to run"
-        total += sec
-        if not status.startswith("done"):
-            todo[st.name] = sec
-        print(f"{st.name:<20} {images:>15,} {rates[kind]:>7.0f} {sec / 60:>9.1f}  {status}")
-    how = "measured here by --calibrate" if measured else "assumed (not measured; --calibrate measures them)"
-    left = wall_s(todo, jobs)
-    wall = wall_s({st.name: estimate(st, s, rates, counts)[1] for st in steps}, jobs)
-    print(f"total {total / 3600:.2f} h estimated" + (f", {wall / 3600:.2f} h of wall time with --jobs {jobs}"
-                                                     if jobs > 1 else "")
-          + f" ({left / 3600:.2f} h still to run); budget {budget_h:g} h; "
-          f"rates {how}: " + ", ".join(f"{k} {v:.0f} img/s" for k, v in rates.items()))
-    if wall > budget_h * 3600:
-        print("over the budget: lower --train-subset, --epochs or --teacher-epochs (the estimate is linear in each)")
-    fit = subset_for(steps, s, rates, counts, budget_h * 3600, jobs)
-    if fit is not None and fit != s.train_subset:
-        print(f"--train-subset {fit} would make the estimate {budget_h:g} h with these epochs")
-    return left
-
-
-def subset_for(steps: List[Step], s: Settings, rates: Dict[str, float], counts: Tuple[int, int],
-               budget_s: float, jobs: int = 1) -> Optional[int]:
-    """The largest student subset (in images, a multiple of 1,000) whose plan is estimated within ``budget_s`` of
-    wall time. None when no subset fits or the plan uses none."""
-    if not s.train_subset:
-        return None
-
-    def total(n):
-        t = replace(s, train_subset=n)
-        return wall_s({st.name: estimate(st, t, rates, counts)[1] for st in steps}, jobs)
-
-    lo, hi = 1, counts[0] // 1000  # in thousands; the estimate never falls as the subset grows: bisect
-    if hi < 1 or total(1000) > budget_s:
-        return None
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        lo, hi = (mid, hi) if total(mid * 1000) <= budget_s else (lo, mid - 1)
-    return lo * 1000
-
-
-def calibrate(a, s: Settings, jobs: int = 1) -> Dict[str, float]:
-    """Measure each kind of step's training rate with tiny real runs in <runs>/calibration: two epochs of 1,280
-    images (5,120 for the teacher), the rate read from the second, so that first-use costs (a GPU's kernel loading
-    and selection, on a lent H200 most of a one-epoch run) are not taken for the steady rate.
-
-    With ``jobs`` > 1 the student kinds run ``jobs`` at once (mostly distillation, as in the plan), so the rates are
-    those of a step sharing the machine as the benchmark's students will; each kind's rate is the median of its runs."""
-    out = Path(a.runs) / "calibration"
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True)
-    cli = [sys.executable, "-m", "redistill.cli", "distill", s.preset]
-    tiny = [f"out_dir={out}", *run_settings(s), "epochs=2", "data.train_subset=1280", "data.test_subset=100"]
-    teacher = f"teacher.checkpoint={out}/teacher/teacher/best.pt"
-    # batch 128: 40 steps, not 10, so that a GPU's first slow steps weigh less
-    extra = {"teacher": ["method=teacher", *TEACHER_SETTINGS, "data.train_subset=5120"], "distill": ["method=red", teacher],
-             "student": ["method=student"], "distill_b64": ["method=kd", "recipe=paper_kd", teacher]}
-    kinds = ["distill"] * max(jobs - 2, 1) + ["student", "distill_b64"]
-    names = {"teacher": "teacher", **{f"{k}{i}" if jobs > 1 else k: k for i, k in enumerate(kinds)}}
-    rates: Dict[str, List[float]] = {}
-    students = [n for n in names if n != "teacher"]
-    for group in [["teacher"], *([[n] for n in students] if jobs == 1 else [students])]:
-        procs = []
-        for n in group:
-            f = open(out / f"{n}.log", "w")
-            procs.append((n, f, subprocess.Popen(cli + [f"name={n}", *tiny, *extra[names[n]]], stdout=f,
-                                                 stderr=subprocess.STDOUT)))
-        for n, f, proc in procs:
-            rc = proc.wait()
-            f.close()
-            if rc != 0:
-                raise SystemExit(f"[red_vs_kd] calibration run {n} failed (exit {rc}); see {out / (n + '.log')}")
-            stage = "teacher" if n == "teacher" else "student"
-            hist = [json.loads(x) for x in (out / n / stage / "metrics.jsonl").read_text().splitlines() if x.strip()]
-            rates.setdefault(names[n], []).append(hist[-1]["train_images_per_s"])
-    rate = {k: statistics.median(v) for k, v in rates.items()}
-    for k, v in rate.items():
-        print(f"[red_vs_kd] calibration: {k} {v:.0f} img/s" + (f" (median of {len(rates[k])} runs at once)"
-                                                               if len(rates[k]) > 1 else ""), flush=True)
-    return rate
 
 
 # --- state and the finished steps' files ----------------------------------------------------------------------
@@ -257,11 +60,13 @@ class State:
         want = _settings_record(settings)
         saved = self.data.get("settings")
         if saved is not None:  # a setting added since takes its default
-            saved = {**_settings_record(Settings()), **saved}
+            saved = {k: v for k, v in {**_settings_record(Settings()), **saved}.items()
+                     if not (k in LATER_SETTINGS and v == LATER_SETTINGS[k])}
             self.data["settings"] = saved
         if saved is not None and saved != want:
-            k = next((k for k in {**saved, **want} if saved.get(k) != want.get(k)), "settings")
-            raise UserError(f"{found} was made with {k}={saved.get(k)!r}, not {want.get(k)!r}: rerun with the same "
+            full_saved, full_want = {**LATER_SETTINGS, **saved}, {**LATER_SETTINGS, **want}
+            k = next((k for k in full_want if full_saved.get(k) != full_want.get(k)), "settings")
+            raise UserError(f"{found} was made with {k}={full_saved.get(k)!r}, not {full_want.get(k)!r}: rerun with the same "
                             f"settings, or give new --runs and --results folders for a new benchmark")
         self.data.setdefault("settings", want)
         self.data.setdefault("steps", {})
@@ -275,8 +80,13 @@ class State:
             atomic_write_json(p, self.data)
 
 
+#: settings added later: left out of the record at their defaults, so that a state stays readable by older code
+LATER_SETTINGS = {"image_size": 0, "overrides": []}
+
+
 def _settings_record(s: Settings) -> dict:
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(s).items()}
+    rec = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(s).items()}
+    return {k: v for k, v in rec.items() if not (k in LATER_SETTINGS and v == LATER_SETTINGS[k])}
 
 
 def peak_memory(checkpoint: Path) -> dict:
@@ -377,6 +187,12 @@ def settings_of(a) -> Settings:
         raise UserError(f"--seeds {a.seeds!r} must be integers separated by commas, e.g. 0,1") from None
     if min(a.epochs, a.teacher_epochs) < 1 or a.train_subset < 0 or a.image_size < 0:
         raise UserError("--epochs and --teacher-epochs must be at least 1, --train-subset and --image-size at least 0")
+    own = {x.split("=", 1)[0] for x in OWN_KEYS + TEACHER_SETTINGS + tuple(o for v in VARIANTS for o in v.overrides)}
+    for o in a.overrides:
+        key = o.split("=", 1)[0].strip()
+        if "=" not in o or key in own:
+            raise UserError(f"--set {o!r}: " + ("give KEY=VALUE" if "=" not in o else f"the benchmark sets {key} "
+                            "itself for its runs (its options: --epochs, --seeds, --image-size, --train-subset, ...)"))
     s = Settings(a.preset, a.data_root, seeds, a.epochs, a.teacher_epochs, a.train_subset, tuple(names), a.reference,
                  a.image_size, tuple(a.overrides))
     load_config(s.preset, [o for o in run_settings(s) if not o.startswith("data.root=")])  # a bad --set: one line now
@@ -410,11 +226,16 @@ def main(argv=None) -> int:
     s = settings_of(a)
     state = State(a, s)
     steps = plan(a, s)
-    cal_file = Path(a.runs) / "calibration" / "rates.json"  # apart from the state: it holds for any settings
+    cal_file = Path(a.runs) / "calibration" / "rates.json"  # apart from the state: a later benchmark may reuse it
     if a.calibrate:
-        atomic_write_json(cal_file, {"rates": calibrate(a, s, a.jobs), "when": timestamp(), "jobs": a.jobs,
+        atomic_write_json(cal_file, {"rates": calibrate(a, s, a.jobs), "when": timestamp(), **calibrated_for(s, a.jobs),
                                      "load_1min": os.getloadavg()[0]})
     cal = json.loads(cal_file.read_text()) if cal_file.is_file() else state.data.get("calibration")
+    if cal is not None and any(cal.get(k, v) != v for k, v in calibrated_for(s, a.jobs).items()):
+        print(f"[red_vs_kd] the calibration in {cal_file} was measured for other settings "
+              f"({', '.join(f'{k} {cal.get(k)!r}' for k, v in calibrated_for(s, a.jobs).items() if cal.get(k, v) != v)}): "
+              "not used; --calibrate measures these", flush=True)
+        cal = None
     rates = {**RATE_KINDS, **(cal["rates"] if cal else {})}
     print_plan(steps, s, rates, cal is not None, a.budget_h, state.steps, a.jobs)
     if a.plan:
@@ -430,16 +251,30 @@ def main(argv=None) -> int:
 class Runner:
     """Runs the plan's unfinished steps: the teacher alone, then up to ``--jobs`` students at once, each a
     subprocess; a finished step's files are kept (and committed) as it finishes. ``--stop-after-s`` stops the
-    running steps at that time (they resume on the next run) and starts none estimated to end after it."""
+    running steps at that time (they resume on the next run) and starts none estimated to end after it. However
+    the benchmark ends (an error, Ctrl-C, SIGTERM), no step it started outlives it."""
 
     def __init__(self, a, s: Settings, state: State, rates: Dict[str, float]):
         self.a, self.s, self.state, self.rates = a, s, state, rates
         self.counts = image_counts(s.data_root)
         self.deadline = time.time() + a.stop_after_s if a.stop_after_s else None
         self.running: Dict[str, Tuple[Step, subprocess.Popen, float, object]] = {}
+        self.ended: Dict[str, float] = {}  # when each process was seen to exit
         self.failed: List[str] = []
 
     def run(self) -> int:
+        """The steps; 0 when none failed (some may be left for the next run), else 1."""
+        previous = signal.signal(signal.SIGTERM, _sigterm) if threading.current_thread() is threading.main_thread() else None
+        try:
+            return self._run()
+        except BaseException:
+            self.stop_all()
+            raise
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
+
+    def _run(self) -> int:
         a, state = self.a, self.state
         todo = [st.name for st in plan(a, self.s) if not state.steps.get(st.name, {}).get("done")]
         if a.max_steps:
@@ -448,7 +283,6 @@ class Runner:
             while todo and len(self.running) < a.jobs and "teacher" not in self.running:
                 st = next(x for x in plan(a, self.s) if x.name == todo[0])  # the teacher's weights: where it left them
                 if st.variant is not None and not teacher_checkpoint(a).is_file():
-                    self.stop_all()
                     raise UserError(f"the teacher's weights are neither committed nor in {a.runs}: remove the 'teacher' "
                                     f"step from {state.found or state.paths[1]} to train it again")
                 todo.pop(0)
@@ -469,14 +303,19 @@ class Runner:
                 print(f"[red_vs_kd] --stop-after-s reached: stopped {', '.join(self.running)}; run again to resume",
                       flush=True)
                 self.stop_all()
-                if any(v.get("done") for v in state.steps.values()):
-                    write_results(a)
-                return 0
+                written = [state.paths[1], *(write_results(a) if any(v.get("done") for v in state.steps.values())
+                                             else [])]
+                if a.commit:
+                    commit([Path(a.results + "_run"), *(p for p in written if not _inside(p, a.results + "_run"))],
+                           "red_vs_kd: stopped at --stop-after-s")
+                break
             self.finish(done)
             if done in self.failed and done == "teacher":
                 todo = []
         if self.failed:
-            raise SystemExit(f"[red_vs_kd] failed: {', '.join(self.failed)} (see {a.runs}/logs/); run again to resume them")
+            print(f"[red_vs_kd] failed: {', '.join(self.failed)} (see {a.runs}/logs/); run again to resume them",
+                  flush=True)
+            return 1
         left = [st.name for st in plan(a, self.s) if not state.steps.get(st.name, {}).get("done")]
         if left:
             print(f"[red_vs_kd] {len(left)} step(s) left; run again to continue", flush=True)
@@ -498,29 +337,29 @@ class Runner:
         self.running[st.name] = (st, subprocess.Popen(st.argv, stdout=f, stderr=subprocess.STDOUT), time.time(), f)
 
     def wait(self) -> Optional[str]:
-        """The name of the next step to end, or None once the deadline passes first."""
+        """The name of the next step to end (its exit time noted for every step seen ended), or None once the
+        deadline passes first."""
         while True:
             for name, (_, proc, _, _) in self.running.items():
                 if proc.poll() is not None:
-                    return name
+                    self.ended.setdefault(name, time.time())
+            first = min((n for n in self.running if n in self.ended), key=self.ended.get, default=None)
+            if first is not None:
+                return first
             if self.deadline and time.time() > self.deadline:
                 return None
             time.sleep(0.5)
 
     def _end(self, name: str) -> Tuple[Step, int, float]:
+        """Take an exited step off the running ones: (step, exit status, wall seconds up to its exit)."""
         st, proc, t0, f = self.running.pop(name)
-        try:
-            rc = proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:  # a step that ignores SIGTERM
-            proc.kill()
-            rc = proc.wait()
+        rc = proc.wait()
         f.close()
-        return st, rc, time.time() - t0
+        return st, rc, self.ended.pop(name, time.time()) - t0
 
     def stop_all(self) -> None:
         """Stop every running step (each resumes from its last epoch) and keep its time so far."""
-        for name in list(self.running):
-            self.running[name][1].terminate()
+        stop_processes([proc for _, proc, _, _ in self.running.values()])
         for name in list(self.running):
             _, _, seconds = self._end(name)
             rec = self.state.steps[name]
@@ -549,6 +388,10 @@ class Runner:
         if a.commit:  # the whole results folder: a step whose commit failed before goes in with this one
             commit([Path(a.results + "_run"), *(p for p in written if not _inside(p, a.results + "_run"))],
                    f"red_vs_kd: {name} finished ({seconds / 60:.0f} min)")
+
+
+def _sigterm(signum, frame):
+    raise SystemExit(f"[red_vs_kd] stopped by signal {signum}: running steps stopped; run again to resume")
 
 
 if __name__ == "__main__":

@@ -9,24 +9,27 @@ with the paper's recipe, as at 64 px) in three steps: ``--calibrate`` with ``--j
 also the smoke run of the GPU path (bf16 autocast, channels_last, batches augmented on the GPU; a setting whose
 smoke run fails is dropped for the next rung of ``LADDER``, and the log says so); sizing the teacher's epochs and
 the students' subset to the minutes left; the benchmark itself, stopped by ``--stop-after-s`` before the budget
-ends. The results folder, logs and calibration go into one archive under ``--out``: a lent machine returns few
-files. Nothing here needs a GPU to run (a test runs it tiny on the CPU); on a CPU it is only slow.
+ends. The results folder, logs and calibrations go into one archive under ``--out`` however the command ends: a
+lent machine returns few files. Nothing here needs a GPU (a slow test runs it tiny on the CPU).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
+import os
+import shutil
+import signal
 import subprocess
 import sys
 import tarfile
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 from bench import red_vs_kd as rvk
+from bench import red_vs_kd_plan as rp
 from redistill.errors import UserError
 from redistill.io import atomic_write_json
 
@@ -40,8 +43,8 @@ LADDER = (("runtime.amp=bf16", "runtime.compile=false", "runtime.threads=1"),
            "runtime.channels_last=false"))
 #: the teacher takes at most this share of the training time, and at most TEACHER_MAX_EPOCHS
 TEACHER_SHARE, TEACHER_MAX_EPOCHS = 0.35, 20
-#: seconds kept at the end for the page and the archive
-TAIL_S = 40.0
+#: seconds kept at the end for the page and the archive; a settings rung is not tried with less than MIN_RUNG_S left
+TAIL_S, MIN_RUNG_S = 40.0, 90.0
 
 
 def environment() -> dict:
@@ -69,102 +72,178 @@ def bench_argv(a, overrides, *, teacher_epochs: int, subset: int) -> List[str]:
             "--variants", a.variants, "--no-reference", "--jobs", str(a.jobs), *[f"--set={o}" for o in overrides]]
 
 
-def _run(argv: List[str], log) -> int:
+def _run(argv: List[str], log, timeout_s: float) -> int:
+    """``bench.red_vs_kd`` with ``argv`` in its own process group, stopped whole (its runs too) after ``timeout_s``."""
     print(f"[gpu] {' '.join(argv)}", flush=True)
-    return subprocess.call([sys.executable, "-m", "bench.red_vs_kd", *argv], stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen([sys.executable, "-m", "bench.red_vs_kd", *argv], stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    try:
+        return proc.wait(timeout=max(timeout_s, 1.0))
+    except subprocess.TimeoutExpired:
+        print(f"[gpu] stopped after {timeout_s:.0f} s", flush=True)
+        for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, None)):
+            try:
+                os.killpg(proc.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                proc.wait(timeout=wait)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        return proc.wait()
 
 
-def size(a, overrides, left_s: float):
-    """(teacher epochs, student subset) that the calibrated rates fit into ``left_s`` seconds of wall time."""
+def size(a, overrides, left_s: float) -> Optional[Tuple[int, int]]:
+    """(teacher epochs, student subset) that the calibrated rates fit into ``left_s`` seconds of wall time, or None
+    when not even one teacher epoch and the smallest subset fit."""
     probe = rvk.parser().parse_args(bench_argv(a, overrides, teacher_epochs=1, subset=1000))
     s = rvk.settings_of(probe)
-    rates = {**rvk.RATE_KINDS, **json.loads((Path(a.work) / "runs" / "calibration" / "rates.json").read_text())["rates"]}
-    counts = rvk.image_counts(s.data_root)
-    teacher = next(st for st in rvk.plan(probe, s) if st.variant is None)
+    rates = {**rp.RATE_KINDS, **json.loads((Path(a.work) / "runs" / "calibration" / "rates.json").read_text())["rates"]}
+    counts = rp.image_counts(s.data_root)
+    teacher = next(st for st in rp.plan(probe, s) if st.variant is None)
 
     def teacher_s(e):
-        return rvk.estimate(teacher, replace(s, teacher_epochs=e), rates, counts)[1]
+        return rp.estimate(teacher, replace(s, teacher_epochs=e), rates, counts)[1]
 
     epochs = max([e for e in range(1, TEACHER_MAX_EPOCHS + 1) if teacher_s(e) <= TEACHER_SHARE * left_s], default=1)
     s = replace(s, teacher_epochs=epochs)
-    subset = rvk.subset_for(rvk.plan(probe, s), s, rates, counts, left_s, a.jobs) or 1000
-    return epochs, min(subset, counts[0])
+    subset = rp.subset_for(rp.plan(probe, s), s, rates, counts, left_s, a.jobs)
+    return None if subset is None else (epochs, min(subset, counts[0]))
+
+
+#: the files the archive holds: records, logs, pages; of checkpoints only the teacher's copy in the results folder
+PACKED = (".json", ".jsonl", ".yaml", ".log", ".txt", ".md", ".png")
+
+
+def _packed(m: tarfile.TarInfo) -> Optional[tarfile.TarInfo]:
+    keep = m.isdir() or m.name.endswith(PACKED) or (m.name.startswith("results/") and m.name.endswith("/teacher/best.pt"))
+    return m if keep else None
 
 
 def pack(a, name: str) -> Path:
-    """The results folder, logs and calibration (checkpoints apart from the teacher's left out) in one archive."""
+    """The results folder, logs, calibrations (failed ones too), the environment and the benchmark's log in one
+    archive under ``--out``, written whole or not at all."""
     work, out = Path(a.work), Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    dest = out / name
-    with tarfile.open(dest, "w:gz") as tar:
-        extra = [(f, f.name) for f in sorted((work / "runs").glob("calibration-failed-*"))]
-        for folder, arc in ((work / "results", "results"), (work / "runs" / "logs", "logs"),
-                            (work / "runs" / "calibration", "calibration"), *extra):
+    dest, tmp = out / name, out / (name + ".partial")
+    runs = work / "runs"
+    folders = [(work / "results", "results"), (runs / "logs", "logs"), (runs / "calibration", "calibration"),
+               *((f, f.name) for f in sorted(runs.glob("calibration-failed-*")))]
+    with tarfile.open(tmp, "w:gz") as tar:
+        for folder, arc in folders:
             if folder.is_dir():
-                tar.add(folder, arcname=arc, filter=lambda m: None if m.name.endswith(("last.pt", "student/best.pt",
-                                                                                          "teacher/teacher/best.pt"))
-                        else m)
+                tar.add(folder, arcname=arc, filter=_packed)
         for f in ("environment.json", "bench.log"):
             if (work / f).is_file():
                 tar.add(work / f, arcname=f)
+    os.replace(tmp, dest)
     return dest
 
 
+def unpack_data(archive: str, work: Path) -> Path:
+    """The data archive unpacked into <work>/data (through a temporary folder, so a half-unpacked one is never used)."""
+    data = work / "data"
+    if not (data / "train").is_dir():
+        tmp = work / "data.partial"
+        if tmp.exists():
+            shutil.rmtree(tmp)  # this command's own, from an interrupted call
+        with tarfile.open(archive) as tar:
+            tar.extractall(tmp, filter="data")
+        if data.exists():
+            data.rmdir()
+        tmp.rename(data)
+    return data
+
+
 def drive(a) -> int:
+    """Unpack, calibrate down the settings ladder, size to the minutes left, run; the archive is written however
+    this ends. Exit: the benchmark's, or 2 when no settings passed or nothing fitted the time."""
     t0 = time.time()
     deadline = t0 + a.minutes * 60
     work = Path(a.work)
-    (work / "data").mkdir(parents=True, exist_ok=True)
-    if not (work / "data" / "train").is_dir():
-        with tarfile.open(a.archive) as tar:
-            tar.extractall(work / "data", filter="data")
+    if (work / "runs" / "state.json").exists():
+        raise UserError(f"--work {work} holds an earlier run (sized to its own minutes): give a fresh --work")
+    try:
+        return _drive(a, work, deadline)
+    finally:
+        dest = pack(a, RESULTS + ".tar.gz")
+        print(f"[gpu] {dest} ({dest.stat().st_size / 2**20:.1f} MiB) after {time.time() - t0:.0f} s", flush=True)
+
+
+def _drive(a, work: Path, deadline: float) -> int:
+    unpack_data(a.archive, work)
     atomic_write_json(work / "environment.json", environment())
     print(f"[gpu] {json.dumps(json.loads((work / 'environment.json').read_text()))}", flush=True)
     log_path = work / "bench.log"
     with open(log_path, "a") as log:
         chosen = None
-        for rung in [tuple(r.split(",")) for r in a.rung] or LADDER:
-            if _run([*bench_argv(a, rung, teacher_epochs=1, subset=1000), "--plan", "--calibrate"], log) == 0:
+        for rung in rungs(a):
+            left = deadline - time.time() - TAIL_S
+            if left < MIN_RUNG_S:
+                print(f"[gpu] {left:.0f} s left: no time for another settings rung", flush=True)
+                break
+            if _run([*bench_argv(a, rung, teacher_epochs=1, subset=1000), "--plan", "--calibrate"], log, left) == 0:
                 chosen = rung
                 break
             failed = work / "runs" / f"calibration-failed-{len(list((work / 'runs').glob('calibration-failed-*')))}"
-            (work / "runs" / "calibration").rename(failed)  # its logs travel back in the archive
+            if (work / "runs" / "calibration").is_dir():
+                (work / "runs" / "calibration").rename(failed)  # its logs travel back in the archive
             print(f"[gpu] calibration failed with {' '.join(rung)} (logs: {failed}); trying the next settings", flush=True)
         if chosen is None:
-            pack(a, RESULTS + ".tar.gz")
-            raise SystemExit("[gpu] every rung of the settings ladder failed; see the logs in the archive")
+            print(f"[gpu] no settings rung passed its calibration; see the logs in the archive ({log_path})", flush=True)
+            return 2
         left = deadline - time.time() - TAIL_S
-        epochs, subset = size(a, chosen, left)
+        sized = size(a, chosen, left)
+        if sized is None:
+            print(f"[gpu] settings {' '.join(chosen)} passed, but at the calibrated rates nothing fits the {left:.0f} s "
+                  "left (the archive holds the calibration): give more --minutes or fewer --seeds/--variants",
+                  flush=True)
+            return 2
+        epochs, subset = sized
         print(f"[gpu] settings {' '.join(chosen)}; {left:.0f} s left: teacher {epochs} epochs, students "
               f"{a.epochs} epochs on {subset} images", flush=True)
-        rc = _run([*bench_argv(a, chosen, teacher_epochs=epochs, subset=subset),
-                   f"--stop-after-s={max(deadline - time.time() - TAIL_S / 2, 1):.0f}"], log)
+        stop = deadline - time.time() - TAIL_S
+        rc = _run([*bench_argv(a, chosen, teacher_epochs=epochs, subset=subset), f"--stop-after-s={stop:.0f}"], log,
+                  stop + TAIL_S / 2)
     print(log_path.read_text()[-4000:], flush=True)
-    dest = pack(a, RESULTS + ".tar.gz")
-    print(f"[gpu] benchmark exit {rc}; {dest} ({dest.stat().st_size / 2**20:.1f} MiB) after {time.time() - t0:.0f} s",
-          flush=True)
+    print(f"[gpu] benchmark exit {rc}", flush=True)
     return rc
 
 
+def rungs(a) -> List[Tuple[str, ...]]:
+    """The settings to try in turn: ``--rung`` options, else ``LADDER``."""
+    return [tuple(x for x in r.split(",") if x) for r in a.rung] or list(LADDER)
+
+
 def unpack(archive: str, results: str) -> int:
-    """Put a returned archive's results folder beside the other results, and its logs under <results>_run/logs."""
+    """Put a returned archive's results folder beside the other results (<results>_run/), with its logs,
+    calibrations and environment; an archive of calibrations only (no run finished) goes there too."""
     dest = Path(results + "_run")
-    if dest.exists():
-        raise UserError(f"{dest} exists: move it away first (this never overwrites results)")
-    with tarfile.open(archive) as tar:
-        names = tar.getnames()
-        if f"results/{RESULTS}_run/state.json" not in names:
-            raise UserError(f"{archive} holds no results/{RESULTS}_run/state.json: not this command's archive")
-        tmp = dest.with_name(dest.name + ".unpacking")
-        tar.extractall(tmp, filter="data")
-    (tmp / "results" / f"{RESULTS}_run").rename(dest)
-    for extra in ("logs", "calibration", "environment.json", "bench.log", *(p.name for p in tmp.glob("calibration-failed-*"))):
-        if (tmp / extra).exists():
-            (tmp / extra).rename(dest / extra)
-    for p in sorted(tmp.rglob("*"), reverse=True):  # what is left: the page written there (rewritten here)
-        p.unlink() if p.is_file() else p.rmdir()
-    tmp.rmdir()
-    print(f"[gpu] unpacked into {dest}; now: python -m bench.red_vs_kd --pages-only --results {results}", flush=True)
+    tmp = dest.with_name(dest.name + ".unpacking")
+    for p in (dest, tmp):
+        if p.exists():
+            raise UserError(f"{p} exists: move it away first (this never overwrites results)")
+    try:
+        with tarfile.open(archive) as tar:
+            names = tar.getnames()
+            if not any(n.startswith(("results/", "calibration", "environment.json")) for n in names):
+                raise UserError(f"{archive} holds no results, calibration or environment: not this command's archive")
+            tar.extractall(tmp, filter="data")
+    except (tarfile.TarError, EOFError, OSError) as e:
+        raise UserError(f"{archive}: not a readable archive ({e}); fetch it again") from None
+    run = tmp / "results" / f"{RESULTS}_run"
+    if run.is_dir():
+        run.rename(dest)
+    else:
+        dest.mkdir(parents=True)
+    for p in tmp.iterdir():
+        if p.name != "results":
+            p.rename(dest / p.name)
+    shutil.rmtree(tmp)  # what is left: the page written there (rewritten here from the files)
+    page = "; now: python -m bench.red_vs_kd --pages-only --results " + results if (dest / "state.json").is_file() \
+        else " (calibrations only: no run finished, so there is no page)"
+    print(f"[gpu] unpacked into {dest}{page}", flush=True)
     return 0
 
 
@@ -192,8 +271,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         return unpack(a.unpack, a.results)
     if not a.archive or not Path(a.archive).is_file() or not a.out:
         raise UserError("give --archive (the CIFAR-10 JPEG archive, copied to the machine) and --out (a folder)")
-    if a.minutes * 60 < 3 * TAIL_S or a.jobs < 1:
-        raise UserError(f"--minutes must leave room for a run (at least {3 * TAIL_S / 60:g}) and --jobs be at least 1")
+    if a.minutes * 60 < TAIL_S + MIN_RUNG_S or a.jobs < 1:
+        raise UserError(f"--minutes must leave room for a run (at least {(TAIL_S + MIN_RUNG_S) / 60:g}) and --jobs be "
+                        "at least 1")
+    for rung in rungs(a):  # every option checked before the data is unpacked
+        rvk.settings_of(rvk.parser().parse_args(bench_argv(a, rung, teacher_epochs=1, subset=1000)))
     return drive(a)
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from bench import red_vs_kd
+from bench import red_vs_kd, red_vs_kd_plan
 from bench.red_vs_kd import estimate, parser, plan, settings_of
 from bench.red_vs_kd_page import VARIANTS, write_results
 from redistill.errors import UserError
@@ -56,10 +56,10 @@ def test_the_estimate_is_training_plus_evaluation_at_the_step_rates(tmp_path):
     rates = {"teacher": 100.0, "distill": 50.0, "student": 200.0, "distill_b64": 80.0}
     images, sec = estimate(teacher, s, rates, (50000, 10000))
     assert images == 47500 * 15
-    assert sec == pytest.approx(47500 * 15 / 100 + (2500 * 15 + 20000) / 400 + red_vs_kd.FIXED_S)
+    assert sec == pytest.approx(47500 * 15 / 100 + (2500 * 15 + 20000) / 400 + red_vs_kd_plan.FIXED_S)
     images, sec = estimate(kd_paper, s, rates, (50000, 10000))
     assert kd_paper.name == "kd_paper-s0" and images == 14250 * 6
-    assert sec == pytest.approx(14250 * 6 / 80 + (750 * 6 + 20000) / 320 + red_vs_kd.FIXED_S)
+    assert sec == pytest.approx(14250 * 6 / 80 + (750 * 6 + 20000) / 320 + red_vs_kd_plan.FIXED_S)
 
 
 def test_plan_prints_the_time_and_writes_nothing(tmp_path, capsys):
@@ -81,26 +81,43 @@ def test_image_size_and_set_reach_every_run_and_are_settings(tmp_path):
         red_vs_kd.State(a, settings_of(_args(tmp_path, "--set", "runtime.amp=bf16", "--set=runtime.threads=2")))
     with pytest.raises(UserError, match="runtime.amp.*bf16"):  # a bad --set is one line before anything runs
         settings_of(_args(tmp_path, "--set", "runtime.amp=bf17"))
+    for key in ("epochs=2", "data.batch_size=64", "teacher.checkpoint=x.pt"):  # the benchmark's own keys
+        with pytest.raises(UserError, match="sets .* itself"):
+            settings_of(_args(tmp_path, "--set", key))
 
 
-def test_a_state_written_before_the_new_settings_still_resumes(tmp_path):
+def test_a_calibration_for_other_settings_is_not_used(tmp_path, capsys):
+    cal = tmp_path / "runs" / "calibration"
+    cal.mkdir(parents=True)
+    (cal / "rates.json").write_text(json.dumps({"rates": {"teacher": 1.0}, "jobs": 1, "image_size": 0, "overrides": []}))
+    argv = ["--plan", "--runs", str(tmp_path / "runs"), "--results", str(tmp_path / "res" / "r"), "--data-root",
+            str(tmp_path / "none")]
+    assert red_vs_kd.main(argv) == 0
+    assert "rates measured here" in capsys.readouterr().out
+    assert red_vs_kd.main([*argv, "--jobs", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "measured for other settings (jobs 1)" in out and "rates assumed" in out
+
+
+def test_the_settings_added_later_are_recorded_only_when_set(tmp_path):
     a = _args(tmp_path)
     state = red_vs_kd.State(a, settings_of(a))
-    for key in ("image_size", "overrides"):
-        del state.data["settings"][key]
-    state.save()
-    assert red_vs_kd.State(a, settings_of(a)).data["settings"]["image_size"] == 0
+    assert "image_size" not in state.data["settings"]  # at their defaults the later settings are not written,
+    state.save()  # so that the code before them still reads this state
+    assert red_vs_kd.State(a, settings_of(a)).data["settings"] == state.data["settings"]
+    a128 = _args(tmp_path / "b", "--image-size", "128")
+    assert red_vs_kd.State(a128, settings_of(a128)).data["settings"]["image_size"] == 128
 
 
 def test_wall_time_with_jobs_is_the_teacher_then_the_students_shared(tmp_path):
     times = {"teacher": 10.0, "a": 20.0, "b": 20.0, "c": 20.0}
-    assert red_vs_kd.wall_s(times, 1) == 70.0
-    assert red_vs_kd.wall_s(times, 2) == 40.0
-    assert red_vs_kd.wall_s(times, 8) == 30.0  # never shorter than the longest student
+    assert red_vs_kd_plan.wall_s(times, 1) == 70.0
+    assert red_vs_kd_plan.wall_s(times, 2) == 40.0
+    assert red_vs_kd_plan.wall_s(times, 8) == 30.0  # never shorter than the longest student
     a = _args(tmp_path)
     s = settings_of(a)
     rates = {"teacher": 100.0, "distill": 50.0, "student": 200.0, "distill_b64": 80.0}
-    one, eight = (red_vs_kd.subset_for(plan(a, s), s, rates, (50000, 10000), 4 * 3600, j) for j in (1, 8))
+    one, eight = (red_vs_kd_plan.subset_for(plan(a, s), s, rates, (50000, 10000), 4 * 3600, j) for j in (1, 8))
     assert one < eight  # eight students at once (at these rates) train on more images in the same time
 
 
@@ -235,7 +252,7 @@ def test_a_tiny_benchmark_runs_commits_resumes_and_rerenders(tiny_images, tmp_pa
 
 def test_students_run_jobs_at_once_and_a_deadline_stops_a_run_that_resumes(tiny_images, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(red_vs_kd, "FIXED_S", 0.0)  # tiny runs: every estimate fits the deadline below
+    monkeypatch.setattr(red_vs_kd_plan, "FIXED_S", 0.0)  # tiny runs: every estimate fits the deadline below
     argv = ["--data-root", str(tiny_images), "--seeds", "0", "--epochs", "1", "--teacher-epochs", "1", "--train-subset",
             "40", "--variants", "student,red_a50", "--no-reference", "--runs", "runs", "--results", "res/rvk",
             "--jobs", "2", "--set", "runtime.threads=1"]

@@ -2,11 +2,10 @@
 
 import json
 import tarfile
-from pathlib import Path
 
 import pytest
 
-from bench import red_vs_kd, red_vs_kd_gpu
+from bench import red_vs_kd, red_vs_kd_gpu, red_vs_kd_plan
 from redistill.errors import UserError
 
 
@@ -29,12 +28,12 @@ def test_sizing_gives_the_teacher_its_share_and_the_students_the_rest(tmp_path):
     assert 1 <= epochs <= red_vs_kd_gpu.TEACHER_MAX_EPOCHS and subset % 1000 == 0 and subset >= 1000
     probe = red_vs_kd.parser().parse_args(red_vs_kd_gpu.bench_argv(a, rung, teacher_epochs=epochs, subset=subset))
     s = red_vs_kd.settings_of(probe)
-    counts = red_vs_kd.image_counts(s.data_root)
-    steps = red_vs_kd.plan(probe, s)
-    times = {st.name: red_vs_kd.estimate(st, s, json.loads((tmp_path / "work/runs/calibration/rates.json")
+    counts = red_vs_kd_plan.image_counts(s.data_root)
+    steps = red_vs_kd_plan.plan(probe, s)
+    times = {st.name: red_vs_kd_plan.estimate(st, s, json.loads((tmp_path / "work/runs/calibration/rates.json")
                                                            .read_text())["rates"], counts)[1] for st in steps}
     assert times["teacher"] <= red_vs_kd_gpu.TEACHER_SHARE * 400.0
-    assert red_vs_kd.wall_s(times, a.jobs) <= 400.0  # the plan fits the time left
+    assert red_vs_kd_plan.wall_s(times, a.jobs) <= 400.0  # the plan fits the time left
     assert s.image_size == 128 and "runtime.amp=bf16" in s.overrides and not s.reference
     _rates(tmp_path, teacher=50000.0, distill=3000.0, student=6000.0, distill_b64=15000.0)
     assert red_vs_kd_gpu.size(a, rung, 400.0)[0] == red_vs_kd_gpu.TEACHER_MAX_EPOCHS  # fast: capped
@@ -87,3 +86,50 @@ def test_bad_options_are_one_line(tmp_path):
     (tmp_path / "a.tar.gz").write_text("x")
     with pytest.raises(UserError, match="--minutes must leave room"):
         red_vs_kd_gpu.main(["--archive", str(tmp_path / "a.tar.gz"), "--out", str(tmp_path), "--minutes", "1"])
+
+
+def test_no_fit_is_none_and_every_rung_is_checked_before_the_data_is_unpacked(tmp_path):
+    a = _args(tmp_path)
+    _rates(tmp_path, teacher=5.0, distill=1.0, student=1.0, distill_b64=1.0)
+    assert red_vs_kd_gpu.size(a, red_vs_kd_gpu.LADDER[0], 60.0) is None  # nothing fits: said, not run anyway
+    (tmp_path / "a.tar.gz").write_text("not read")
+    for rung, match in (("runtime.amp=bf17", "runtime.amp.*bf16"), ("epochs=3", "sets epochs itself")):
+        with pytest.raises(UserError, match=match):
+            red_vs_kd_gpu.main(["--archive", str(tmp_path / "a.tar.gz"), "--work", str(tmp_path / "w"), "--out",
+                                str(tmp_path / "out"), "--rung", rung])
+    assert not (tmp_path / "w").exists()
+
+
+def test_a_calibration_only_archive_unpacks_and_a_broken_one_is_one_line(tmp_path):
+    archive = _archive(tmp_path, ["calibration/rates.json", "calibration-failed-0/distill0.log", "environment.json"])
+    dest = tmp_path / "res" / "rvk128"
+    assert red_vs_kd_gpu.main(["--unpack", str(archive), "--results", str(dest)]) == 0
+    assert sorted(p.name for p in (tmp_path / "res" / "rvk128_run").iterdir()) == [
+        "calibration", "calibration-failed-0", "environment.json"]
+    broken = tmp_path / "broken.tar.gz"
+    broken.write_bytes(archive.read_bytes()[:40])
+    with pytest.raises(UserError, match="not a readable archive"):
+        red_vs_kd_gpu.main(["--unpack", str(broken), "--results", str(tmp_path / "other")])
+
+
+@pytest.mark.slow
+def test_the_driver_runs_tiny_on_a_cpu_and_its_archive_unpacks_into_a_page(tiny_images, tmp_path, monkeypatch):
+    src = tmp_path / "data.tar.gz"
+    with tarfile.open(src, "w:gz") as tar:
+        for split in ("train", "test"):
+            tar.add(tiny_images / split, arcname=split)
+    out = tmp_path / "out"
+    rc = red_vs_kd_gpu.main(["--archive", str(src), "--work", str(tmp_path / "work"), "--out", str(out), "--minutes", "8",
+                             "--jobs", "2", "--seeds", "0", "--epochs", "1", "--variants", "student,red_a50",
+                             "--image-size", "32", "--rung", "runtime.threads=1"])
+    assert rc == 0
+    monkeypatch.chdir(tmp_path)
+    assert red_vs_kd_gpu.main(["--unpack", str(out / f"{red_vs_kd_gpu.RESULTS}.tar.gz"), "--results", "res/r"]) == 0
+    run = tmp_path / "res" / "r_run"
+    state = json.loads((run / "state.json").read_text())
+    assert all(state["steps"][n]["done"] for n in ("teacher", "student-s0", "red_a50-s0"))
+    assert (run / "calibration" / "rates.json").is_file() and (run / "environment.json").is_file()
+    assert not list(run.rglob("last.pt")) and (run / "teacher" / "best.pt").is_file()
+    assert red_vs_kd.main(["--pages-only", "--results", "res/r"]) == 0
+    md = (tmp_path / "res" / "r.md").read_text()
+    assert "# RED vs KD at 32 px" in md and "Environment: torch" in md and "`runtime.threads=1`" in md

@@ -4,10 +4,11 @@
     python -m bench.red_vs_kd_gpu --unpack DIR/red_vs_kd_128.tar.gz     # back here: into bench/results/
     python -m bench.red_vs_kd --pages-only --results bench/results/red_vs_kd_128 --remarks ...
 
-On the GPU machine it unpacks the data, then runs ``bench.red_vs_kd`` at 128 px (the paper's size; the students
-with the paper's recipe, as at 64 px) in three steps: ``--calibrate`` with ``--jobs`` students at once, which is
-also the smoke run of the GPU path (bf16 autocast, channels_last, batches augmented on the GPU; a setting whose
-smoke run fails is dropped for the next rung of ``LADDER``, and the log says so); sizing the teacher's epochs and
+On the GPU machine it unpacks the data, times the teacher's and RED's step under each amp / channels_last setting
+(``bench.gpu_probe``; the fastest goes first in ``LADDER``), then runs ``bench.red_vs_kd`` at 128 px (the paper's
+size; the students with the paper's recipe, as at 64 px) in three steps: ``--calibrate`` with ``--jobs`` students
+at once, which is also the smoke run of the GPU path (a rung whose calibration fails gives way to the next, fp32
+and per-image loading last, and the log says so); sizing the teacher's epochs and
 the students' subset to the minutes left; the benchmark itself, stopped by ``--stop-after-s`` before the budget
 ends. The results folder, logs and calibrations go into one archive under ``--out`` however the command ends: a
 lent machine returns few files. Nothing here needs a GPU (a slow test runs it tiny on the CPU).
@@ -43,8 +44,9 @@ LADDER = (("runtime.amp=bf16", "runtime.compile=false", "runtime.threads=1"),
            "runtime.channels_last=false"))
 #: the teacher takes at most this share of the training time, and at most TEACHER_MAX_EPOCHS
 TEACHER_SHARE, TEACHER_MAX_EPOCHS = 0.35, 20
-#: seconds kept at the end for the page and the archive; a settings rung is not tried with less than MIN_RUNG_S left
-TAIL_S, MIN_RUNG_S = 40.0, 90.0
+#: seconds kept at the end for the page and the archive; a settings rung is not tried with less than MIN_RUNG_S left;
+#: the settings probe (bench.gpu_probe) gets at most PROBE_S
+TAIL_S, MIN_RUNG_S, PROBE_S = 40.0, 90.0, 120.0
 
 
 def environment() -> dict:
@@ -134,7 +136,7 @@ def pack(a, name: str) -> Path:
         for folder, arc in folders:
             if folder.is_dir():
                 tar.add(folder, arcname=arc, filter=_packed)
-        for f in ("environment.json", "bench.log"):
+        for f in ("environment.json", "probe.json", "bench.log"):
             if (work / f).is_file():
                 tar.add(work / f, arcname=f)
     os.replace(tmp, dest)
@@ -175,10 +177,11 @@ def _drive(a, work: Path, deadline: float) -> int:
     unpack_data(a.archive, work)
     atomic_write_json(work / "environment.json", environment())
     print(f"[gpu] {json.dumps(json.loads((work / 'environment.json').read_text()))}", flush=True)
+    probe = None if a.rung else run_probe(work, deadline - time.time() - TAIL_S - 2 * MIN_RUNG_S)
     log_path = work / "bench.log"
     with open(log_path, "a") as log:
         chosen = None
-        for rung in rungs(a):
+        for rung in rungs(a, probe):
             left = deadline - time.time() - TAIL_S
             if left < MIN_RUNG_S:
                 print(f"[gpu] {left:.0f} s left: no time for another settings rung", flush=True)
@@ -211,9 +214,30 @@ def _drive(a, work: Path, deadline: float) -> int:
     return rc
 
 
-def rungs(a) -> List[Tuple[str, ...]]:
-    """The settings to try in turn: ``--rung`` options, else ``LADDER``."""
-    return [tuple(x for x in r.split(",") if x) for r in a.rung] or list(LADDER)
+def rungs(a, probe: Optional[dict] = None) -> List[Tuple[str, ...]]:
+    """The settings to try in turn: ``--rung`` options, else ``LADDER`` with the probe's fastest first."""
+    if a.rung:
+        return [tuple(x for x in r.split(",") if x) for r in a.rung]
+    fast = (probe or {}).get("best")
+    first = [(f"runtime.amp={fast['amp']}", f"runtime.channels_last={fast['channels_last']}",
+              *LADDER[0][1:])] if fast else []
+    return list(dict.fromkeys(first + list(LADDER)))
+
+
+def run_probe(work: Path, left_s: float) -> Optional[dict]:
+    """``bench.gpu_probe`` (about a minute on a GPU; tiny on a CPU): which settings step fastest, or None."""
+    import torch
+
+    out = work / "probe.json"
+    tiny = [] if torch.cuda.is_available() else ["--warmup", "1", "--steps", "2", "--image-size", "32"]
+    argv = [sys.executable, "-m", "bench.gpu_probe", "--out", str(out), *tiny]
+    print(f"[gpu] {' '.join(argv[1:])}", flush=True)
+    try:
+        subprocess.run(argv, timeout=max(min(PROBE_S, left_s), 1.0))
+    except subprocess.TimeoutExpired:
+        print(f"[gpu] the probe took over {min(PROBE_S, left_s):.0f} s: stopped; the ladder runs in its own order",
+              flush=True)
+    return json.loads(out.read_text()) if out.is_file() else None
 
 
 def unpack(archive: str, results: str) -> int:

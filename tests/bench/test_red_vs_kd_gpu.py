@@ -133,3 +133,15 @@ def test_the_driver_runs_tiny_on_a_cpu_and_its_archive_unpacks_into_a_page(tiny_
     assert red_vs_kd.main(["--pages-only", "--results", "res/r"]) == 0
     md = (tmp_path / "res" / "r.md").read_text()
     assert "# RED vs KD at 32 px" in md and "Environment: torch" in md and "`runtime.threads=1`" in md
+
+
+def test_the_probes_fastest_settings_are_tried_first(tmp_path):
+    a = _args(tmp_path)
+    ladder = list(red_vs_kd_gpu.LADDER)
+    assert red_vs_kd_gpu.rungs(a) == ladder
+    fast = red_vs_kd_gpu.rungs(a, {"best": {"amp": "none", "channels_last": "true"}})
+    assert fast[0] == ("runtime.amp=none", "runtime.channels_last=true", *ladder[0][1:]) and fast[1:] == ladder
+    assert red_vs_kd_gpu.rungs(a, {"best": None}) == ladder
+    given = _args(tmp_path, "--rung", "runtime.threads=1,runtime.amp=bf16")
+    assert red_vs_kd_gpu.rungs(given, {"best": {"amp": "none", "channels_last": "true"}}) == [
+        ("runtime.threads=1", "runtime.amp=bf16")]

@@ -25,7 +25,8 @@ from export.int8_search import Goal, SearchResult, search_int8
 from train.fold import fold_batchnorm
 from export.onnx_export import INPUT_NAME, MIN_OPSET, check_model, export_onnx, graph_io, lower_ir_version
 from export.preflight import preflight
-from export.qat import QATSettings, finetune
+from export.qat import QATSettings
+from export.qat_graph import finetune_graph, qdq_for
 from export.quantize import qdq_summary, quantize_int8
 from export.targets import get_target
 from export.verify import (accuracy, batched, compare, compare_eps, denoise_inputs, run, session, symbolic_batch, take,
@@ -226,13 +227,16 @@ def _quantize(o: ExportOptions, ck: Dict[str, Any], proto, int8: Int8Data, denoi
 
 def _try_qat(o: ExportOptions, ck: Dict[str, Any], proto, folded, int8: Int8Data, calib, val, goal: Goal,
              ptq: SearchResult) -> Tuple[SearchResult, Dict[str, Any]]:
-    """Fine-tune with the INT8 rounding (``export.qat``), search again on the fine-tuned weights against the original
-    FP32 graph, and keep whichever INT8 graph keeps FP32's top-1 on more validation images."""
+    """Fine-tune the FP32 graph rounded as the QDQ model of the calibration the search chose rounds it (every node
+    quantized; ``export.qat_graph``), search again on the fine-tuned weights against the original FP32 graph, and
+    keep whichever INT8 graph keeps FP32's top-1 on more validation images."""
     _say(o, f"INT8: the goal is missed after post-training quantization; quantization-aware fine-tuning for "
-            f"{o.int8_qat_epochs} epoch(s) on the run's {len(int8.calib)} training images")
-    model, record = finetune(folded, int8.calib, calib[max(calib)], val[0], QATSettings(o.int8_qat_epochs),
-                             lambda m: _say(o, m))
-    tuned = export_onnx(model, ck["image_size"], o.opset, o.dynamic_batch)
+            f"{o.int8_qat_epochs} epoch(s) on the run's {len(int8.calib)} training images, rounded as the INT8 graph "
+            f"of {ptq.method} on {ptq.calib_images} training images rounds")
+    images = calib[ptq.calib_images] if ptq.calib_images in calib else take(int8.calib, ptq.calib_images)[0]
+    tuned, record = finetune_graph(proto, qdq_for(proto, images, ptq.method), int8.calib, val[0],
+                                   QATSettings(o.int8_qat_epochs), lambda m: _say(o, m))
+    record["qdq"] = {"method": ptq.method, "calib_images": ptq.calib_images, "float_nodes": 0}
     qat = search_int8(tuned, calib, val, goal, lambda m: _say(o, m), reference=proto)
     keep = (qat.score.agreement, -qat.score.drop) > (ptq.score.agreement, -ptq.score.drop)
     record.update(chosen=keep, validation_ptq=ptq.score.record(), validation_qat=qat.score.record(),

@@ -38,8 +38,8 @@ PROG = "python -m bench.red_vs_kd_gpu"
 RESULTS = "red_vs_kd_128"
 #: runtime settings tried in turn until the calibration (the smoke run) passes. No torch.compile: compiling each
 #: of 8 processes costs a minute or more of a 10-minute budget. One CPU thread per process: 16 at once on 16 cores.
-LADDER = (("runtime.amp=bf16", "runtime.compile=false", "runtime.threads=1"),
-          ("runtime.amp=none", "runtime.compile=false", "runtime.threads=1"),
+LADDER = (("runtime.amp=bf16", "runtime.channels_last=true", "runtime.compile=false", "runtime.threads=1"),
+          ("runtime.amp=none", "runtime.channels_last=true", "runtime.compile=false", "runtime.threads=1"),
           ("runtime.amp=none", "runtime.compile=false", "runtime.threads=1", "runtime.device_augment=false",
            "runtime.channels_last=false"))
 #: the teacher takes at most this share of the training time, and at most TEACHER_MAX_EPOCHS
@@ -177,7 +177,7 @@ def _drive(a, work: Path, deadline: float) -> int:
     unpack_data(a.archive, work)
     atomic_write_json(work / "environment.json", environment())
     print(f"[gpu] {json.dumps(json.loads((work / 'environment.json').read_text()))}", flush=True)
-    probe = None if a.rung else run_probe(work, deadline - time.time() - TAIL_S - 2 * MIN_RUNG_S)
+    probe = None if a.rung else run_probe(a, work, deadline - time.time() - TAIL_S - 2 * MIN_RUNG_S)
     log_path = work / "bench.log"
     with open(log_path, "a") as log:
         chosen = None
@@ -220,24 +220,32 @@ def rungs(a, probe: Optional[dict] = None) -> List[Tuple[str, ...]]:
         return [tuple(x for x in r.split(",") if x) for r in a.rung]
     fast = (probe or {}).get("best")
     first = [(f"runtime.amp={fast['amp']}", f"runtime.channels_last={fast['channels_last']}",
-              *LADDER[0][1:])] if fast else []
+              *LADDER[0][2:])] if fast else []
     return list(dict.fromkeys(first + list(LADDER)))
 
 
-def run_probe(work: Path, left_s: float) -> Optional[dict]:
-    """``bench.gpu_probe`` (about a minute on a GPU; tiny on a CPU): which settings step fastest, or None."""
+def run_probe(a, work: Path, left_s: float) -> Optional[dict]:
+    """``bench.gpu_probe`` at the driver's image size (about a minute on a GPU; tiny steps on a CPU): which settings
+    step fastest, or None (no time for it, or it failed: the ladder runs in its own order)."""
     import torch
 
     out = work / "probe.json"
-    tiny = [] if torch.cuda.is_available() else ["--warmup", "1", "--steps", "2", "--image-size", "32"]
-    argv = [sys.executable, "-m", "bench.gpu_probe", "--out", str(out), *tiny]
+    out.unlink(missing_ok=True)  # only this call's record is read
+    if left_s < 30:
+        print(f"[gpu] {left_s:.0f} s left: no settings probe", flush=True)
+        return None
+    tiny = [] if torch.cuda.is_available() else ["--warmup", "1", "--steps", "2"]
+    argv = [sys.executable, "-m", "bench.gpu_probe", "--out", str(out), "--image-size", str(a.image_size), *tiny]
     print(f"[gpu] {' '.join(argv[1:])}", flush=True)
     try:
-        subprocess.run(argv, timeout=max(min(PROBE_S, left_s), 1.0))
+        rc = subprocess.run(argv, timeout=min(PROBE_S, left_s)).returncode
     except subprocess.TimeoutExpired:
-        print(f"[gpu] the probe took over {min(PROBE_S, left_s):.0f} s: stopped; the ladder runs in its own order",
-              flush=True)
-    return json.loads(out.read_text()) if out.is_file() else None
+        rc = None
+    if rc != 0 or not out.is_file():
+        print(f"[gpu] the settings probe {'timed out' if rc is None else f'ended with exit {rc}'}: the ladder runs in "
+              "its own order", flush=True)
+        return None
+    return json.loads(out.read_text())
 
 
 def unpack(archive: str, results: str) -> int:

@@ -250,15 +250,23 @@ class _Search:
 
 def search_int8(fp32: onnx.ModelProto, calib: Mapping[int, np.ndarray], val: Tuple[np.ndarray, np.ndarray],
                 goal: Goal, say: Callable[[str], None] = lambda _: None,
-                reference: Optional[onnx.ModelProto] = None) -> SearchResult:
+                reference: Optional[onnx.ModelProto] = None, ranges: Optional[Ranges] = None) -> SearchResult:
     """Choose the calibration and the nodes kept in float on ``val`` (images, labels); ``calib[n]``: ``n``
     class-balanced training images for each candidate size. Every score is against ``reference``'s logits when
-    given (the original FP32 graph, when ``fp32`` holds fine-tuned weights), else against ``fp32``'s."""
+    given (the original FP32 graph, when ``fp32`` holds fine-tuned weights), else against ``fp32``'s. ``ranges``:
+    no calibration is chosen, these activation ranges are kept (those a fine-tuning was rounded at)."""
     search = _Search(fp32, val, say, reference)
     vx, vy = val
     say(f"INT8: choosing on {len(vx)} validation images (FP32 top-1 {search.fp32_top1:.2f}%), goal: drop + 1 "
         f"standard error <= {goal.max_drop} points")
-    cur, ranges, q = search.calibration(calib, goal)
+    if ranges is None:
+        cur, ranges, q = search.calibration(calib, goal)
+    else:
+        q = quantize_int8(fp32, ranges)
+        cur = search.score(q)
+        search.trace.append(Trial("calibration", ranges.method, ranges.images, [], cur, True))
+        say(f"  {ranges.method} on {ranges.images} training images, ranges kept: validation drop {cur.drop:+.2f} "
+            f"+- {cur.se:.2f}, FP32's top-1 kept on {100 * cur.agreement:.1f}%")
     ranking: List[NodeSensitivity] = []
     kept: List[Dict[str, Any]] = []
     sel: List[int] = []

@@ -26,7 +26,7 @@ from train.fold import fold_batchnorm
 from export.onnx_export import INPUT_NAME, MIN_OPSET, check_model, export_onnx, graph_io, lower_ir_version
 from export.preflight import preflight
 from export.qat import QATSettings
-from export.qat_graph import finetune_graph, qdq_for
+from export.qat_graph import GraphModule, finetune_graph, ranges_for
 from export.quantize import qdq_summary, quantize_int8
 from export.targets import get_target
 from export.verify import (accuracy, batched, compare, compare_eps, denoise_inputs, run, session, symbolic_batch, take,
@@ -228,25 +228,37 @@ def _quantize(o: ExportOptions, ck: Dict[str, Any], proto, int8: Int8Data, denoi
 def _try_qat(o: ExportOptions, ck: Dict[str, Any], proto, folded, int8: Int8Data, calib, val, goal: Goal,
              ptq: SearchResult) -> Tuple[SearchResult, Dict[str, Any]]:
     """Fine-tune the FP32 graph rounded as the QDQ model of the calibration the search chose rounds it (every node
-    quantized; ``export.qat_graph``), search again on the fine-tuned weights against the original FP32 graph, and
-    keep whichever INT8 graph keeps FP32's top-1 on more validation images."""
+    quantized; ``export.qat_graph``), then search the fine-tuned weights twice against the original FP32 graph: at the
+    activation ranges they were fine-tuned at, and calibrated again; keep whichever of those and the post-training
+    graph keeps FP32's top-1 on the most validation images (ties: the smaller drop). A graph the fine-tuning cannot
+    run leaves the post-training one, with the reason recorded."""
     _say(o, f"INT8: the goal is missed after post-training quantization; quantization-aware fine-tuning for "
             f"{o.int8_qat_epochs} epoch(s) on the run's {len(int8.calib)} training images, rounded as the INT8 graph "
             f"of {ptq.method} on {ptq.calib_images} training images rounds")
     images = calib[ptq.calib_images] if ptq.calib_images in calib else take(int8.calib, ptq.calib_images)[0]
-    tuned, record = finetune_graph(proto, qdq_for(proto, images, ptq.method), int8.calib, val[0],
-                                   QATSettings(o.int8_qat_epochs), lambda m: _say(o, m))
+    try:
+        ranges = ranges_for(proto, images, ptq.method)
+        tuned, record = finetune_graph(proto, quantize_int8(proto, ranges), int8.calib, val[0],
+                                       QATSettings(o.int8_qat_epochs), lambda m: _say(o, m))
+    except UserError as e:
+        _say(o, f"INT8: QAT not run ({e}); the post-training graph is kept")
+        return ptq, {"chosen": False, "not_run": str(e)}
     record["qdq"] = {"method": ptq.method, "calib_images": ptq.calib_images, "float_nodes": 0}
-    qat = search_int8(tuned, calib, val, goal, lambda m: _say(o, m), reference=proto)
-    keep = (qat.score.agreement, -qat.score.drop) > (ptq.score.agreement, -ptq.score.drop)
-    record.update(chosen=keep, validation_ptq=ptq.score.record(), validation_qat=qat.score.record(),
-                  chosen_by="FP32's top-1 kept on more validation images (ties: the smaller drop)",
+    candidates = {"post-training": ptq,
+                  "QAT, ranges kept": search_int8(tuned, calib, val, goal, lambda m: _say(o, m), reference=proto,
+                                                  ranges=ranges),
+                  "QAT, calibrated again": search_int8(tuned, calib, val, goal, lambda m: _say(o, m), reference=proto)}
+    name = max(candidates, key=lambda k: (candidates[k].score.agreement, -candidates[k].score.drop))
+    keep = name != "post-training"
+    record.update(chosen=keep, kept=name, validation_ptq=ptq.score.record(),
+                  validation_qat=candidates["QAT, calibrated again"].score.record(),
+                  validation_qat_ranges_kept=candidates["QAT, ranges kept"].score.record(),
+                  chosen_by="FP32's top-1 kept on the most validation images (ties: the smaller drop)",
                   note="when chosen, the INT8 graph's weights are the fine-tuned ones; the checkpoint, the FP32 "
                        "figures and the test drop's FP32 side are the original network's")
-    _say(o, f"INT8: {'QAT kept' if keep else 'QAT not kept'}: FP32's top-1 kept on {100 * qat.score.agreement:.1f}% "
-            f"of the validation images (post-training: {100 * ptq.score.agreement:.1f}%), drop {qat.score.drop:+.2f} "
-            f"(post-training {ptq.score.drop:+.2f})")
-    return (qat if keep else ptq), record
+    _say(o, "INT8: " + "; ".join(f"{k}: FP32's top-1 kept on {100 * v.score.agreement:.1f}% (drop {v.score.drop:+.2f})"
+                                 for k, v in candidates.items()) + f"; kept: {name}")
+    return candidates[name], record
 
 
 def _validation_record(search: Optional[SearchResult], int8: Optional[Int8Data]) -> Optional[Dict[str, Any]]:
@@ -310,6 +322,8 @@ def run_export(o: ExportOptions) -> Tuple[Path, Dict[str, Any]]:
     if bn:
         raise UserError(f"BatchNormalization node {bn[0]} survived folding; report the architecture")
     checks = {"fp32": preflight(proto, target)}
+    if precision == "int8" and o.int8_qat_epochs:
+        GraphModule(proto)  # a graph QAT cannot run: one line now, not after the search
     _say(o, f"exported opset {checks['fp32']['opset']}, IR {proto.ir_version}, {len(proto.graph.node)} nodes; "
             f"pre-flight for {target.runtime} passed")
 

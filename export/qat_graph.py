@@ -35,10 +35,12 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from export.qat import QATSettings, kl_from, mean_kl
-from export.quantize import QDQ_OPS, calibrate, quantize_int8
+from export.quantize import QDQ_OPS, Ranges, calibrate, quantize_int8
 from export.verify import batched
 from redistill.errors import UserError
 
+#: QAT says its projected time after this many batches
+ESTIMATE_AFTER = 20
 #: ops whose float initializer inputs are trained (their other initializers, e.g. Clip's bounds, stay fixed)
 TRAINED_BY = {"Conv", "Gemm", "MatMul", "Add", "Sub", "Mul", "Div"}
 #: integer range of each quantized type QuantizeLinear saturates to; symmetric int8 weights use -127..127
@@ -143,7 +145,8 @@ def _reshape(a, x, shape):
 
 
 def _flatten(a, x):
-    axis = a.get("axis", 1) % (x.dim() + 1) if x.dim() else 0
+    axis = a.get("axis", 1)
+    axis = axis + x.dim() if axis < 0 else axis
     return x.reshape(int(np.prod(x.shape[:axis])), -1)
 
 
@@ -161,7 +164,7 @@ def _unsqueeze(a, x, axes=None):
 def _clip(a, x, lo=None, hi=None):
     lo = lo if lo is not None else a.get("min")
     hi = hi if hi is not None else a.get("max")
-    return torch.clamp(x, lo, hi)
+    return x if lo is None and hi is None else torch.clamp(x, lo, hi)
 
 
 #: op type -> f(attributes, *inputs) -> output (a tensor, or a tuple for several outputs); absent optional
@@ -173,7 +176,7 @@ OPS: Dict[str, Callable[..., Any]] = {
     "HardSigmoid": lambda a, x: torch.clamp(a.get("alpha", 0.2) * x + a.get("beta", 0.5), 0, 1),
     "HardSwish": lambda a, x: x * torch.clamp(x / 6 + 0.5, 0, 1), "Clip": _clip,
     "Add": lambda a, x, y: x + y, "Sub": lambda a, x, y: x - y, "Mul": lambda a, x, y: x * y,
-    "Div": lambda a, x, y: x / y,
+    "Div": lambda a, x, y: x / y if x.is_floating_point() else torch.div(x, y, rounding_mode="trunc"),
     "GlobalAveragePool": lambda a, x: x.mean(tuple(range(2, x.dim())), keepdim=True),
     "GlobalMaxPool": lambda a, x: x.amax(tuple(range(2, x.dim())), keepdim=True),
     "AveragePool": _pool("avg"), "MaxPool": _pool("max"),
@@ -230,11 +233,12 @@ class GraphModule(nn.Module):
         self.inputs = [v.name for v in g.input if v.name not in inits]
         self.outputs = [v.name for v in g.output]
         self.program: List[Tuple[onnx.NodeProto, Dict[str, Any]]] = []  # what runs per call: (node, attributes)
+        opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
         for node in g.node:
             op = OPS.get(node.op_type)
-            if op is None or node.domain not in ("", "ai.onnx"):
-                raise UserError(f"QAT on the ONNX graph cannot run op type {node.op_type!r} (node {node.name!r}); "
-                                "drop --int8-qat-epochs for this network")
+            if op is None or node.domain not in ("", "ai.onnx") or (node.op_type == "Softmax" and opset < 13):
+                raise UserError(f"QAT on the ONNX graph cannot run op type {node.op_type!r} (node {node.name!r}, "
+                                f"opset {opset}); drop --int8-qat-epochs for this network")
             a = _attrs(node)
             if all(x == "" or x in consts for x in node.input):  # constants and shape arithmetic: folded now
                 out = op(a, *[consts[x] if x else None for x in node.input])
@@ -430,10 +434,15 @@ class GraphModule(nn.Module):
         return out
 
 
+def ranges_for(fp32: onnx.ModelProto, calib_images: np.ndarray, method: str) -> Ranges:
+    """The activation ranges the INT8 search computes for ``method`` on these images (calibrated on the graph with a
+    symbolic batch when it allows, as ``export.int8_search`` does)."""
+    return calibrate(batched(fp32, calib_images[:2]), calib_images, method)
+
+
 def qdq_for(fp32: onnx.ModelProto, calib_images: np.ndarray, method: str) -> onnx.ModelProto:
-    """The QDQ model of ``fp32`` with every node quantized, at the ranges the INT8 search computes for ``method`` on
-    these images (calibrated on the graph with a symbolic batch when it allows, as ``export.int8_search`` does)."""
-    return quantize_int8(fp32, calibrate(batched(fp32, calib_images[:2]), calib_images, method))
+    """The QDQ model of ``fp32`` with every node quantized at ``ranges_for``'s ranges."""
+    return quantize_int8(fp32, ranges_for(fp32, calib_images, method))
 
 
 def finetune_graph(fp32: onnx.ModelProto, qdq: onnx.ModelProto, train: Dataset, check_images: np.ndarray,
@@ -471,6 +480,10 @@ def finetune_graph(fp32: onnx.ModelProto, qdq: onnx.ModelProto, train: Dataset, 
             opt.step()
             sched.step()
             run, n = run + float(loss.detach()) * len(x), n + len(x)
+            if epoch == 0 and n == ESTIMATE_AFTER * settings.batch:
+                per = (time.perf_counter() - t0) / ESTIMATE_AFTER
+                say(f"  QAT: {per:.2f} s per batch of {settings.batch}: about {per * total / 60:.0f} min for "
+                    f"{settings.epochs} epoch(s) of {len(loader)} batches")
         images += n
         curve.append(float(f"{run / max(n, 1):.4g}"))
         say(f"  QAT epoch {epoch + 1}/{settings.epochs}: KL from FP32 {curve[-1]:.4f} on {n} training images")

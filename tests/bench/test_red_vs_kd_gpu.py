@@ -140,7 +140,10 @@ def test_the_probes_fastest_settings_are_tried_first(tmp_path):
     ladder = list(red_vs_kd_gpu.LADDER)
     assert red_vs_kd_gpu.rungs(a) == ladder
     fast = red_vs_kd_gpu.rungs(a, {"best": {"amp": "none", "channels_last": "true"}})
-    assert fast[0] == ("runtime.amp=none", "runtime.channels_last=true", *ladder[0][1:]) and fast[1:] == ladder
+    assert fast[0] == ("runtime.amp=none", "runtime.channels_last=true", *ladder[0][2:]) == ladder[1]
+    assert fast[1:] == [ladder[0], *ladder[2:]]  # the same settings are never tried twice
+    slow = red_vs_kd_gpu.rungs(a, {"best": {"amp": "bf16", "channels_last": "false"}})
+    assert slow[0] == ("runtime.amp=bf16", "runtime.channels_last=false", *ladder[0][2:]) and slow[1:] == ladder
     assert red_vs_kd_gpu.rungs(a, {"best": None}) == ladder
     given = _args(tmp_path, "--rung", "runtime.threads=1,runtime.amp=bf16")
     assert red_vs_kd_gpu.rungs(given, {"best": {"amp": "none", "channels_last": "true"}}) == [

@@ -13,7 +13,7 @@ from onnx import TensorProto, helper, numpy_helper
 from export.onnx_export import export_onnx
 from export.pipeline import ExportOptions, run_export
 from export.qat import QATSettings, finetune, observe, wrap
-from export.qat_graph import GraphModule, finetune_graph, qdq_for, trained_initializers
+from export.qat_graph import GraphModule, fake_quant, finetune_graph, qdq_for, trained_initializers
 from export.verify import run, session
 from redistill.errors import UserError
 from train.config import load_config
@@ -240,3 +240,39 @@ def test_an_export_that_misses_its_goal_fine_tunes_on_the_int8_graph(checkpoint,
     assert qat["emulation"] == "onnx-graph"
     assert qat["qdq"] == {"method": "entropy", "calib_images": 16, "float_nodes": 0}
     assert qat["quantized_tensors"]["activations"] > 0 and isinstance(qat["chosen"], bool)
+    assert qat["kept"] in ("post-training", "QAT, ranges kept", "QAT, calibrated again")
+    assert qat["chosen"] == (qat["kept"] != "post-training") and "agreement" in qat["validation_qat_ranges_kept"]
+
+
+def test_fake_quant_rounds_ties_to_even_as_onnxruntime_does():
+    scale, zero = np.float32(0.5), np.int8(0)
+    x = (np.arange(-9, 10, dtype=np.float32) * 0.25)  # every other value is a tie (k + 0.5 steps)
+    q = helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"])
+    dq = helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"])
+    g = helper.make_graph([q, dq], "qdq", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [len(x)])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [len(x)])],
+                          [numpy_helper.from_array(np.array(scale), "s"), numpy_helper.from_array(np.array(zero), "z")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    m.ir_version = 8
+    want = session(m).run(None, {"x": x})[0]
+    got = fake_quant(torch.from_numpy(x), torch.tensor(scale), torch.tensor(0.0), -128, 127).numpy()
+    assert np.array_equal(got, want)
+
+
+def test_ops_follow_onnx_for_negative_axes_missing_bounds_and_integer_division():
+    from export.qat_graph import OPS
+
+    x = torch.arange(120.0).reshape(2, 3, 4, 5)
+    assert OPS["Flatten"]({"axis": -1}, x).shape == (24, 5) and OPS["Flatten"]({"axis": -3}, x).shape == (2, 60)
+    assert OPS["Flatten"]({}, x).shape == (2, 60) and OPS["Flatten"]({"axis": 0}, x).shape == (1, 120)
+    assert torch.equal(OPS["Clip"]({}, x), x)  # no bounds: the identity
+    assert torch.equal(OPS["Div"]({}, torch.tensor([7, -7]), torch.tensor([2, 2])), torch.tensor([3, -3]))
+
+
+def test_a_softmax_of_an_older_opset_is_refused_in_one_line():
+    node = helper.make_node("Softmax", ["x"], ["y"], axis=1)
+    g = helper.make_graph([node], "s", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])])
+    with pytest.raises(UserError, match="Softmax.*opset 11"):
+        GraphModule(helper.make_model(g, opset_imports=[helper.make_opsetid("", 11)]))
+    GraphModule(helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)]))

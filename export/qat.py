@@ -133,25 +133,18 @@ def mean_kl(model: nn.Module, reference: nn.Module, images: np.ndarray, batch: i
     return total / max(len(images), 1)
 
 
-def finetune(folded: nn.Module, train: Dataset, calib_images: np.ndarray, check_images: np.ndarray,
-             settings: QATSettings, say: Callable[[str], None] = lambda _: None) -> Tuple[nn.Module, Dict[str, Any]]:
-    """A fine-tuned copy of ``folded`` (float weights, the same modules) and the record of the run.
+#: the fine-tuning says its projected time after this many batches
+ESTIMATE_AFTER = 20
 
-    ``train``: the run's training images (eval transform); ``calib_images``: what the input ranges are observed on;
-    ``check_images``: images the KL from FP32 is reported on before and after (the caller's validation images).
-    """
-    if settings.epochs < 1:
-        raise ValueError("QAT needs at least one epoch")
-    reference = folded.eval().requires_grad_(False)
-    model = copy.deepcopy(folded).eval().requires_grad_(True)  # eval: dropout off; nothing left to normalise
-    layers = wrap(model)
-    observe(layers, model, calib_images)
-    before = mean_kl(model, reference, check_images)
+
+def train_kl(model: nn.Module, reference: nn.Module, params: List[torch.Tensor], train: Dataset,
+             settings: QATSettings, say: Callable[[str], None]) -> Tuple[List[float], int, float]:
+    """The loop both emulations fine-tune with: KL from ``reference``'s outputs on the same (seeded, flipped)
+    batches, SGD with momentum, cosine to zero. Returns (mean KL per epoch, images trained, seconds)."""
     g = torch.Generator().manual_seed(settings.seed)
     loader = DataLoader(train, batch_size=settings.batch, shuffle=True, drop_last=len(train) > settings.batch,
                         generator=g)
     total = settings.epochs * len(loader)
-    params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=settings.lr, momentum=settings.momentum)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s / total, 1.0))))
     curve, t0, images = [], time.perf_counter(), 0
@@ -169,11 +162,33 @@ def finetune(folded: nn.Module, train: Dataset, calib_images: np.ndarray, check_
             opt.step()
             sched.step()
             run, n = run + float(loss.detach()) * len(x), n + len(x)
+            if epoch == 0 and n == ESTIMATE_AFTER * settings.batch:
+                per = (time.perf_counter() - t0) / ESTIMATE_AFTER
+                say(f"  QAT: {per:.2f} s per batch of {settings.batch}: about {per * total / 60:.0f} min for "
+                    f"{settings.epochs} epoch(s) of {len(loader)} batches")
         images += n
         curve.append(float(f"{run / max(n, 1):.4g}"))
         say(f"  QAT epoch {epoch + 1}/{settings.epochs}: KL from FP32 {curve[-1]:.4f} on {n} training images")
+    return curve, images, time.perf_counter() - t0
+
+
+def finetune(folded: nn.Module, train: Dataset, calib_images: np.ndarray, check_images: np.ndarray,
+             settings: QATSettings, say: Callable[[str], None] = lambda _: None) -> Tuple[nn.Module, Dict[str, Any]]:
+    """A fine-tuned copy of ``folded`` (float weights, the same modules) and the record of the run.
+
+    ``train``: the run's training images (eval transform); ``calib_images``: what the input ranges are observed on;
+    ``check_images``: images the KL from FP32 is reported on before and after (the caller's validation images).
+    """
+    if settings.epochs < 1:
+        raise ValueError("QAT needs at least one epoch")
+    reference = folded.eval().requires_grad_(False)
+    model = copy.deepcopy(folded).eval().requires_grad_(True)  # eval: dropout off; nothing left to normalise
+    layers = wrap(model)
+    observe(layers, model, calib_images)
+    before = mean_kl(model, reference, check_images)
+    params = [p for p in model.parameters() if p.requires_grad]
+    curve, images, seconds = train_kl(model, reference, params, train, settings, say)
     after = mean_kl(model, reference, check_images)
-    seconds = time.perf_counter() - t0
     unwrap(model)
     model.requires_grad_(False)
     record = {"settings": asdict(settings), "layers": len(layers), "train_images": len(train),

@@ -22,7 +22,6 @@ optimiser, schedule, seed and record) and returns the FP32 graph with the fine-t
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -32,15 +31,13 @@ import torch
 import torch.nn.functional as F
 from onnx import numpy_helper
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
-from export.qat import QATSettings, kl_from, mean_kl
+from export.qat import QATSettings, mean_kl, train_kl
 from export.quantize import QDQ_OPS, Ranges, calibrate, quantize_int8
 from export.verify import batched
 from redistill.errors import UserError
 
-#: QAT says its projected time after this many batches
-ESTIMATE_AFTER = 20
 #: ops whose float initializer inputs are trained (their other initializers, e.g. Clip's bounds, stay fixed)
 TRAINED_BY = {"Conv", "Gemm", "MatMul", "Add", "Sub", "Mul", "Div"}
 #: integer range of each quantized type QuantizeLinear saturates to; symmetric int8 weights use -127..127
@@ -459,36 +456,8 @@ def finetune_graph(fp32: onnx.ModelProto, qdq: onnx.ModelProto, train: Dataset, 
     reference = GraphModule(fp32).eval().requires_grad_(False)
     model = GraphModule(fp32, qdq).eval()
     before = mean_kl(model, reference, check_images)
-    g = torch.Generator().manual_seed(settings.seed)
-    loader = DataLoader(train, batch_size=settings.batch, shuffle=True, drop_last=len(train) > settings.batch,
-                        generator=g)
-    total = settings.epochs * len(loader)
-    opt = torch.optim.SGD(list(model.parameters()), lr=settings.lr, momentum=settings.momentum)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s / total, 1.0))))
-    curve, t0, images = [], time.perf_counter(), 0
-    for epoch in range(settings.epochs):
-        run, n = 0.0, 0
-        for x, _ in loader:
-            if settings.flip:
-                flip = torch.rand(len(x), generator=g) < 0.5
-                x = torch.where(flip[:, None, None, None], x.flip(3), x)
-            with torch.no_grad():
-                target = reference(x)
-            loss = kl_from(target, model(x))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            run, n = run + float(loss.detach()) * len(x), n + len(x)
-            if epoch == 0 and n == ESTIMATE_AFTER * settings.batch:
-                per = (time.perf_counter() - t0) / ESTIMATE_AFTER
-                say(f"  QAT: {per:.2f} s per batch of {settings.batch}: about {per * total / 60:.0f} min for "
-                    f"{settings.epochs} epoch(s) of {len(loader)} batches")
-        images += n
-        curve.append(float(f"{run / max(n, 1):.4g}"))
-        say(f"  QAT epoch {epoch + 1}/{settings.epochs}: KL from FP32 {curve[-1]:.4f} on {n} training images")
+    curve, images, seconds = train_kl(model, reference, list(model.parameters()), train, settings, say)
     after = mean_kl(model, reference, check_images)
-    seconds = time.perf_counter() - t0
     counts = model.counts()
     record = {"settings": asdict(settings), "layers": counts["nodes"], "train_images": len(train),
               "images_trained": images, "seconds": round(seconds, 1), "train_kl_per_epoch": curve,

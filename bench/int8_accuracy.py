@@ -181,13 +181,21 @@ def _network_section(rec: Dict[str, Any]) -> List[str]:
     lines += [f"- {f['method']} on {f['calib_images']} images failed: {f['error']}" for f in search.get("failed", [])]
     if s.get("qat"):
         q = s["qat"]
-        a, b = q["validation_ptq"], q["validation_qat"]
-        lines += ["", f"Quantization-aware fine-tuning ({q['settings']['epochs']} epoch(s), {q['images_trained']:,} "
-                      f"images, {q['seconds']:.0f} s; KL from FP32 on {q['check_images']} validation images "
-                      f"{q['kl_before']:.4f} -> {q['kl_after']:.4f}): FP32's top-1 kept on {100 * a['agreement']:.2f}% "
-                      f"-> {100 * b['agreement']:.2f}% of the validation images, val drop {_drop(a['val_drop'])} -> "
-                      f"{_drop(b['val_drop'])}; {'kept' if q['chosen'] else 'not kept'} (the search above is "
-                      f"on {'the fine-tuned' if q['chosen'] else 'the original'} weights)."]
+        if "not_run" in q:
+            lines += ["", f"Quantization-aware fine-tuning was asked for but not run: {q['not_run']}."]
+        else:
+            cands = [("post-training", q["validation_ptq"]), ("QAT, calibrated again", q["validation_qat"])]
+            if "validation_qat_ranges_kept" in q:  # records before the third candidate have two
+                cands.insert(1, ("QAT, ranges kept", q["validation_qat_ranges_kept"]))
+            kept = q.get("kept", "QAT, calibrated again" if q["chosen"] else "post-training")
+            lines += ["", f"Quantization-aware fine-tuning ({q['settings']['epochs']} epoch(s), "
+                          f"{q['images_trained']:,} images, lr {q['settings']['lr']:g}, {q['seconds']:.0f} s, "
+                          f"{q.get('emulation', 'module')} emulation; KL from FP32 on {q['check_images']} validation "
+                          f"images {q['kl_before']:.4f} -> {q['kl_after']:.4f}): FP32's top-1 kept on "
+                          + ", ".join(f"{100 * c['agreement']:.2f}% ({name}, val drop {_drop(c['val_drop'])})"
+                                      for name, c in cands)
+                          + f" of the validation images; kept: {kept} (the search above is on "
+                          f"{'the fine-tuned' if q['chosen'] else 'the original'} weights)."]
     tries = [t for t in search.get("trace", []) if t["step"] == "keep float"]
     if s["float_units"]:
         lines += ["", f"Nodes kept in float ({len(tries)} units tried, in order of the noise they add):", ""]

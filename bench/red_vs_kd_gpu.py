@@ -36,8 +36,8 @@ from redistill.io import atomic_write_json
 
 PROG = "python -m bench.red_vs_kd_gpu"
 RESULTS = "red_vs_kd_128"
-#: runtime settings tried in turn until the calibration (the smoke run) passes. No torch.compile: compiling each
-#: of 8 processes costs a minute or more of a 10-minute budget. One CPU thread per process: 16 at once on 16 cores.
+#: runtime settings tried in turn until the calibration (the smoke run) passes. No torch.compile: compiling in each
+#: student's process costs a minute or more of a 10-minute budget. One CPU thread per process: 16 at once on 16 cores.
 LADDER = (("runtime.amp=bf16", "runtime.channels_last=true", "runtime.compile=false", "runtime.threads=1"),
           ("runtime.amp=none", "runtime.channels_last=true", "runtime.compile=false", "runtime.threads=1"),
           ("runtime.amp=none", "runtime.compile=false", "runtime.threads=1", "runtime.device_augment=false",

@@ -9,7 +9,6 @@ are training-only modules held by the task: they train with the student, are sav
 
 from __future__ import annotations
 
-import copy
 from dataclasses import asdict
 from typing import Dict, List, Optional
 
@@ -40,20 +39,15 @@ class ConvReg(nn.Module):
         return self.relu(self.bn(self.conv(x)))
 
 
-def _on_cpu(model: nn.Module) -> nn.Module:
-    """``model``, or a CPU copy of it when it lives elsewhere (the shape probes feed it a CPU image)."""
-    return model if all(p.device.type == "cpu" for p in model.parameters()) else copy.deepcopy(model).cpu()
-
-
 def tap_plans(cfg, student: nn.Module, teacher: nn.Module) -> List[SitePlan]:
     """The configured sites planned on ``student`` and ``teacher`` (equal H x W checked, one line on a mismatch)."""
-    return plan_sites(_on_cpu(student), _on_cpu(teacher), [asdict(s) for s in cfg.red.sites], cfg.data.image_size,
+    return plan_sites(student, teacher, [asdict(s) for s in cfg.red.sites], cfg.data.image_size,
                       cfg.red.alpha)
 
 
 def teacher_channels(teacher: nn.Module, plans: List[SitePlan], image_size: int) -> Dict[str, int]:
     """The channel count of each site's teacher tensor."""
-    shapes = probe_shapes(_on_cpu(teacher), [p.teacher for p in plans], image_size)
+    shapes = probe_shapes(teacher, [p.teacher for p in plans], image_size)
     return {p.key: shapes[p.teacher][0 if p.teacher_where == "in" else 1][1] for p in plans}
 
 

@@ -17,7 +17,8 @@ alpha 1 and 0.1 for the same steps from the base run's teacher (``runs/NAME/teac
 in its own session. ``--parts placement`` runs only that part. The runs' configs, metrics and summaries, the
 quality and sample records, the step logs and state.json are copied to ``<results>/`` (the placement part's
 to ``<results>/placement/``) and the page ``<results>.md`` is written from those copies; ``--pages-only``
-rewrites it from them without running anything.
+rewrites it from them without running anything. ``--stop-after-s S`` ends a session's share cleanly: the step
+running then is stopped (a training run resumes from its last finished epoch) and the next run goes on.
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ import yaml
 from bench import diffusion_placement as placement
 from bench.distill_report import clean_log
 from bench.quality import balanced_seeded_indices
-from bench.reproduce import Steps, _read_json
+from bench.reproduce import _read_json
+from bench.steps import Steps, add_stop_option, deadline, run_command
 from redistill.io import atomic_write, atomic_write_json, atomic_write_text
 from redistill.memory import fmt_bytes
 from redistill.report import add_page_options, machine, machine_line, md_table, remarks_section, timestamp
@@ -114,6 +116,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS),
                     help="which parts to run (default: both): base (teacher, student+RED with red.sites=outputs, student "
                          "alone) and placement (student+RED with red.sites=paper at alpha 1 and 0.1, from base's teacher)")
+    add_stop_option(ap)
     add_page_options(ap, "the run files in <results>/ and <results>_deploy.json (checkpoint and manifest figures from "
                          "<results>.json)")
     return ap
@@ -122,13 +125,13 @@ def parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     a = parser().parse_args(argv)
-    command = " ".join([PROG, *(shlex.quote(x) for x in argv if x != "--pages-only")])
+    command = run_command(PROG, argv)
     old = json.loads(Path(a.results + ".json").read_text()) if Path(a.results + ".json").is_file() else {}
     if a.pages_only:
         old = _read_json(Path(a.results + ".json"), "the benchmark's record")
         write_results(a, command, old_facts(old), page_command=" ".join([PROG, *map(shlex.quote, argv)]), old=old)
         return 0
-    run_benchmark(a)
+    run_benchmark(a, deadline(a))
     copy_run_files(a, Path(a.results))
     write_results(a, command, {**old_facts(old), **bundle_facts(a)}, old=old, ran=a.parts)
     return 0
@@ -140,13 +143,13 @@ def old_facts(old: dict) -> Dict[str, dict]:
     return {r["network"]: {k: r.get(k) for k in BUNDLE_KEYS} for r in rows}
 
 
-def run_benchmark(a) -> None:
-    """Every step of the parts asked for (finished ones are skipped)."""
+def run_benchmark(a, until: Optional[float] = None) -> None:
+    """Every step of the parts asked for (finished ones are skipped); ``until``: the ``--stop-after-s`` deadline."""
     cli = [sys.executable, "-m", "redistill.cli"]
     if "base" in a.parts:
-        run_base(a, cli)
+        run_base(a, cli, until)
     if "placement" in a.parts:
-        run_placement(a, cli)
+        run_placement(a, cli, until)
 
 
 def _classifier(a, steps: Steps, cli: List[str], work: Path) -> None:
@@ -188,10 +191,10 @@ def ship(a, steps: Steps, cli: List[str], work: Path, cks: Dict[str, Path], depl
     return bundles
 
 
-def run_base(a, cli: List[str]) -> None:
+def run_base(a, cli: List[str], until: Optional[float] = None) -> None:
     """Part ``base``: teacher, student+RED (the outputs placement) and student alone, ending with ``redistill compare``."""
     work = Path(a.runs) / f"{a.name}-work"
-    steps = Steps(work / "state.json")
+    steps = Steps(work / "state.json", until, tag="ddpm-bench")
     common = [f"out_dir={a.runs}", f"data.root={a.data_root}", "--resume"]
     steps.run("train teacher and student+RED", cli + ["distill", a.preset, f"name={a.name}", "red.sites=outputs", *common],
               work / "logs" / "red.log")
@@ -208,10 +211,10 @@ def run_base(a, cli: List[str]) -> None:
     print(f"[ddpm-bench] base: all steps done; {total / 60:.1f} min of step time (state: {steps.path})", flush=True)
 
 
-def run_placement(a, cli: List[str]) -> None:
+def run_placement(a, cli: List[str], until: Optional[float] = None) -> None:
     """Part ``placement``: the paper's RED sites at each alpha of ``PLACEMENT_RUNS``, from the base run's teacher."""
     work = Path(a.runs) / f"{a.name}-work" / "placement"
-    steps = Steps(work / "state.json")
+    steps = Steps(work / "state.json", until, tag="ddpm-bench")
     common = [f"out_dir={a.runs}", f"data.root={a.data_root}", "--resume"]
     teacher = placement_teacher(a, steps.state)
     if teacher.parent.name != a.name:

@@ -33,8 +33,8 @@ from typing import Dict, List, Optional, Tuple
 from bench.distill_report import clean_log, copied_run_files
 from bench.red_vs_kd_page import VARIANTS, write_results
 from bench.red_vs_kd_plan import (OWN_KEYS, RATE_KINDS, TEACHER_SETTINGS, Settings, Step, calibrate, calibrated_for,
-                                  estimate, image_counts, plan, print_plan, run_settings, stop_processes,
-                                  teacher_checkpoint)
+                                  estimate, image_counts, plan, print_plan, run_settings, teacher_checkpoint)
+from bench.steps import stop_processes
 from redistill.errors import UserError, did_you_mean
 from redistill.io import atomic_copy, atomic_write_json, atomic_write_text
 from redistill.report import add_page_options, machine, timestamp

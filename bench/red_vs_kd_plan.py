@@ -12,12 +12,12 @@ import shutil
 import statistics
 import subprocess
 import sys
-import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 from bench.red_vs_kd_page import REFERENCE, VARIANTS, Variant
+from bench.steps import stop_processes
 
 PRESET = "mobilenetv3_small_x4_64"
 PREFIX = "rvk"
@@ -235,17 +235,3 @@ def calibrate(a, s: Settings, jobs: int = 1) -> Dict[str, float]:
         print(f"[red_vs_kd] calibration: {k} {v:.0f} img/s" + (f" (median of {len(rates[k])} runs at once)"
                                                                if len(rates[k]) > 1 else ""), flush=True)
     return rate
-
-
-def stop_processes(procs: List[subprocess.Popen], grace_s: float = 30.0) -> None:
-    """Terminate every process still running, then kill any that outlives ``grace_s`` (all waited on together)."""
-    alive = [p for p in procs if p.poll() is None]
-    for p in alive:
-        p.terminate()
-    end = time.time() + grace_s
-    for p in alive:
-        try:
-            p.wait(timeout=max(end - time.time(), 0.1))
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()

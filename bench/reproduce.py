@@ -20,15 +20,14 @@ import json
 import re
 import shlex
 import shutil
-import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import yaml
 
 from bench.distill_report import clean_log
+from bench.steps import Steps, add_stop_option, deadline, run_command
 from redistill.errors import UserError
 from redistill.io import atomic_write_json, atomic_write_text
 from redistill.memory import fmt_bytes
@@ -57,30 +56,6 @@ REPRODUCED = ("student", "kd", "red", "red_kd")
 def student_methods() -> List[str]:
     """The methods a student is trained with here, in the registry's order."""
     return [m.name for m in methods_in_order() if not m.teacher_only and m.name in REPRODUCED]
-
-
-class Steps:
-    """Runs named shell-free steps once, recording wall time; a finished step is skipped on re-run."""
-
-    def __init__(self, state_path: Path):
-        self.path = state_path
-        self.state: Dict[str, dict] = json.loads(state_path.read_text()) if state_path.exists() else {}
-
-    def run(self, name: str, argv: List[str], log: Path) -> None:
-        if self.state.get(name, {}).get("done"):
-            print(f"[repro] {name}: done earlier ({self.state[name]['seconds']:.0f} s), skipped", flush=True)
-            return
-        print(f"[repro] {name}: {' '.join(shlex.quote(a) for a in argv)}", flush=True)
-        t0 = time.time()
-        log.parent.mkdir(parents=True, exist_ok=True)
-        with open(log, "a") as f:
-            rc = subprocess.call(argv, stdout=f, stderr=subprocess.STDOUT)
-        seconds = time.time() - t0
-        if rc != 0:
-            raise SystemExit(f"[repro] {name} failed (exit {rc}); see {log}; re-run to resume")
-        self.state[name] = {"done": True, "seconds": round(seconds, 1), "argv": argv, "log": str(log)}
-        atomic_write_json(self.path, self.state)
-        print(f"[repro] {name}: {seconds:.0f} s", flush=True)
 
 
 def make_probes(out: Path, teacher_ckpt: Path, size: int, preset: str) -> List[Path]:
@@ -121,6 +96,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--probe-size", type=int, default=128, help="input size of the memory probes (0 = none)")
     ap.add_argument("--results", default="bench/results/reproduce")
     ap.add_argument("--data-root", default="data/cifar10")
+    add_stop_option(ap)
     add_page_options(ap, "<results>_run/, <results>/compare.json, <results>_deploy.json and <results>_probe<size>.json")
     return ap
 
@@ -128,19 +104,19 @@ def parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     a = parser().parse_args(argv)
-    command = " ".join([PROG, *(shlex.quote(x) for x in argv if x != "--pages-only")])
+    command = run_command(PROG, argv)
     if not a.pages_only:
-        run_benchmark(a)
+        run_benchmark(a, deadline(a))
         copy_logs(a, Path(a.results + "_run"))
     write_results(a, command, page_command=" ".join([PROG, *map(shlex.quote, argv)]) if a.pages_only else None)
     return 0
 
 
-def run_benchmark(a) -> None:
+def run_benchmark(a, until: Optional[float] = None) -> None:
     """Every step of the benchmark (finished ones are skipped), ending with ``redistill compare``."""
     cli = [sys.executable, "-m", "redistill.cli"]
     work = Path(a.runs) / a.prefix
-    steps = Steps(work / "state.json")
+    steps = Steps(work / "state.json", until)
     seeds = [int(s) for s in a.seeds.split(",")]
     common = [f"epochs={a.epochs}", f"out_dir={a.runs}", f"data.root={a.data_root}"]
     t_name = f"{a.prefix}-teacher"

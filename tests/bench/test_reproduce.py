@@ -7,7 +7,8 @@ import pytest
 import yaml
 
 from bench import reproduce
-from bench.reproduce import Steps, student_methods
+from bench.reproduce import student_methods
+from bench.steps import Steps
 from redistill.memory import fmt_bytes
 from train.config import load_config
 from train.losses import METHODS

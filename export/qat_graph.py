@@ -10,13 +10,14 @@ channel along the DequantizeLinear's axis (or per tensor) at the scale onnxrunti
 weight's current values (checked equal to the stored one at build), with straight-through gradients; a Conv/Gemm
 bias is rounded to int32 at input scale x weight scale, as onnxruntime's optimiser does before it runs the graph. So
 the tensors around element-wise ops (hard-swish's HardSigmoid and Mul, squeeze-excitation's gate, residual Adds,
-pools) and the folded BatchNorm's per-channel Mul/Add constants are rounded as onnxruntime rounds them, which
-``export.qat``'s module emulation (convs and linear layers only, min-max ranges) leaves exact. On the students here
+pools) and the folded BatchNorm's per-channel Mul/Add constants are rounded as onnxruntime rounds them (an earlier
+emulation that rounded only convs and linear layers, at min-max ranges, was further from onnxruntime's INT8 logits
+than the FP32 graph itself; docs/export.md). On the students here
 the logits equal those of onnxruntime's optimised CPU session of the QDQ model bit for bit, but where a float sum
 lands on a rounding tie (tests/export/test_qat_graph.py).
 
-``finetune_graph`` fine-tunes that module as ``export.qat.finetune`` fine-tunes the folded network (same loss,
-optimiser, schedule, seed and record) and returns the FP32 graph with the fine-tuned initializers.
+``finetune_graph`` fine-tunes that module with ``export.qat``'s loss and loop and returns the FP32 graph with the
+fine-tuned initializers.
 """
 
 from __future__ import annotations
@@ -447,8 +448,8 @@ def finetune_graph(fp32: onnx.ModelProto, qdq: onnx.ModelProto, train: Dataset, 
                    ) -> Tuple[onnx.ModelProto, Dict[str, Any]]:
     """``fp32`` with fine-tuned initializers (nothing else changed) and the record of the run.
 
-    Trains ``GraphModule(fp32, qdq)`` as ``export.qat.finetune`` trains the folded network: KL from the FP32 graph's
-    outputs, SGD with momentum, cosine to zero, seeded shuffling and flips. ``train``: the run's training images
+    Trains ``GraphModule(fp32, qdq)`` with ``export.qat.train_kl``: KL from the FP32 graph's outputs, SGD with
+    momentum, cosine to zero, seeded shuffling and flips. ``train``: the run's training images
     (eval transform); ``check_images``: images the KL from FP32 is reported on before and after.
     """
     if settings.epochs < 1:

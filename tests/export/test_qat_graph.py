@@ -1,8 +1,8 @@
 """QAT on the exact INT8 graph: the FP32 ONNX graph run in torch equals onnxruntime's FP32 output, rounded as a QDQ
-model rounds it equals onnxruntime's INT8 output (where ``export.qat``'s module emulation does not), fine-tuning
+model rounds it equals onnxruntime's INT8 output, fine-tuning
 changes only the trained initializers, and the export uses it when post-training quantization misses its goal."""
 
-import copy
+from dataclasses import asdict
 
 import numpy as np
 import onnx
@@ -12,7 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from export.onnx_export import export_onnx
 from export.pipeline import ExportOptions, run_export
-from export.qat import QATSettings, finetune, observe, wrap
+from export.qat import QATSettings
 from export.qat_graph import GraphModule, fake_quant, finetune_graph, qdq_for, trained_initializers
 from export.verify import run, session
 from redistill.errors import UserError
@@ -79,32 +79,26 @@ def _agreement(a: np.ndarray, b: np.ndarray) -> dict:
 @pytest.mark.parametrize("method", ["minmax", "entropy", "percentile-99.9"])
 def test_quantized_mode_is_onnxruntimes_int8_graph(mnv3, method):
     """64 random images through the MobileNetV3-small student's QDQ model in onnxruntime (its default optimised CPU
-    session, what the INT8 search scores) against the graph emulation and ``export.qat``'s module emulation (convs and
-    linear layers only, at min-max ranges: the only ones it has).
+    session, what the INT8 search scores) against the graph emulation and the FP32 graph.
 
-    Measured here (max |diff|, mean |diff|, top-1s kept of 64), graph emulation / module emulation / FP32 graph:
-    minmax 0, 0, 64 / 0.165, 0.0112, 32 / 2.11, 0.027, 48; entropy 0, 0, 64 / 0.585, 0.0194, 29 / 2.46, 0.037, 38;
-    percentile-99.9 0.0046, 0.00004, 63 / 0.546, 0.0174, 29 / 2.43, 0.035, 38. The graph emulation is exact but for
-    float summation order: where a convolution's float sum lands on a rounding tie, onnxruntime's kernel may round it
-    the other way (seen: two of 65,536 elements of one RED convolution, percentile-99.9 on a similar network), and the
-    step carries to the logits and now and then to a top-1 of this random network, whose classes are near-ties. Hence
-    the bounds: 56 of 64 top-1s (the module emulation keeps about half), and a tenth of the module emulation's max and
-    mean |diff|."""
-    folded, proto = mnv3
+    Measured here (max |diff|, mean |diff|, top-1s kept of 64), graph emulation / FP32 graph: minmax 0, 0, 64 /
+    2.11, 0.027, 48; entropy 0, 0, 64 / 2.46, 0.037, 38; percentile-99.9 0.0046, 0.00004, 63 / 2.43, 0.035, 38. (An
+    earlier emulation that rounded only convs and linear layers kept about half the top-1s, fewer than FP32.) The
+    graph emulation is exact but for float summation order: where a convolution's float sum lands on a rounding tie,
+    onnxruntime's kernel may round it the other way (seen: two of 65,536 elements of one RED convolution,
+    percentile-99.9 on a similar network), and the step carries to the logits and now and then to a top-1 of this
+    random network, whose classes are near-ties. Hence the bounds: 56 of 64 top-1s and a hundredth of the FP32
+    graph's max and mean |diff|."""
+    _, proto = mnv3
     calib, x = _images(64, 0), _images(64, 1)
     qdq = qdq_for(proto, calib, method)
     int8 = run(session(qdq), x)
     with torch.no_grad():
         graph = GraphModule(proto, qdq)(torch.from_numpy(x)).numpy()
-        module = copy.deepcopy(folded)
-        observe(wrap(module), module, calib)
-        old = module(torch.from_numpy(x)).numpy()
-    new, before = _agreement(graph, int8), _agreement(old, int8)
-    fp32 = _agreement(run(session(proto), x), int8)
-    print(f"{method}: graph emulation {new}, module emulation {before}, FP32 {fp32}")
-    assert new["top1"] >= 56
-    assert new["max"] <= 0.1 * before["max"] and new["mean"] <= 0.1 * before["mean"]
-    assert before["top1"] <= new["top1"] - 16  # the module emulation is far off: what this replaces
+    new, fp32 = _agreement(graph, int8), _agreement(run(session(proto), x), int8)
+    print(f"{method}: graph emulation {new}, FP32 {fp32}")
+    assert new["top1"] >= 56 and new["top1"] >= fp32["top1"]
+    assert new["max"] <= 0.01 * fp32["max"] and new["mean"] <= 0.01 * fp32["mean"]
 
 
 def test_every_tensor_the_qdq_model_rounds_is_rounded(mnv3):
@@ -213,8 +207,7 @@ def test_finetune_graph_lowers_the_kl_and_changes_only_trained_initializers():
     tuned, rec = finetune_graph(proto, qdq, train, x[:64].numpy(), settings)
     assert rec["kl_after"] < rec["kl_before"] and len(rec["train_kl_per_epoch"]) == 4
     assert rec["images_trained"] == 4 * 256 and rec["emulation"] == "onnx-graph"
-    _, old = finetune(net, train, x[:64].numpy(), x[:64].numpy(), QATSettings(epochs=1, batch=32))
-    assert set(old) <= set(rec) and rec["settings"] == {**old["settings"], "epochs": 4, "lr": 0.01}
+    assert rec["settings"] == asdict(settings) and rec["kl_before"] > 0
     assert proto.SerializeToString() == original  # the given graph is untouched
     assert list(tuned.graph.node) == list(proto.graph.node)
     assert [t.name for t in tuned.graph.initializer] == [t.name for t in proto.graph.initializer]

@@ -18,7 +18,8 @@ in its own session. ``--parts placement`` runs only that part. The runs' configs
 quality and sample records, the step logs and state.json are copied to ``<results>/`` (the placement part's
 to ``<results>/placement/``) and the page ``<results>.md`` is written from those copies; ``--pages-only``
 rewrites it from them without running anything. ``--stop-after-s S`` ends a session's share cleanly: the step
-running then is stopped (a training run resumes from its last finished epoch) and the next run goes on.
+running then is stopped (a training run resumes from its last finished epoch), the command exits 0 without
+writing the page, and the next run goes on.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from bench import diffusion_placement as placement
 from bench.distill_report import clean_log
 from bench.quality import balanced_seeded_indices
 from bench.reproduce import _read_json
-from bench.steps import Steps, add_stop_option, deadline, run_command
+from bench.steps import Steps, StopReached, add_stop_option, deadline, run_command, stopped
 from redistill.io import atomic_write, atomic_write_json, atomic_write_text
 from redistill.memory import fmt_bytes
 from redistill.report import add_page_options, machine, machine_line, md_table, remarks_section, timestamp
@@ -98,7 +99,7 @@ def real_baseline(a, out: Path) -> Path:
 
 
 def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0], allow_abbrev=False)
     ap.add_argument("--preset", default="ddpm_bench", help="the pair and recipe (default: ddpm_bench)")
     ap.add_argument("--name", default="ddpm-bench", help="run name; the student alone is NAME-student")
     ap.add_argument("--runs", default="runs")
@@ -131,7 +132,10 @@ def main(argv=None) -> int:
         old = _read_json(Path(a.results + ".json"), "the benchmark's record")
         write_results(a, command, old_facts(old), page_command=" ".join([PROG, *map(shlex.quote, argv)]), old=old)
         return 0
-    run_benchmark(a, deadline(a))
+    try:
+        run_benchmark(a, deadline(a))
+    except StopReached as e:
+        return stopped("ddpm-bench", e)
     copy_run_files(a, Path(a.results))
     write_results(a, command, {**old_facts(old), **bundle_facts(a)}, old=old, ran=a.parts)
     return 0
@@ -153,8 +157,11 @@ def run_benchmark(a, until: Optional[float] = None) -> None:
 
 
 def _classifier(a, steps: Steps, cli: List[str], work: Path) -> None:
-    if not Path(a.classifier).is_file():
-        steps.run("train the CIFAR-10 classifier for CFD", cli + ["distill", "quick", "method=teacher", f"out_dir={a.runs}",
+    """Train the CFD classifier when it is not on disk, or when this benchmark's training of it was cut short
+    (its best.pt is written at every better epoch, so its presence alone does not say it finished)."""
+    name = "train the CIFAR-10 classifier for CFD"
+    if not Path(a.classifier).is_file() or (name in steps.state and not steps.done(name)):
+        steps.run(name, cli + ["distill", "quick", "method=teacher", f"out_dir={a.runs}",
                                                                    f"data.root={a.data_root}", "--resume"],
                   work / "logs" / "classifier.log")
 
@@ -207,7 +214,7 @@ def run_base(a, cli: List[str], until: Optional[float] = None) -> None:
     steps.run("compare", cli + ["compare", str(Path(a.runs) / a.name), str(Path(a.runs) / f"{a.name}-student"), *bundles,
                                 a.reports, "--quality", *quality,
                                 "--out", str(Path(a.results) / "compare")], work / "logs" / "compare.log")
-    total = sum(v["seconds"] for v in steps.state.values())
+    total = sum(v["seconds"] for v in steps.state.values() if v.get("done"))
     print(f"[ddpm-bench] base: all steps done; {total / 60:.1f} min of step time (state: {steps.path})", flush=True)
 
 
@@ -229,7 +236,7 @@ def run_placement(a, cli: List[str], until: Optional[float] = None) -> None:
     ship(a, steps, cli, work, placement_checkpoints(a, steps.state),
          [a.reports + "-placement", str(Path(a.results) / "placement" / "deploy")],
          ddpm=lambda label: label != placement.TEACHER)
-    total = sum(v["seconds"] for v in steps.state.values())
+    total = sum(v["seconds"] for v in steps.state.values() if v.get("done"))
     print(f"[ddpm-bench] placement: all steps done; {total / 60:.1f} min of step time (state: {steps.path})", flush=True)
 
 
@@ -384,7 +391,7 @@ def render(r: dict, cfg: dict, samples: Dict[str, dict], dep: dict, res: Path, p
     data, optim, dif, red_cfg, unet = cfg["data"], cfg["optim"], cfg["diffusion"], cfg["red"], cfg["unet"]
     size = data["image_size"]
     train_s = sum(row["train_s"] for row in rows)
-    other_s = sum(v["seconds"] for k, v in state.items() if not k.startswith("train"))
+    other_s = sum(v["seconds"] for k, v in state.items() if v.get("done") and not k.startswith("train"))
     subset = f"a {data['train_subset']:,}-image subset of the" if data["train_subset"] else "all the"
     ddim = samples.get(f"{slug('teacher')}-ddim") or {}
     ddpm = samples.get(f"{slug('teacher')}-ddpm")

@@ -50,7 +50,7 @@ def section(base: Dict[str, dict], base_cfg: dict, base_real: dict, base_teacher
     trained_teacher = TEACHER_STEP in p["steps"]
     train_rows = students + ([pt] if trained_teacher else [])
     train_s = sum(r["train_s"] for r in train_rows)
-    other_s = sum(v["seconds"] for k, v in p["steps"].items() if not k.startswith("train"))
+    other_s = sum(v["seconds"] for k, v in p["steps"].items() if v.get("done") and not k.startswith("train"))
     sha = p["teacher"].get("sha256") or ""
     L = ["", "## RED site placement: the paper's sites against the five output-side sites", "",
          f"Command: `{p['command']}` (part `placement`, resumable); machine: {machine_line(p['machine'])}.", "",

@@ -190,7 +190,7 @@ def _network_section(rec: Dict[str, Any]) -> List[str]:
             kept = q.get("kept", "QAT, calibrated again" if q["chosen"] else "post-training")
             lines += ["", f"Quantization-aware fine-tuning ({q['settings']['epochs']} epoch(s), "
                           f"{q['images_trained']:,} images, lr {q['settings']['lr']:g}, {q['seconds']:.0f} s, "
-                          f"{q.get('emulation', 'module')} emulation; KL from FP32 on {q['check_images']} validation "
+                          f"{q.get('emulation', 'conv/linear module')} emulation; KL from FP32 on {q['check_images']} validation "
                           f"images {q['kl_before']:.4f} -> {q['kl_after']:.4f}): FP32's top-1 kept on "
                           + ", ".join(f"{100 * c['agreement']:.2f}% ({name}, val drop {_drop(c['val_drop'])})"
                                       for name, c in cands)

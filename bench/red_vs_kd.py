@@ -34,7 +34,7 @@ from bench.distill_report import clean_log, copied_run_files
 from bench.red_vs_kd_page import VARIANTS, write_results
 from bench.red_vs_kd_plan import (OWN_KEYS, RATE_KINDS, TEACHER_SETTINGS, Settings, Step, calibrate, calibrated_for,
                                   estimate, image_counts, plan, print_plan, run_settings, teacher_checkpoint)
-from bench.steps import stop_processes
+from bench.steps import stop_processes, without_steering
 from redistill.errors import UserError, did_you_mean
 from redistill.io import atomic_copy, atomic_write_json, atomic_write_text
 from redistill.report import add_page_options, machine, timestamp
@@ -141,7 +141,7 @@ def commit(paths: List[Path], message: str) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0], allow_abbrev=False)
     d = Settings()
     ap.add_argument("--plan", action="store_true", help="print the plan with its estimated time and stop")
     ap.add_argument("--calibrate", action="store_true", help="measure the step rates here first (about 5 min of tiny "
@@ -201,15 +201,8 @@ def settings_of(a) -> Settings:
 
 def _plan_options(argv: List[str]) -> List[str]:
     """The command line without the options that only steer this invocation (--plan, --max-steps N, ...)."""
-    out, skip = [], False
-    for x in argv:
-        if skip:
-            skip = False
-        elif x in ("--max-steps", "--stop-after-s"):
-            skip = True
-        elif x not in ("--plan", "--calibrate", "--pages-only") and not x.startswith(("--max-steps=", "--stop-after-s=")):
-            out.append(x)
-    return out
+    return without_steering(argv, steering=("--max-steps", "--stop-after-s"),
+                            flags=("--plan", "--calibrate", "--pages-only"))
 
 
 def main(argv=None) -> int:

@@ -10,7 +10,9 @@ seed), exports each to an FP32 bundle, measures each on the loopback device (ONN
 the real deploy path), adds memory probes of the same architectures at ``--probe-size`` px, and runs
 ``redistill compare``. Step timings go to ``runs/repro/state.json``. Every run's config, metrics and
 summaries, the step logs and state.json are copied to ``<results>_run/``, and the page is written from
-those copies; ``--pages-only`` rewrites the page from them without running anything.
+those copies; ``--pages-only`` rewrites the page from them without running anything. ``--stop-after-s S``
+stops the step running after S seconds (a training run resumes from its last finished epoch) and exits 0
+without writing the page; the next run goes on.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from typing import Any, Dict, List, Optional
 import yaml
 
 from bench.distill_report import clean_log
-from bench.steps import Steps, add_stop_option, deadline, run_command
+from bench.steps import Steps, StopReached, add_stop_option, deadline, run_command, stopped
 from redistill.errors import UserError
 from redistill.io import atomic_write_json, atomic_write_text
 from redistill.memory import fmt_bytes
@@ -85,7 +87,7 @@ def make_probes(out: Path, teacher_ckpt: Path, size: int, preset: str) -> List[P
 
 
 def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0], allow_abbrev=False)
     ap.add_argument("--preset", default="quick", help="the pair and recipe (default: quick = MobileNetV3-small x4, 32 px)")
     ap.add_argument("--epochs", type=int, default=4)
     ap.add_argument("--seeds", default="0,1", help="student seeds; the teacher uses the first")
@@ -106,7 +108,10 @@ def main(argv=None) -> int:
     a = parser().parse_args(argv)
     command = run_command(PROG, argv)
     if not a.pages_only:
-        run_benchmark(a, deadline(a))
+        try:
+            run_benchmark(a, deadline(a))
+        except StopReached as e:
+            return stopped("repro", e)
         copy_logs(a, Path(a.results + "_run"))
     write_results(a, command, page_command=" ".join([PROG, *map(shlex.quote, argv)]) if a.pages_only else None)
     return 0
@@ -154,7 +159,7 @@ def run_benchmark(a, until: Optional[float] = None) -> None:
     steps.state.pop("compare", None)  # always refresh the tables
     steps.run("compare", cli + ["compare", *[str(Path(a.runs) / n) for n in [t_name] + names], *bundles, a.reports,
                                 "--out", a.results], work / "logs" / "compare.log")
-    total = sum(v["seconds"] for v in steps.state.values())
+    total = sum(v["seconds"] for v in steps.state.values() if v.get("done"))
     print(f"[repro] all steps done; {total / 60:.1f} min of step time in total (state: {steps.path})", flush=True)
 
 
@@ -315,7 +320,7 @@ def write_results(a, command: str, page_command: Optional[str] = None) -> dict:
     checks = _checks(facts)
     order = sorted((m for m in cmp["models"] if m["top1"] and m["top1"].get("mean") is not None),
                    key=lambda m: -m["top1"]["mean"])
-    total_s = sum(v["seconds"] for v in state.values())
+    total_s = sum(v["seconds"] for v in state.values() if v.get("done"))
     where = old.get("machine") or (dep.get("machine") if page_command else machine())
     teacher_arch = teacher_cfg["teacher"]["arch"]
 

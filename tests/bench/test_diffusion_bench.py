@@ -156,3 +156,25 @@ def test_placement_section_renders_from_its_files_beside_the_committed_page(tmp_
     assert "mean 1 - cos 0.2104 at alpha 0.1" in tail
     assert "![student+RED paper sites alpha 0.1](diffusion/placement/student-RED-paper-sites-alpha-0.1-ddim.png)" in tail
     assert tail.index("## Remarks") < tail.index("## Samples")
+
+
+def test_a_classifier_training_cut_short_is_run_again(tmp_path):
+    """best.pt exists after the first better epoch: a classifier step stopped before it finished must run on the
+    next run, while a classifier on disk that this benchmark did not train is used as it is."""
+    from types import SimpleNamespace
+
+    from bench.diffusion_bench import _classifier
+    from bench.steps import Steps
+
+    ck = tmp_path / "clf" / "best.pt"
+    ck.parent.mkdir()
+    ck.write_bytes(b"weights")
+    ran = []
+    steps = Steps(tmp_path / "state.json")
+    steps.run = lambda name, argv, log: ran.append(name)
+    a = SimpleNamespace(classifier=str(ck), runs=str(tmp_path / "runs"), data_root="data")
+    _classifier(a, steps, ["redistill"], tmp_path)
+    assert ran == []
+    steps.state["train the CIFAR-10 classifier for CFD"] = {"done": False, "seconds_before": 60.0}
+    _classifier(a, steps, ["redistill"], tmp_path)
+    assert ran == ["train the CIFAR-10 classifier for CFD"]

@@ -161,9 +161,8 @@ def _classifier(a, steps: Steps, cli: List[str], work: Path) -> None:
     (its best.pt is written at every better epoch, so its presence alone does not say it finished)."""
     name = "train the CIFAR-10 classifier for CFD"
     if not Path(a.classifier).is_file() or (name in steps.state and not steps.done(name)):
-        steps.run(name, cli + ["distill", "quick", "method=teacher", f"out_dir={a.runs}",
-                                                                   f"data.root={a.data_root}", "--resume"],
-                  work / "logs" / "classifier.log")
+        steps.run(name, cli + ["distill", "quick", "method=teacher", f"out_dir={a.runs}", f"data.root={a.data_root}",
+                               "--resume"], work / "logs" / "classifier.log")
 
 
 def ship(a, steps: Steps, cli: List[str], work: Path, cks: Dict[str, Path], deploy: List[str],

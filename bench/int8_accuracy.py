@@ -37,7 +37,7 @@ TARGET_MAX_DROP = 0.5
 TARGET = "orin-int8"
 #: the three INT8 variants, in the order they are exported (the later two reuse the first one's choice)
 VARIANTS = ("search", "calibrated", "plain")
-PLAIN = {"calib_method": "minmax", "calib_images": 256, "int8_max_float_nodes": 0}
+PLAIN = {"calib_method": "minmax", "calib_images": 256, "int8_max_float_nodes": 0, "int8_refine_scales": False}
 
 
 def network_name(checkpoint: Path) -> str:
@@ -79,7 +79,8 @@ def measure(checkpoint: Path, work: Path, args: argparse.Namespace, say=print) -
             opts = search_options(args)
         elif variant == "calibrated":
             chosen = exports["search"]["calibration"]
-            opts = dict(calib_method=chosen["method"], calib_images=chosen["images"], int8_max_float_nodes=0)
+            opts = dict(calib_method=chosen["method"], calib_images=chosen["images"], int8_max_float_nodes=0,
+                        int8_refine_scales=False)
         else:
             opts = dict(PLAIN)
         say(f"[int8-accuracy] {name}: {variant} ({', '.join(f'{k}={v}' for k, v in opts.items())})")
@@ -123,10 +124,11 @@ def render(doc: Dict[str, Any], remarks: Optional[str] = None) -> str:
     for rec in nets:
         lines.append(f"- {rec['network']}: created {rec['created']}, `{rec['command']}`, "
                      f"machine: {machine_line(rec['machine'])}")
-    lines += ["- exports: `redistill export CHECKPOINT --target orin-int8` (`search`: the defaults; `calibrated`: "
-              "`--calib-method M --calib-images N --int8-max-float-nodes 0` with the M and N the search chose; "
-              "`plain`: `--calib-method minmax --calib-images 256 --int8-max-float-nodes 0`, INT8 as exported "
-              "before the search); top-1 by ONNX Runtime on the CPU, as the manifests record it", ""]
+    lines += ["- exports: `redistill export CHECKPOINT --target orin-int8` (`search`: the defaults, which since "
+              "2026-11-30 also try activation scales refined at the logits; `calibrated`: `--calib-method M "
+              "--calib-images N --int8-max-float-nodes 0 --no-int8-refine-scales` with the M and N the search chose; "
+              "`plain`: `--calib-method minmax --calib-images 256 --int8-max-float-nodes 0 --no-int8-refine-scales`, "
+              "INT8 as exported before the search); top-1 by ONNX Runtime on the CPU, as the manifests record it", ""]
     rows = []
     for rec in nets:
         e, v = rec["exports"], verdict(rec)
@@ -136,7 +138,7 @@ def render(doc: Dict[str, Any], remarks: Optional[str] = None) -> str:
                      f"{_pct(e['calibrated']['test']['int8_top1'])} ({_drop(e['calibrated']['test']['drop'])})",
                      f"{_pct(t['int8_top1'])} ({_drop(t['drop'])})", len(e["search"]["float_nodes"]), v["text"]])
     lines += md_table(["network", "student", "test images", "FP32 top-1 (%)", "INT8 plain minmax (drop)",
-                       "INT8 chosen calibration (drop)", "INT8 + nodes in float (drop)", "nodes in float",
+                       "INT8 chosen calibration (drop)", "INT8 search (drop)", "nodes in float",
                        f"target (drop <= {doc['target_max_drop']})"], rows)
     met = sum(verdict(r)["met"] for r in nets)
     lines += ["", f"Target met for {met} of {len(nets)} networks. Drops are FP32 minus INT8 test top-1, in points; "
@@ -179,6 +181,14 @@ def _network_section(rec: Dict[str, Any]) -> List[str]:
                         f"{100 * t['agreement']:.2f}", "-" if t["logit_sqnr_db"] is None else f"{t['logit_sqnr_db']:.1f}",
                         "yes" if t["chosen"] else ""] for t in trials])
     lines += [f"- {f['method']} on {f['calib_images']} images failed: {f['error']}" for f in search.get("failed", [])]
+    r = search.get("refine_scales")
+    if r:
+        vr = r["validation"]
+        lines += ["", f"Activation scales refined at the logits ({r['images']} calibration images; {r['changed']} "
+                      f"ranges changed): validation drop {_drop(vr['val_drop'])} +- {vr['val_drop_se']:.2f}, FP32's "
+                      f"top-1 kept on {100 * vr['agreement']:.2f}%, logit SQNR "
+                      f"{'-' if vr['logit_sqnr_db'] is None else format(vr['logit_sqnr_db'], '.1f')} dB; "
+                      f"{'kept' if r['kept'] else 'not kept'}."]
     if s.get("qat"):
         q = s["qat"]
         if "not_run" in q:

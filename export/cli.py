@@ -80,6 +80,10 @@ def add_commands(sub) -> None:
     int8.add_argument("--int8-qat-epochs", default="0", metavar="N",
                       help="when the goal is missed on validation after post-training quantization, fine-tune N "
                            "epochs with the INT8 rounding (QAT) and keep the INT8 graph closer to FP32 (default 0: off)")
+    int8.add_argument("--int8-refine-scales", action=argparse.BooleanOptionalAction, default=True,
+                      help="when the goal is missed after calibration, scale each activation's range by the factor "
+                           "that brings the logits closest to FP32's on the calibration images, and keep that when it "
+                           "keeps FP32's top-1 on more validation images (default: on)")
     int8.add_argument("--int8-val-images", default="0", metavar="N",
                       help="validation images the choices are judged on (0: every image the run held out, 2,500 "
                            "for a CIFAR-10 run at data.val_fraction 0.05)")
@@ -108,7 +112,8 @@ def _export(args) -> int:
         int8_max_drop=_points("--int8-max-drop", args.int8_max_drop),
         int8_max_float_nodes=_count("--int8-max-float-nodes", args.int8_max_float_nodes),
         int8_val_images=_count("--int8-val-images", args.int8_val_images),
-        int8_qat_epochs=_count("--int8-qat-epochs", args.int8_qat_epochs), verify_images=args.verify_images,
+        int8_qat_epochs=_count("--int8-qat-epochs", args.int8_qat_epochs),
+        int8_refine_scales=args.int8_refine_scales, verify_images=args.verify_images,
         reference_images=args.reference_images, eval_subset=args.eval_subset, tarball=args.tarball, name=args.name,
     ))
     return 0

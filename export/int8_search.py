@@ -3,7 +3,10 @@
 1. Every candidate calibration (method x number of training images) quantizes the FP32 graph and is judged by its
    top-1 on the validation split: the one that keeps FP32's top-1 on the most images is chosen (ties: the
    smaller drop); each one's drop and its standard error are recorded.
-2. While the goal is not met, the quantized nodes are ranked by the noise each adds
+2. While the goal is not met, each activation's range is scaled by the factor that brings the logits closest to
+   FP32's on the calibration images (``export.refine``); the refined ranges are kept when they keep FP32's top-1 on
+   more validation images.
+3. While the goal is not met, the quantized nodes are ranked by the noise each adds
    (``export.sensitivity``, onnxruntime's QDQ debugging tools), and the most sensitive are kept in float one
    unit at a time, greedily: a unit stays float when it keeps FP32's top-1 on more validation images without
    raising the drop by more than its standard error, until the goal is met, the cap on float nodes is reached or
@@ -34,6 +37,7 @@ import onnx
 import torch
 
 from export.quantize import Ranges, calibrate, float_nodes, quantize_int8
+from export.refine import REFINE_IMAGES, refine_scales
 from export.sensitivity import NodeSensitivity, node_sensitivity
 from export.verify import batched, run, session, symbolic_batch
 from redistill.errors import UserError
@@ -59,6 +63,7 @@ class Goal:
     max_float_nodes: int  # nodes that may stay float (0: calibration choice only)
     methods: Sequence[str]  # CALIBRATION names to try
     sizes: Sequence[int]  # calibration image counts to try
+    refine_scales: bool = False  # try activation scales refined at the logits (export.refine) when the goal is missed
 
     @property
     def max_tries(self) -> int:
@@ -125,6 +130,7 @@ class SearchResult:
     ranking: List[NodeSensitivity]
     sensitivity_images: int
     failed: List[Dict[str, Any]]  # calibrations onnxruntime could not compute
+    refined: Optional[Dict[str, Any]] = None  # the scale refinement, when tried: kept or not, the factors
 
     @property
     def float_nodes(self) -> List[str]:
@@ -142,7 +148,8 @@ class SearchResult:
                      "met_when": "validation drop + 1 standard error <= max_val_drop"},
             "goal_met": self.goal_met,
             "candidates": {"methods": list(self.goal.methods), "calib_images": list(self.goal.sizes)},
-            "chosen": {"method": self.method, "calib_images": self.calib_images, "float_nodes": self.float_nodes},
+            "chosen": {"method": self.method, "calib_images": self.calib_images, "float_nodes": self.float_nodes,
+                       "scales_refined": bool(self.refined and self.refined["kept"])},
             "validation": {"images": self.val_images, "fp32_top1": round(self.fp32_top1, 4), **self.score.record()},
             "sensitivity": {
                 "images": self.sensitivity_images, "tool": "onnxruntime.quantization.qdq_loss_debug",
@@ -152,6 +159,7 @@ class SearchResult:
             },
             "trace": [t.record() for t in self.trace],
             "failed": self.failed,
+            "refine_scales": self.refined,
         }
 
 
@@ -213,9 +221,26 @@ class _Search:
         trial.chosen = True
         return s, ranges, q
 
+    def refine(self, cur: Score, ranges: Ranges, q: onnx.ModelProto, images: np.ndarray
+               ) -> Tuple[Score, Ranges, onnx.ModelProto, Dict[str, Any]]:
+        """Step 2: the activation scales refined at the logits (``export.refine``), kept when they keep FP32's top-1
+        on more validation images without a drop worse by more than its standard error."""
+        new, factors = refine_scales(self.fp32, ranges, images, self.say)
+        trial_q = quantize_int8(self.fp32, new)
+        s = self.score(trial_q)
+        keep = bool(factors) and s.better_than(cur)
+        self.trace.append(Trial("refine scales", ranges.method, ranges.images, [], s, keep))
+        self.say(f"  {'kept' if keep else 'not kept'}: refined scales: validation drop {s.drop:+.2f} +- {s.se:.2f}, "
+                 f"FP32's top-1 kept on {100 * s.agreement:.1f}% (was {100 * cur.agreement:.1f}%)")
+        record = {"kept": keep, "changed": len(factors), "images": min(len(images), REFINE_IMAGES),
+                  "factors": {k: factors[k] for k in sorted(factors)}, "validation": s.record(),
+                  "measure": "each activation alone rounded, its symmetric range times the factor of FACTORS with the "
+                             "least relative squared error of the logits against FP32's on calibration images"}
+        return (s, new, trial_q, record) if keep else (cur, ranges, q, record)
+
     def keep_float(self, cur: Score, ranges: Ranges, q: onnx.ModelProto, ranking: List[NodeSensitivity],
                    goal: Goal) -> Tuple[Score, onnx.ModelProto, List[Dict[str, Any]]]:
-        """Step 2: the most sensitive units kept in float, greedily, while the goal is not met."""
+        """Step 3: the most sensitive units kept in float, greedily, while the goal is not met."""
         kept: List[Dict[str, Any]] = []
         floats: List[str] = []
         tries = 0
@@ -267,6 +292,9 @@ def search_int8(fp32: onnx.ModelProto, calib: Mapping[int, np.ndarray], val: Tup
         search.trace.append(Trial("calibration", ranges.method, ranges.images, [], cur, True))
         say(f"  {ranges.method} on {ranges.images} training images, ranges kept: validation drop {cur.drop:+.2f} "
             f"+- {cur.se:.2f}, FP32's top-1 kept on {100 * cur.agreement:.1f}%")
+    refined = None
+    if not cur.meets(goal.max_drop) and goal.refine_scales and ranges.images in calib:
+        cur, ranges, q, refined = search.refine(cur, ranges, q, calib[ranges.images])
     ranking: List[NodeSensitivity] = []
     kept: List[Dict[str, Any]] = []
     sel: List[int] = []
@@ -278,4 +306,4 @@ def search_int8(fp32: onnx.ModelProto, calib: Mapping[int, np.ndarray], val: Tup
             "validation images)")
         cur, q, kept = search.keep_float(cur, ranges, q, ranking, goal)
     return SearchResult(q, ranges.method, ranges.images, kept, search.fp32_top1, len(vx), cur, goal, search.trace,
-                        ranking, len(sel), search.failed)
+                        ranking, len(sel), search.failed, refined)

@@ -62,6 +62,7 @@ class ExportOptions:
     int8_max_float_nodes: int = INT8_MAX_FLOAT_NODES  # nodes that may stay float to meet it (0: none)
     int8_val_images: int = 0  # validation images the INT8 choices are judged on (0 = all the run held out)
     int8_qat_epochs: int = 0  # when the search misses the goal on validation: QAT epochs to try (0: none)
+    int8_refine_scales: bool = True  # when the goal is missed: try activation scales refined at the logits
     verify_images: int = 64
     reference_images: int = 8
     eval_subset: int = 0  # 0 = the whole test split
@@ -171,7 +172,8 @@ def load_sets(ck: Dict[str, Any], o: ExportOptions, need_calib: bool) -> Tuple[A
 
 def chooses_on_validation(o: ExportOptions, denoise: bool) -> bool:
     """Whether this INT8 export decides anything on validation images (a classifier with something left to choose)."""
-    return not denoise and (o.calib_method == AUTO or not o.calib_images or o.int8_max_float_nodes > 0)
+    return not denoise and (o.calib_method == AUTO or not o.calib_images or o.int8_max_float_nodes > 0
+                            or o.int8_refine_scales)
 
 
 def _calib_feeds(ck: Dict[str, Any], calib, n: int, denoise: bool):
@@ -206,7 +208,7 @@ def _quantize(o: ExportOptions, ck: Dict[str, Any], proto, int8: Int8Data, denoi
     else:
         val = take(int8.val, o.int8_val_images or len(int8.val))
         calib = {n: take(int8.calib, n)[0] for n in sizes}
-        goal = Goal(o.int8_max_drop, o.int8_max_float_nodes, methods, sizes)
+        goal = Goal(o.int8_max_drop, o.int8_max_float_nodes, methods, sizes, o.int8_refine_scales)
         search = search_int8(proto, calib, val, goal, lambda m: _say(o, m))
         if not search.goal_met and o.int8_qat_epochs and folded is not None:
             search, qat = _try_qat(o, ck, proto, folded, int8, calib, val, goal, search)
@@ -304,7 +306,7 @@ def run_export(o: ExportOptions) -> Tuple[Path, Dict[str, Any]]:
         raise UserError(f"{o.checkpoint} records no held-out validation images (data.val_fraction "
                         f"{val_fraction(ck) or 0}), and INT8 settings are chosen on them, never on the test split: "
                         "retrain with data.val_fraction=0.05, or fix them with --calib-method minmax --calib-images "
-                        "256 --int8-max-float-nodes 0")
+                        "256 --int8-max-float-nodes 0 --no-int8-refine-scales")
     out = Path(o.out) if o.out else Path("bundles") / f"{(ck.get('config') or {}).get('name', ck['arch'])}-{precision}"
     check_out(out)  # before the long work: a wrong --out fails now and nothing in it is deleted
     check_writable(out)

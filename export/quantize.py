@@ -168,7 +168,8 @@ def _cache_supported() -> bool:
 def quantize_int8(fp32: onnx.ModelProto, calib: Union[Calib, Ranges], method: str = "minmax",
                   exclude: Sequence[str] = ()) -> onnx.ModelProto:
     """Quantize ``fp32``; returns the QDQ model. Nodes named in ``exclude`` stay in float (no Q/DQ on their
-    inputs or weights; a quantized consumer of their output still gets its own Q/DQ).
+    inputs or weights; a quantized consumer of their output still gets its own Q/DQ). The graph's outputs stay
+    float (``_float_outputs``).
 
     ``calib``: ``Ranges`` from ``calibrate``, or the calibration samples themselves (N x C x H x W float32
     normalised images for a one-input classifier, or ``{input name: N x ...}`` for a graph with several inputs,
@@ -209,6 +210,7 @@ def quantize_int8(fp32: onnx.ModelProto, calib: Union[Calib, Ranges], method: st
                 **source,
             )
         q = onnx.load(str(dst))
+    _float_outputs(q)
     if exclude:
         _float_inputs(q, fp32, set(exclude))
     bad = zero_point_problems(q)
@@ -219,6 +221,28 @@ def quantize_int8(fp32: onnx.ModelProto, calib: Union[Calib, Ranges], method: st
 
 def _producers(proto: onnx.ModelProto) -> Dict[str, onnx.NodeProto]:
     return {o: n for n in proto.graph.node for o in n.output}
+
+
+def _float_outputs(q: onnx.ModelProto) -> None:
+    """Drop the Q/DQ pair onnxruntime puts on a graph output (in place): rounding the logits themselves to 8 bits
+    only adds noise (alone it changed the top-1 of 1.6 % of a RED student's images), and TensorRT hands the
+    output over in float anyway."""
+    prod = _producers(q)
+    for out in q.graph.output:
+        dq = prod.get(out.name)
+        qn = prod.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
+        if qn is None or qn.op_type != "QuantizeLinear" or qn.input[0] not in prod:  # not a graph input passed through
+            continue
+        inner = qn.input[0]
+        for node in q.graph.node:
+            if node is dq or node is qn:
+                continue
+            node.input[:] = [out.name if i == inner else i for i in node.input]
+            node.output[:] = [out.name if o == inner else o for o in node.output]
+        q.graph.node.remove(dq)
+        q.graph.node.remove(qn)
+        prod = _producers(q)
+    _prune(q)
 
 
 def _float_inputs(q: onnx.ModelProto, fp32: onnx.ModelProto, names: set) -> None:

@@ -94,7 +94,7 @@ def bundles(tmp_path_factory, checkpoint):
     out = tmp_path_factory.mktemp("bundles")
     fp32, _ = run_export(ExportOptions(str(checkpoint), out=str(out / "fp32"), verify_images=16, quiet=True))
     int8, _ = run_export(ExportOptions(str(checkpoint), out=str(out / "int8"), target="orin-int8", calib_method="minmax",
-                                       calib_images=16, int8_max_float_nodes=0, verify_images=16, quiet=True))
+                                       calib_images=16, int8_max_float_nodes=0, int8_refine_scales=False, verify_images=16, quiet=True))
     return fp32, int8
 
 

@@ -66,7 +66,8 @@ def test_search_keeps_nodes_float_in_bundle_and_manifest(checkpoint, tmp_path, m
     monkeypatch.setattr(search, "validate", validate)
     out = tmp_path / "int8"
     path, m = run_export(ExportOptions(str(checkpoint), out=str(out), target="orin-int8", calib_method="minmax",
-                                       calib_images=16, int8_max_float_nodes=3, verify_images=8, quiet=True))
+                                       calib_images=16, int8_max_float_nodes=3, int8_refine_scales=False, verify_images=8,
+                                       quiet=True))
     m = verify_bundle(path)
     q = m["quantization"]
     nodes = q["float_nodes"]
@@ -95,7 +96,7 @@ def test_search_keeps_nodes_float_in_bundle_and_manifest(checkpoint, tmp_path, m
 
 def test_auto_tries_every_method_on_validation(checkpoint, tmp_path):
     path, m = run_export(ExportOptions(str(checkpoint), out=str(tmp_path / "b"), target="cpu-int8", calib_images=16,
-                                       int8_max_float_nodes=0, verify_images=4, eval_subset=10, quiet=True))
+                                       int8_max_float_nodes=0, int8_refine_scales=False, verify_images=4, eval_subset=10, quiet=True))
     s = m["quantization"]["search"]
     calib = [t for t in s["trace"] if t["step"] == "calibration"]
     tried = {t["method"] for t in calib} | {f["method"] for f in s["failed"]}
@@ -120,11 +121,11 @@ def test_a_run_without_held_out_images_is_refused_unless_nothing_is_chosen(check
     with monkeypatch.context() as mp:
         _no_work(mp)
         with pytest.raises(UserError, match=r"records no held-out validation images .*never on the test split.*"
-                                            r"--calib-method minmax --calib-images 256 --int8-max-float-nodes 0") as e:
+                                            r"--calib-method minmax --calib-images 256 --int8-max-float-nodes 0 --no-int8-refine-scales") as e:
             run_export(ExportOptions(str(ck), out=str(tmp_path / "b"), target="orin-int8", quiet=True))
         assert "\n" not in str(e.value)
     _, m = run_export(ExportOptions(str(ck), out=str(tmp_path / "b"), target="orin-int8", calib_method="minmax",
-                                    calib_images=8, int8_max_float_nodes=0, verify_images=4, eval_subset=10, quiet=True))
+                                    calib_images=8, int8_max_float_nodes=0, int8_refine_scales=False, verify_images=4, eval_subset=10, quiet=True))
     assert m["quantization"]["search"] is None and m["accuracy"]["validation"] is None
     assert m["quantization"]["calibration"]["images"] == 8  # from all 40 training images: none was held out
 

@@ -47,7 +47,7 @@ def test_an_export_that_misses_its_goal_tries_qat_and_records_it(checkpoint, tmp
     import export.int8_search as search
 
     monkeypatch.setattr(search.Score, "meets", lambda self, max_drop: False)
-    opts = dict(target="orin-int8", calib_method="minmax", calib_images=16, int8_max_float_nodes=0, verify_images=16,
+    opts = dict(target="orin-int8", calib_method="minmax", calib_images=16, int8_max_float_nodes=0, int8_refine_scales=False, verify_images=16,
                 quiet=True)
     _, plain = run_export(ExportOptions(str(checkpoint), out=str(tmp_path / "ptq"), **opts))
     path, m = run_export(ExportOptions(str(checkpoint), out=str(tmp_path / "qat"), int8_qat_epochs=1, **opts))

@@ -227,7 +227,7 @@ def test_an_export_that_misses_its_goal_fine_tunes_on_the_int8_graph(checkpoint,
 
     monkeypatch.setattr(search.Score, "meets", lambda self, max_drop: False)
     _, m = run_export(ExportOptions(str(checkpoint), out=str(tmp_path / "qat"), target="orin-int8",
-                                    calib_method="entropy", calib_images=16, int8_max_float_nodes=0, verify_images=16,
+                                    calib_method="entropy", calib_images=16, int8_max_float_nodes=0, int8_refine_scales=False, verify_images=16,
                                     int8_qat_epochs=1, quiet=True))
     qat = m["quantization"]["qat"]
     assert qat["emulation"] == "onnx-graph"

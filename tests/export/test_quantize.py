@@ -41,3 +41,15 @@ def test_calibration_methods_are_a_registry():
     assert CALIBRATION.names() == ["entropy", "minmax", "percentile", "percentile-99.9", "percentile-99.99"]
     with pytest.raises(UserError, match="Did you mean 'entropy'"):
         CALIBRATION.get("entropi")
+
+
+def test_graph_outputs_stay_float(student):
+    """No Q/DQ on the logits: rounding them only adds noise, and the runtime hands them over in float."""
+    model, fp32 = student
+    calib = np.random.default_rng(0).standard_normal((8, 3, 32, 32)).astype(np.float32)
+    q = quantize_int8(fp32, calib, "minmax")
+    prod = {o: n for n in q.graph.node for o in n.output}
+    out = q.graph.output[0].name
+    assert out == fp32.graph.output[0].name and prod[out].op_type == "Gemm"
+    assert not any(n.op_type == "QuantizeLinear" and n.input[0].startswith(out) for n in q.graph.node)
+    check_model(q)

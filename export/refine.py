@@ -1,0 +1,128 @@
+"""Activation scales chosen by what they do to the logits: each quantized activation's range scaled by the factor
+that, with only that tensor quantized, brings the logits closest to FP32's on calibration images.
+
+Why: the calibrators pick each range from that tensor's own histogram (its min/max, a percentile, the least KL),
+blind to how much its rounding and clipping cost at the output. On a 32 px RED student the activations' noise was
+most of the INT8 error (logit SQNR 16 dB with activations alone quantized, 31 dB with weights alone), spread over
+about 180 tensors; choosing each one's factor at the logits raised the SQNR to 19 dB and the images keeping FP32's
+top-1 from 89.7 to 91.3 % (4,096 training images the calibration did not see). Symmetric ranges stay symmetric,
+so the graph is what TensorRT takes; only the scales differ. Nothing here sees validation or test images: the
+search in ``export.int8_search`` keeps the refined ranges only when they keep FP32's top-1 on more validation images.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable, Dict, Sequence
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from export.quantize import QDQ_OPS, Ranges, _prune, quantize_int8
+from export.verify import batched, run, session, symbolic_batch
+
+#: the factors each activation's symmetric range is tried at (1.0: the calibrator's own)
+FACTORS: Sequence[float] = (0.35, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.12, 1.25, 1.5, 2.0)
+#: calibration images the logits' error is measured on (evenly spaced among those given)
+REFINE_IMAGES = 256
+#: a factor other than 1.0 must lower the error by at least this fraction (noise in the error itself)
+MIN_GAIN = 0.01
+
+
+def activation_quantizers(q: onnx.ModelProto) -> Dict[str, onnx.NodeProto]:
+    """``{tensor: its QuantizeLinear}`` for every activation (not weight) a QDQ graph quantizes."""
+    inits = {t.name for t in q.graph.initializer}
+    return {n.input[0]: n for n in q.graph.node if n.op_type == "QuantizeLinear" and n.input[0] not in inits}
+
+
+def only(q: onnx.ModelProto, fp32: onnx.ModelProto, tensor: str) -> onnx.ModelProto:
+    """A copy of ``q`` in which only ``tensor`` is rounded: every other activation and every weight read in float."""
+    m = onnx.ModelProto()
+    m.CopyFrom(q)
+    prod = {o: n for n in m.graph.node for o in n.output}
+    have = {t.name for t in m.graph.initializer}
+    float_inits = {t.name: t for t in fp32.graph.initializer}
+    for node in m.graph.node:
+        if node.op_type in QDQ_OPS:
+            continue
+        for k, name in enumerate(node.input):
+            dq = prod.get(name)
+            if dq is None or dq.op_type != "DequantizeLinear":
+                continue
+            src = prod.get(dq.input[0])
+            if src is not None and src.op_type == "QuantizeLinear":
+                if src.input[0] != tensor:
+                    node.input[k] = src.input[0]
+            else:
+                orig = dq.input[0][: -len("_quantized")] if dq.input[0].endswith("_quantized") else None
+                if orig not in float_inits:  # a weight without its float original: leave it rounded
+                    continue
+                if orig not in have:
+                    m.graph.initializer.append(float_inits[orig])
+                    have.add(orig)
+                node.input[k] = orig
+    _prune(m)
+    return m
+
+
+def _set_scale(m: onnx.ModelProto, name: str, value: float) -> None:
+    for t in m.graph.initializer:
+        if t.name == name:
+            shape = numpy_helper.to_array(t).shape
+            t.CopyFrom(numpy_helper.from_array(np.full(shape, value, dtype=np.float32), name))
+            return
+    raise KeyError(name)
+
+
+def scaled(ranges: Ranges, factors: Dict[str, float]) -> Ranges:
+    """``ranges`` with each named tensor's range made symmetric and scaled by its factor."""
+    from onnxruntime.quantization import TensorsData
+    from onnxruntime.quantization.calibrate import TensorData
+
+    data = {}
+    for name, td in ranges.data.data.items():
+        f = factors.get(name, 1.0)
+        if f == 1.0:
+            data[name] = td
+            continue
+        lo, hi = (np.asarray(v) for v in td.range_value)
+        m = f * max(float(np.abs(lo).max()), float(np.abs(hi).max()))
+        attrs = {k: getattr(td, k) for k in td._attrs if k not in ("lowest", "highest")}
+        data[name] = TensorData(lowest=np.full(lo.shape, -m, dtype=np.float32),
+                                highest=np.full(hi.shape, m, dtype=np.float32), **attrs)
+    return Ranges(ranges.method, ranges.images, TensorsData(ranges.data.calibration_method, data))
+
+
+def refine_scales(fp32: onnx.ModelProto, ranges: Ranges, images: np.ndarray,
+                  say: Callable[[str], None] = lambda _: None) -> "tuple[Ranges, Dict[str, float]]":
+    """Each activation's factor from ``FACTORS`` by the logits' relative squared error on (at most
+    ``REFINE_IMAGES`` of) ``images``, that tensor alone rounded; returns the refined ranges and the factors that
+    are not 1.0. One graph per tensor and factor: about 2 minutes for a 32 px MobileNetV3-small on 2 cores."""
+    step = max(1, len(images) // REFINE_IMAGES)
+    x = images[::step][:REFINE_IMAGES]
+    ev = batched(fp32, x[:2])
+    as_run = (lambda g: symbolic_batch(g)) if ev is not fp32 else (lambda g: g)
+    ref = run(session(ev), x, batch=64).astype(np.float64)
+    power = max(float(np.sum(ref ** 2)), 1e-30)
+    q = quantize_int8(fp32, ranges)
+    acts = activation_quantizers(q)
+    t0 = time.time()
+    chosen: Dict[str, float] = {}
+    for tensor, qnode in acts.items():
+        if tensor not in ranges.data.data:
+            continue
+        m = only(q, fp32, tensor)
+        base = float(np.asarray(numpy_helper.to_array(
+            next(t for t in m.graph.initializer if t.name == qnode.input[1]))).reshape(-1)[0])
+        errors = {}
+        for f in FACTORS:
+            _set_scale(m, qnode.input[1], base * f)
+            out = run(session(as_run(m)), x, batch=64).astype(np.float64)
+            errors[f] = float(np.sum((out - ref) ** 2)) / power
+        best = min(errors, key=errors.get)
+        if best != 1.0 and errors[best] < errors[1.0] * (1 - MIN_GAIN):
+            chosen[tensor] = best
+    say(f"  activation scales refined at the logits on {len(x)} calibration images: {len(chosen)} of {len(acts)} "
+        f"ranges changed ({time.time() - t0:.0f} s)")
+    return scaled(ranges, chosen), chosen

@@ -116,7 +116,8 @@ def _classify_result(f: Dict[str, Any], q: Dict[str, Any], rows: Dict[str, Any])
         extra = {"validation": acc.get("validation"), "float_units": quant.get("float_units") or [],
                  "search": {"goal": search["goal"], "goal_met": search["goal_met"],
                             "calibrations": [t for t in search["trace"] if t["step"] == "calibration"],
-                            "failed": search.get("failed") or []}}
+                            "failed": search.get("failed") or [],
+                            "refine_scales": search.get("refine_scales")}}
     return {
         **_common(f, rows),
         "data": acc.get("data"), "test_images": acc.get("images"), "full_test_set": not acc.get("subset"),
@@ -212,6 +213,13 @@ def _search_lines(r: Dict[str, Any]) -> List[str]:
     lines += ["", "The drop is +- one standard error; the calibration keeping FP32's top-1 on the most validation "
                   "images is chosen."]
     lines += [f"- {f['method']} on {f['calib_images']} images failed: {f['error']}" for f in s["failed"]]
+    rs = s.get("refine_scales")
+    if rs:
+        vr = rs["validation"]
+        lines += ["", f"Activation scales refined at the logits ({rs['changed']} ranges changed, {rs['images']} "
+                      f"calibration images): FP32's top-1 kept on {100 * vr['agreement']:.2f}% of the validation "
+                      f"images, drop {vr['val_drop']:+.2f} +- {vr['val_drop_se']:.2f}; "
+                      f"{'kept' if rs['kept'] else 'not kept'}."]
     if r["float_units"]:
         lines += ["", "Nodes kept in float, in the order chosen (added noise: the quantization noise the unit adds, as "
                       "an SQNR; lower = more sensitive):", ""]

@@ -215,15 +215,17 @@ def _quantize(o: ExportOptions, ck: Dict[str, Any], proto, int8: Int8Data, denoi
         final, method, n_cal = search.model, search.method, search.calib_images
         nodes = len(search.float_nodes)
         drop = f"{search.score.drop:+.2f} +- {search.score.se:.2f}"
+        refined = ", scales refined" if search.refined and search.refined["kept"] else ""
         if search.goal_met:
-            _say(o, f"INT8: {method} on {n_cal} training images, {nodes} nodes in float: validation drop {drop} "
+            _say(o, f"INT8: {method} on {n_cal} training images{refined}, {nodes} nodes in float: validation drop {drop} "
                     f"(goal {o.int8_max_drop} met)")
         else:
             _say(o, f"WARNING: INT8 misses the goal on validation: drop {drop} points is not within "
                     f"{o.int8_max_drop} with {nodes} nodes in float (cap --int8-max-float-nodes "
                     f"{o.int8_max_float_nodes}); the bundle is written anyway")
     record = {"method": method, "images": int(n_cal), "split": "train",
-              "chosen_on": "given" if given else "validation", "selection": selection}
+              "chosen_on": "given" if given else "validation", "selection": selection,
+              "scales_refined": bool(search and search.refined and search.refined["kept"])}
     return final, record, search, qat
 
 

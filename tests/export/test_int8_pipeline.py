@@ -7,6 +7,7 @@ import onnx
 import pytest
 import torch
 
+from export import refine
 from export.bundle import verify_bundle
 from export.calibration import CALIBRATION, auto_methods
 from export.pipeline import ExportOptions, Int8Data, load_sets, run_export
@@ -105,6 +106,34 @@ def test_auto_tries_every_method_on_validation(checkpoint, tmp_path):
     assert chosen["agreement"] == max(t["agreement"] for t in calib)
     assert m["quantization"]["calibration"] == {**m["quantization"]["calibration"], "method": chosen["method"],
                                                "images": 16, "chosen_on": "validation", "split": "train"}
+
+
+def test_refined_scales_are_tried_when_the_goal_is_missed_and_recorded(checkpoint, tmp_path, monkeypatch):
+    """The default export refines the activation scales when the goal is missed (every graph scored with a drop of
+    2 points here; agreement as measured): the trace, the record and the calibration say whether it was kept, and
+    the bundle verifies either way."""
+    import export.int8_search as search
+
+    real = search.validate
+
+    def validate(*a):
+        s = real(*a)
+        s.drop, s.se = 2.0, 0.0
+        return s
+
+    monkeypatch.setattr(search, "validate", validate)
+    path, m = run_export(ExportOptions(str(checkpoint), out=str(tmp_path / "b"), target="orin-int8",
+                                       calib_method="minmax", calib_images=16,
+                                       int8_max_float_nodes=0, verify_images=4, eval_subset=10, quiet=True))
+    verify_bundle(path)
+    s = m["quantization"]["search"]
+    assert [t["step"] for t in s["trace"]] == ["calibration", "refine scales"]
+    r = s["refine_scales"]
+    assert r["kept"] == s["trace"][1]["chosen"] == s["chosen"]["scales_refined"]
+    assert m["quantization"]["calibration"]["scales_refined"] == r["kept"]
+    assert r["images"] == 16 and r["changed"] == len(r["factors"]) and set(r["factors"].values()) <= set(refine.FACTORS)
+    proto = onnx.load(str(path / "model.onnx"))
+    assert [n.op_type for n in proto.graph.node if proto.graph.output[0].name in n.output] == ["Gemm"]
 
 
 def _no_work(monkeypatch):

@@ -55,7 +55,8 @@ def _summary(m: Dict[str, Any], seconds: float) -> Dict[str, Any]:
         "test": {k: a[k] for k in ("data", "images", "subset", "fp32_top1", "int8_top1", "drop")},
         "validation": a.get("validation"), "calibration": q["calibration"],
         "float_nodes": q.get("float_nodes") or [], "float_units": q.get("float_units") or [],
-        "search": {k: search[k] for k in ("goal", "goal_met", "candidates", "chosen", "trace", "failed") if k in search},
+        "search": {k: search[k] for k in ("goal", "goal_met", "candidates", "chosen", "trace", "failed", "refine_scales")
+                   if k in search},
         "quantized_nodes": q.get("quantized_nodes"),
         **({"qat": q["qat"]} if q.get("qat") else {}),
     }
@@ -181,14 +182,14 @@ def _network_section(rec: Dict[str, Any]) -> List[str]:
                         f"{100 * t['agreement']:.2f}", "-" if t["logit_sqnr_db"] is None else f"{t['logit_sqnr_db']:.1f}",
                         "yes" if t["chosen"] else ""] for t in trials])
     lines += [f"- {f['method']} on {f['calib_images']} images failed: {f['error']}" for f in search.get("failed", [])]
-    r = search.get("refine_scales")
-    if r:
-        vr = r["validation"]
-        lines += ["", f"Activation scales refined at the logits ({r['images']} calibration images; {r['changed']} "
-                      f"ranges changed): validation drop {_drop(vr['val_drop'])} +- {vr['val_drop_se']:.2f}, FP32's "
-                      f"top-1 kept on {100 * vr['agreement']:.2f}%, logit SQNR "
-                      f"{'-' if vr['logit_sqnr_db'] is None else format(vr['logit_sqnr_db'], '.1f')} dB; "
-                      f"{'kept' if r['kept'] else 'not kept'}."]
+    refined = [t for t in search.get("trace", []) if t["step"] == "refine scales"]
+    if refined:
+        t, r = refined[0], search.get("refine_scales") or {}  # older run files hold the trace only
+        how = f" ({r['images']} calibration images, {r['changed']} ranges changed)" if r else ""
+        lines += ["", f"Activation scales refined at the logits{how}: validation drop {_drop(t['val_drop'])} +- "
+                      f"{t['val_drop_se']:.2f}, FP32's top-1 kept on {100 * t['agreement']:.2f}%, logit SQNR "
+                      f"{'-' if t['logit_sqnr_db'] is None else format(t['logit_sqnr_db'], '.1f')} dB; "
+                      f"{'kept' if t['chosen'] else 'not kept'}."]
     if s.get("qat"):
         q = s["qat"]
         if "not_run" in q:

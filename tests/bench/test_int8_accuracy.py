@@ -38,6 +38,7 @@ def test_three_exports_per_network_and_the_page(canned, checkpoint, tmp_path, ca
     assert [(c.calib_method, c.calib_images, c.int8_max_float_nodes) for c in calls] == [
         ("auto", 0, 8), (m["quantization"]["calibration"]["method"], 16, 0), ("minmax", 256, 0)]
     assert all(c.target == "orin-int8" and c.eval_subset == 0 for c in calls)
+    assert [c.int8_refine_scales for c in calls] == [True, False, False]  # only the search refines scales
     assert [Path(c.out).name for c in calls] == ["net-a-search", "net-a-calibrated", "net-a-plain"]
     rec = json.loads((out / "net-a.json").read_text())
     assert rec["network"] == "net-a" and rec["arch"] == m["model"]["arch"] and set(rec["exports"]) == set(bench.VARIANTS)
@@ -57,6 +58,19 @@ def test_three_exports_per_network_and_the_page(canned, checkpoint, tmp_path, ca
     (tmp_path / "results" / "int8_accuracy.md").unlink()
     assert bench.main(["--pages-only", "--out", str(out)]) == 0
     assert (tmp_path / "results" / "int8_accuracy.md").read_text() == md
+
+
+def test_the_page_says_whether_refined_scales_were_kept(canned, checkpoint, tmp_path):  # noqa: F811
+    m, _ = canned
+    search = m["quantization"]["search"]
+    first = search["trace"][0]
+    search["trace"].append({**first, "step": "refine scales", "chosen": True, "agreement": 0.9321, "val_drop": 0.12})
+    search["refine_scales"] = {"kept": True, "changed": 7, "images": 16, "factors": {}, "validation": {}}
+    out = tmp_path / "int8_accuracy"
+    assert bench.main([str(checkpoint), "--out", str(out), "--work", str(tmp_path / "work"), "--quiet"]) == 0
+    md = (tmp_path / "int8_accuracy.md").read_text()
+    assert ("Activation scales refined at the logits (16 calibration images, 7 ranges changed): validation drop "
+            "+0.12 +- ") in md and "FP32's top-1 kept on 93.21%" in md and "; kept." in md
 
 
 def test_a_subset_is_not_judged_and_a_miss_says_so(canned):

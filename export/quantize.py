@@ -249,27 +249,39 @@ def _float_inputs(q: onnx.ModelProto, fp32: onnx.ModelProto, names: set) -> None
     """Feed the nodes in ``names`` their float inputs (in place): onnxruntime leaves their weights float but
     quantizes a tensor once for all its consumers, so an excluded node would still read it through Q/DQ.
     Q/DQ pairs and quantized weights left without a consumer are removed."""
+    read_float(q, fp32, lambda node: node.name in names)
+
+
+def read_float(q: onnx.ModelProto, fp32: onnx.ModelProto, select, keep: Sequence[str] = (),
+               missing_ok: bool = False) -> None:
+    """Rewire the nodes ``select(node)`` picks (in place) to read in float what they read through a
+    DequantizeLinear: an activation the tensor before its QuantizeLinear (except the tensors in ``keep``), a
+    weight its float original from ``fp32``, under its own name. A weight without a float original is a
+    UserError, or stays rounded when ``missing_ok``. Q/DQ pairs and initializers left unread are removed."""
     prod = _producers(q)
     float_inits = {t.name: t for t in fp32.graph.initializer}
     have = {t.name for t in q.graph.initializer}
     for node in q.graph.node:
-        if node.name not in names:
+        if node.op_type in QDQ_OPS or not select(node):
             continue
         for k, name in enumerate(node.input):
             dq = prod.get(name)
             if dq is None or dq.op_type != "DequantizeLinear":
                 continue
             src = prod.get(dq.input[0])
-            if src is not None and src.op_type == "QuantizeLinear":  # an activation: the tensor before its Q
-                node.input[k] = src.input[0]
-            else:  # a weight quantized for another consumer as well: its float original, under its own name
-                orig = dq.input[0][: -len("_quantized")] if dq.input[0].endswith("_quantized") else None
-                if orig not in float_inits:
-                    raise UserError(f"cannot keep node {node.name!r} in float: no float original of {dq.input[0]}")
-                if orig not in have:
-                    q.graph.initializer.append(float_inits[orig])
-                    have.add(orig)
-                node.input[k] = orig
+            if src is not None and src.op_type == "QuantizeLinear":
+                if src.input[0] not in keep:
+                    node.input[k] = src.input[0]
+                continue
+            orig = dq.input[0][: -len("_quantized")] if dq.input[0].endswith("_quantized") else None
+            if orig not in float_inits:
+                if missing_ok:
+                    continue
+                raise UserError(f"cannot keep node {node.name!r} in float: no float original of {dq.input[0]}")
+            if orig not in have:
+                q.graph.initializer.append(float_inits[orig])
+                have.add(orig)
+            node.input[k] = orig
     _prune(q)
 
 

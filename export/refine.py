@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from export.quantize import QDQ_OPS, Ranges, _prune, quantize_int8
+from export.quantize import Ranges, quantize_int8, read_float
 from export.verify import batched, run, session, symbolic_batch
 
 #: the factors each activation's symmetric range is tried at (1.0: the calibrator's own)
@@ -40,29 +40,7 @@ def only(q: onnx.ModelProto, fp32: onnx.ModelProto, tensor: str) -> onnx.ModelPr
     """A copy of ``q`` in which only ``tensor`` is rounded: every other activation and every weight read in float."""
     m = onnx.ModelProto()
     m.CopyFrom(q)
-    prod = {o: n for n in m.graph.node for o in n.output}
-    have = {t.name for t in m.graph.initializer}
-    float_inits = {t.name: t for t in fp32.graph.initializer}
-    for node in m.graph.node:
-        if node.op_type in QDQ_OPS:
-            continue
-        for k, name in enumerate(node.input):
-            dq = prod.get(name)
-            if dq is None or dq.op_type != "DequantizeLinear":
-                continue
-            src = prod.get(dq.input[0])
-            if src is not None and src.op_type == "QuantizeLinear":
-                if src.input[0] != tensor:
-                    node.input[k] = src.input[0]
-            else:
-                orig = dq.input[0][: -len("_quantized")] if dq.input[0].endswith("_quantized") else None
-                if orig not in float_inits:  # a weight without its float original: leave it rounded
-                    continue
-                if orig not in have:
-                    m.graph.initializer.append(float_inits[orig])
-                    have.add(orig)
-                node.input[k] = orig
-    _prune(m)
+    read_float(m, fp32, lambda node: True, keep=(tensor,), missing_ok=True)
     return m
 
 

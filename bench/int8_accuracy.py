@@ -65,7 +65,7 @@ def _summary(m: Dict[str, Any], seconds: float) -> Dict[str, Any]:
 def search_options(args: argparse.Namespace) -> Dict[str, Any]:
     """The search export's options (QAT only when asked for: records made before it have no such key)."""
     opts = dict(calib_method=args.calib_method, calib_images=args.calib_images,
-                int8_max_float_nodes=args.int8_max_float_nodes)
+                int8_max_float_nodes=args.int8_max_float_nodes, int8_refine_scales=True)
     return {**opts, "int8_qat_epochs": args.qat_epochs} if args.qat_epochs else opts
 
 

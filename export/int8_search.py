@@ -100,12 +100,12 @@ class Score:
 class Trial:
     """One step of the search, as the manifest records it."""
 
-    step: str  # calibration | keep float
+    step: str  # calibration | refine scales | keep float
     method: str
     calib_images: int
     float_nodes: List[str]  # every node in float in this try
     score: Score
-    chosen: bool  # calibration: the one kept; keep float: the unit stays float
+    chosen: bool  # calibration: the one kept; refine scales: the refined ranges kept; keep float: the unit stays float
     unit: Optional[List[str]] = None  # keep float: the unit tried
 
     def record(self) -> Dict[str, Any]:
@@ -131,6 +131,7 @@ class SearchResult:
     sensitivity_images: int
     failed: List[Dict[str, Any]]  # calibrations onnxruntime could not compute
     refined: Optional[Dict[str, Any]] = None  # the scale refinement, when tried: kept or not, the factors
+    ranges: Optional[Ranges] = field(default=None, repr=False)  # the activation ranges ``model`` was quantized at
 
     @property
     def float_nodes(self) -> List[str]:
@@ -180,7 +181,7 @@ class _Search:
 
     def __init__(self, fp32: onnx.ModelProto, val: Tuple[np.ndarray, np.ndarray], say: Callable[[str], None],
                  reference: Optional[onnx.ModelProto] = None):
-        self.fp32, (self.vx, self.vy), self.say = fp32, val, say
+        self.fp32, (self.vx, self.vy), self.say, self.reference = fp32, val, say, reference
         self.ev = batched(fp32, self.vx[:2])  # every graph is run many images at a time when the batch allows
         ref_graph = self.ev if reference is None else batched(reference, self.vx[:2])
         self.ref = run(session(ref_graph), self.vx, batch=EVAL_BATCH)
@@ -225,7 +226,7 @@ class _Search:
                ) -> Tuple[Score, Ranges, onnx.ModelProto, Dict[str, Any]]:
         """Step 2: the activation scales refined at the logits (``export.refine``), kept when they keep FP32's top-1
         on more validation images without a drop worse by more than its standard error."""
-        new, factors = refine_scales(self.fp32, ranges, images, self.say)
+        new, factors = refine_scales(self.fp32, ranges, images, self.say, self.reference)
         trial_q = quantize_int8(self.fp32, new)
         s = self.score(trial_q)
         keep = bool(factors) and s.better_than(cur)
@@ -276,10 +277,11 @@ class _Search:
 def search_int8(fp32: onnx.ModelProto, calib: Mapping[int, np.ndarray], val: Tuple[np.ndarray, np.ndarray],
                 goal: Goal, say: Callable[[str], None] = lambda _: None,
                 reference: Optional[onnx.ModelProto] = None, ranges: Optional[Ranges] = None) -> SearchResult:
-    """Choose the calibration and the nodes kept in float on ``val`` (images, labels); ``calib[n]``: ``n``
-    class-balanced training images for each candidate size. Every score is against ``reference``'s logits when
-    given (the original FP32 graph, when ``fp32`` holds fine-tuned weights), else against ``fp32``'s. ``ranges``:
-    no calibration is chosen, these activation ranges are kept (those a fine-tuning was rounded at)."""
+    """Choose the calibration, whether to refine its activation scales (``goal.refine_scales``) and the nodes kept
+    in float on ``val`` (images, labels); ``calib[n]``: ``n`` class-balanced training images for each candidate
+    size. Every score, and the refinement's target, is against ``reference``'s logits when given (the original
+    FP32 graph, when ``fp32`` holds fine-tuned weights), else against ``fp32``'s. ``ranges``: no calibration is
+    chosen, these activation ranges are the start (those a fine-tuning was rounded at)."""
     search = _Search(fp32, val, say, reference)
     vx, vy = val
     say(f"INT8: choosing on {len(vx)} validation images (FP32 top-1 {search.fp32_top1:.2f}%), goal: drop + 1 "
@@ -306,4 +308,4 @@ def search_int8(fp32: onnx.ModelProto, calib: Mapping[int, np.ndarray], val: Tup
             "validation images)")
         cur, q, kept = search.keep_float(cur, ranges, q, ranking, goal)
     return SearchResult(q, ranges.method, ranges.images, kept, search.fp32_top1, len(vx), cur, goal, search.trace,
-                        ranking, len(sel), search.failed, refined)
+                        ranking, len(sel), search.failed, refined, ranges)

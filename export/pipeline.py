@@ -231,8 +231,8 @@ def _quantize(o: ExportOptions, ck: Dict[str, Any], proto, int8: Int8Data, denoi
 
 def _try_qat(o: ExportOptions, ck: Dict[str, Any], proto, folded, int8: Int8Data, calib, val, goal: Goal,
              ptq: SearchResult) -> Tuple[SearchResult, Dict[str, Any]]:
-    """Fine-tune the FP32 graph rounded as the QDQ model of the calibration the search chose rounds it (every node
-    quantized; ``export.qat_graph``), then search the fine-tuned weights twice against the original FP32 graph: at the
+    """Fine-tune the FP32 graph rounded as the QDQ model of the calibration the search chose rounds it (its refined
+    scales when it kept them; every node quantized; ``export.qat_graph``), then search the fine-tuned weights twice against the original FP32 graph: at the
     activation ranges they were fine-tuned at, and calibrated again; keep whichever of those and the post-training
     graph keeps FP32's top-1 on the most validation images (ties: the smaller drop). A graph the fine-tuning cannot
     run leaves the post-training one, with the reason recorded."""
@@ -241,13 +241,14 @@ def _try_qat(o: ExportOptions, ck: Dict[str, Any], proto, folded, int8: Int8Data
             f"of {ptq.method} on {ptq.calib_images} training images rounds")
     images = calib[ptq.calib_images] if ptq.calib_images in calib else take(int8.calib, ptq.calib_images)[0]
     try:
-        ranges = ranges_for(proto, images, ptq.method)
+        ranges = ptq.ranges or ranges_for(proto, images, ptq.method)  # the search's own, refined when it kept that
         tuned, record = finetune_graph(proto, quantize_int8(proto, ranges), int8.calib, val[0],
                                        QATSettings(o.int8_qat_epochs), lambda m: _say(o, m))
     except UserError as e:
         _say(o, f"INT8: QAT not run ({e}); the post-training graph is kept")
         return ptq, {"chosen": False, "not_run": str(e)}
-    record["qdq"] = {"method": ptq.method, "calib_images": ptq.calib_images, "float_nodes": 0}
+    record["qdq"] = {"method": ptq.method, "calib_images": ptq.calib_images, "float_nodes": 0,
+                     "scales_refined": bool(ptq.refined and ptq.refined["kept"])}
     candidates = {"post-training": ptq,
                   "QAT, ranges kept": search_int8(tuned, calib, val, goal, lambda m: _say(o, m), reference=proto,
                                                   ranges=ranges),

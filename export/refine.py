@@ -13,7 +13,7 @@ search in ``export.int8_search`` keeps the refined ranges only when they keep FP
 from __future__ import annotations
 
 import time
-from typing import Callable, Dict, Sequence
+from typing import Callable, Collection, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import onnx
@@ -36,15 +36,26 @@ def activation_quantizers(q: onnx.ModelProto) -> Dict[str, onnx.NodeProto]:
     return {n.input[0]: n for n in q.graph.node if n.op_type == "QuantizeLinear" and n.input[0] not in inits}
 
 
-def only(q: onnx.ModelProto, fp32: onnx.ModelProto, tensor: str) -> onnx.ModelProto:
-    """A copy of ``q`` in which only ``tensor`` is rounded: every other activation and every weight read in float."""
+def only(q: onnx.ModelProto, fp32: onnx.ModelProto, tensors: Collection[str]) -> onnx.ModelProto:
+    """A copy of ``q`` in which only ``tensors`` are rounded: every other activation and every weight read in float."""
     m = onnx.ModelProto()
     m.CopyFrom(q)
-    read_float(m, fp32, lambda node: True, keep=(tensor,), missing_ok=True)
+    read_float(m, fp32, lambda node: True, keep=tuple(tensors), missing_ok=True)
     return m
 
 
+def scale_groups(q: onnx.ModelProto) -> Dict[str, List[str]]:
+    """``{tensor whose range sets the scale: every tensor rounded at that scale}``: onnxruntime gives the output of
+    a MaxPool, Flatten, Reshape, ... its input's scale initializer (``<input>_scale``) and ignores its own range,
+    so such tensors are measured and refined together, through their input's range."""
+    by_scale: Dict[str, List[str]] = {}
+    for tensor, qnode in activation_quantizers(q).items():
+        by_scale.setdefault(qnode.input[1], []).append(tensor)
+    return {next((t for t in ts if f"{t}_scale" == name), ts[0]): ts for name, ts in by_scale.items()}
+
+
 def _set_scale(m: onnx.ModelProto, name: str, value: float) -> None:
+    """Set the per-tensor scale initializer ``name`` of ``m`` to ``value`` (in place)."""
     for t in m.graph.initializer:
         if t.name == name:
             shape = numpy_helper.to_array(t).shape
@@ -66,41 +77,46 @@ def scaled(ranges: Ranges, factors: Dict[str, float]) -> Ranges:
             continue
         lo, hi = (np.asarray(v) for v in td.range_value)
         m = f * max(float(np.abs(lo).max()), float(np.abs(hi).max()))
-        attrs = {k: getattr(td, k) for k in td._attrs if k not in ("lowest", "highest")}
+        attrs = {k: v for k, v in td.to_dict().items() if k not in ("lowest", "highest", "CLS")}
         data[name] = TensorData(lowest=np.full(lo.shape, -m, dtype=np.float32),
                                 highest=np.full(hi.shape, m, dtype=np.float32), **attrs)
     return Ranges(ranges.method, ranges.images, TensorsData(ranges.data.calibration_method, data))
 
 
 def refine_scales(fp32: onnx.ModelProto, ranges: Ranges, images: np.ndarray,
-                  say: Callable[[str], None] = lambda _: None) -> "tuple[Ranges, Dict[str, float]]":
-    """Each activation's factor from ``FACTORS`` by the logits' relative squared error on (at most
-    ``REFINE_IMAGES`` of) ``images``, that tensor alone rounded; returns the refined ranges and the factors that
-    are not 1.0. One graph per tensor and factor: about 2 minutes for a 32 px MobileNetV3-small on 2 cores."""
-    step = max(1, len(images) // REFINE_IMAGES)
-    x = images[::step][:REFINE_IMAGES]
+                  say: Callable[[str], None] = lambda _: None, reference: Optional[onnx.ModelProto] = None,
+                  ) -> Tuple[Ranges, Dict[str, float]]:
+    """Each activation's factor from ``FACTORS`` by the logits' relative squared error against ``reference``'s
+    (default: ``fp32``'s; the original network's when ``fp32`` holds fine-tuned weights) on at most
+    ``REFINE_IMAGES`` of ``images``, evenly spaced, that tensor (with any tensor sharing its scale) alone rounded;
+    returns the refined ranges and the factors that are not 1.0. One graph per tensor and factor: about 2 minutes
+    for a 32 px MobileNetV3-small on 2 cores."""
+    pick = np.unique(np.linspace(0, len(images) - 1, min(len(images), REFINE_IMAGES)).round().astype(int))
+    x = images[pick]
     ev = batched(fp32, x[:2])
     as_run = (lambda g: symbolic_batch(g)) if ev is not fp32 else (lambda g: g)
-    ref = run(session(ev), x, batch=64).astype(np.float64)
+    ref_graph = ev if reference is None else batched(reference, x[:2])
+    ref = run(session(ref_graph), x, batch=64).astype(np.float64)
     power = max(float(np.sum(ref ** 2)), 1e-30)
     q = quantize_int8(fp32, ranges)
     acts = activation_quantizers(q)
+    groups = scale_groups(q)
     t0 = time.time()
     chosen: Dict[str, float] = {}
-    for tensor, qnode in acts.items():
-        if tensor not in ranges.data.data:
+    for provider, tensors in groups.items():
+        if provider not in ranges.data.data:
             continue
-        m = only(q, fp32, tensor)
-        base = float(np.asarray(numpy_helper.to_array(
-            next(t for t in m.graph.initializer if t.name == qnode.input[1]))).reshape(-1)[0])
+        m = only(q, fp32, tensors)
+        scale = acts[provider].input[1]
+        base = float(numpy_helper.to_array(next(t for t in m.graph.initializer if t.name == scale)).reshape(-1)[0])
         errors = {}
         for f in FACTORS:
-            _set_scale(m, qnode.input[1], base * f)
+            _set_scale(m, scale, base * f)
             out = run(session(as_run(m)), x, batch=64).astype(np.float64)
             errors[f] = float(np.sum((out - ref) ** 2)) / power
         best = min(errors, key=errors.get)
         if best != 1.0 and errors[best] < errors[1.0] * (1 - MIN_GAIN):
-            chosen[tensor] = best
-    say(f"  activation scales refined at the logits on {len(x)} calibration images: {len(chosen)} of {len(acts)} "
+            chosen[provider] = best
+    say(f"  activation scales refined at the logits on {len(x)} calibration images: {len(chosen)} of {len(groups)} "
         f"ranges changed ({time.time() - t0:.0f} s)")
     return scaled(ranges, chosen), chosen

@@ -46,3 +46,18 @@ def test_report_refuses_swapped_bundles(bundles, tmp_path):  # noqa: F811
     fp32, int8 = bundles
     with pytest.raises(UserError, match="swap the arguments"):
         write_report(int8, fp32, tmp_path / "r", runs=1, warmup=0)
+
+
+def test_the_report_says_whether_refined_scales_were_kept():
+    from bench.export_report import _search_lines
+
+    score = {"val_top1": 50.0, "val_drop": 0.3, "val_drop_se": 0.4, "agreement": 0.912, "logit_sqnr_db": 17.0}
+    r = {"validation": {"images": 2500, "split": "held out", "fp32_top1": 50.3, "int8_top1": 50.0, "drop": 0.3,
+                        "drop_se": 0.4}, "float_units": [],
+         "search": {"goal": {"max_val_drop": 0.5, "max_float_nodes": 8}, "goal_met": False, "calibrations": [],
+                    "failed": [], "refine_scales": {"kept": True, "changed": 12, "images": 256, "validation": score}}}
+    text = "\n".join(_search_lines(r))
+    assert ("Activation scales refined at the logits (12 ranges changed, 256 calibration images): FP32's top-1 kept "
+            "on 91.20% of the validation images, drop +0.30 +- 0.40; kept.") in text
+    r["search"]["refine_scales"] = None
+    assert "refined" not in "\n".join(_search_lines(r))

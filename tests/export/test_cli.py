@@ -24,12 +24,24 @@ def test_help_lists_export_options(capsys):
     for flag in ("--opset", "--target", "--out", "--calib-method", "--dynamic-batch"):
         assert flag in out
     assert not re.search(r"--int8\b(?!-)", out), "the precision is the target's; --int8 is only an error naming the INT8 targets"
-    for flag in ("--int8-max-drop", "--int8-max-float-nodes", "--int8-val-images", "--calib-images {auto,N}"):
+    for flag in ("--int8-max-drop", "--int8-max-float-nodes", "--int8-val-images", "--calib-images {auto,N}",
+                 "--int8-refine-scales, --no-int8-refine-scales"):
         assert flag in out
     for name in TARGETS:  # every target with its runtime and precision, and every calibration method
         t = TARGETS.get(name)
         assert f"{name}: {t.runtime}, {t.precision}" in out
     assert all(m in out for m in CALIBRATION) and "{" + ",".join(["auto", *CALIBRATION]) + "}" in out
+
+
+@pytest.mark.parametrize("flag, refine", [([], True), (["--no-int8-refine-scales"], False),
+                                          (["--int8-refine-scales"], True)])
+def test_refine_scales_flag_reaches_the_export(monkeypatch, flag, refine):
+    import export.pipeline as pipeline
+
+    seen = []
+    monkeypatch.setattr(pipeline, "run_export", lambda o: seen.append(o))
+    assert main(["export", "x.pt", "--target", "orin-int8", *flag]) == 0
+    assert [o.int8_refine_scales for o in seen] == [refine]
 
 
 def test_a_new_target_is_one_registry_entry():

@@ -46,7 +46,7 @@ def test_scaled_ranges_scale_the_quantizer_and_stay_symmetric(tiny):
 def test_only_rounds_one_activation_and_no_weight(tiny):
     fp32, cal, ranges = tiny
     q = quantize_int8(fp32, ranges)
-    m = only(q, fp32, "r1")
+    m = only(q, fp32, ["r1"])
     assert list(activation_quantizers(m)) == ["r1"]
     inits = {t.name for t in m.graph.initializer}
     prod = {o: n for n in m.graph.node for o in n.output}
@@ -96,3 +96,30 @@ def test_the_search_keeps_refined_scales_only_when_asked_and_better(tiny, monkey
     assert r.score.agreement > first.agreement and r.score is r.trace[1].score
     assert _scale(r.model, "r1") < _scale(quantize_int8(fp32, scaled(ranges, {"r1": WIDE})), "r1") / 10
     assert any("refined scales" in line for line in said)
+
+
+def test_tensors_sharing_a_scale_are_one_group(tiny):
+    """onnxruntime rounds a Flatten's output at its input's scale: the two are measured and refined as one."""
+    fp32, _, ranges = tiny
+    q = quantize_int8(fp32, ranges)
+    groups = refine.scale_groups(q)
+    acts = activation_quantizers(q)
+    assert groups["g"] == ["g", "f"] and "f" not in groups
+    assert acts["f"].input[1] == acts["g"].input[1] == "g_scale"
+    assert all(len(ts) == 1 for p, ts in groups.items() if p != "g")
+
+
+def test_the_refinement_aims_at_the_reference_logits(tiny, monkeypatch):
+    """After fine-tuning, the search scores against the original FP32 graph; the refinement must aim there too."""
+    fp32, cal, ranges = tiny
+    seen = {}
+
+    def spy(g, r, images, say, reference=None):
+        seen["reference"] = reference
+        return r, {}
+
+    monkeypatch.setattr(int8_search, "refine_scales", spy)
+    original = _tiny_classifier(seed=1)
+    vy = run(session(original), cal).argmax(1)
+    search_int8(fp32, {16: cal}, (cal, vy), Goal(0.0, 0, ["minmax"], [16], True), reference=original)
+    assert seen["reference"] is original

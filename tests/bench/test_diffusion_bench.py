@@ -107,6 +107,8 @@ def test_placement_section_renders_from_its_files_beside_the_committed_page(tmp_
     for name in ("diffusion.json", "diffusion_deploy.json", "diffusion_remarks.md"):
         shutil.copyfile(results / name, res / name)
     d, p = res / "diffusion", res / "diffusion" / "placement"
+    for stale in (p, d / "runs" / "ddpm-bench-teacher", *(d / "runs" / f"ddpm-bench{sfx}" for _, sfx, _ in PLACEMENT_RUNS)):
+        shutil.rmtree(stale, ignore_errors=True)  # the committed placement part: this test makes its own
     shutil.copytree(d / "runs" / "ddpm-bench" / "teacher", p / "teacher")
     paper = [dict(vars(s)) for s in load_config("ddpm_bench").red.sites]
     record = json.loads((res / "diffusion.json").read_text())
@@ -143,7 +145,7 @@ def test_placement_section_renders_from_its_files_beside_the_committed_page(tmp_
     assert diffusion_bench.main(["--pages-only", "--remarks", "bench/results/diffusion_remarks.md"]) == 0
     page, committed = (res / "diffusion.md").read_text(), (results / "diffusion.md").read_text()
     head, tail = page.split("\n## RED site placement")
-    assert head == committed.split("\n## Remarks")[0]
+    assert head == committed.split("\n## RED site placement")[0].split("\n## Remarks")[0]
     assert "Command: `python -m bench.diffusion_bench --parts placement` (part `placement`" in tail
     assert "the teacher of the runs above (the same sha256)" in tail and "the classifier of the table above" in tail
     assert "`paper`, the paper code's (pipeline_diffusion/config/reedx2_dist_config.yaml" in tail

@@ -28,8 +28,9 @@ class Deploy:
                 str(config), "--python", VENV_PYTHON, "--reports", str(tmp / "reports"), "--remote-dir",
                 str(tmp / "device"), "--connect-timeout", "5", *FAST, *extra]
         self.remote_base = tmp / "device"
+        # faulthandler: a deploy that hangs is made to print every thread's stack (``finish``)
         self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp,
-                                     start_new_session=True)
+                                     start_new_session=True, env={**os.environ, "PYTHONFAULTHANDLER": "1"})
         self.lines = []
         self.reader = threading.Thread(target=lambda: self.lines.extend(self.proc.stderr), daemon=True)
         self.reader.start()
@@ -45,7 +46,13 @@ class Deploy:
             time.sleep(0.1)
 
     def finish(self, timeout=60):
-        self.proc.wait(timeout=timeout)
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:  # show where it hangs: faulthandler prints each thread's stack on SIGABRT
+            os.kill(self.proc.pid, signal.SIGABRT)
+            self.proc.wait(timeout=10)
+            self.reader.join(timeout=10)
+            pytest.fail(f"the deploy did not exit within {timeout} s; its stderr and stacks:\n{self.stderr}")
         self.reader.join(timeout=10)
         return self.proc.returncode
 

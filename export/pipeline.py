@@ -232,8 +232,8 @@ def _quantize(o: ExportOptions, ck: Dict[str, Any], proto, int8: Int8Data, denoi
 def _try_qat(o: ExportOptions, ck: Dict[str, Any], proto, folded, int8: Int8Data, calib, val, goal: Goal,
              ptq: SearchResult) -> Tuple[SearchResult, Dict[str, Any]]:
     """Fine-tune the FP32 graph rounded as the QDQ model of the calibration the search chose rounds it (its refined
-    scales when it kept them; every node quantized; ``export.qat_graph``), then search the fine-tuned weights twice against the original FP32 graph: at the
-    activation ranges they were fine-tuned at, and calibrated again; keep whichever of those and the post-training
+    scales when it kept them; every node quantized; ``export.qat_graph``), then search the fine-tuned weights twice
+    against the original FP32 graph: at the activation ranges they were fine-tuned at, and calibrated again; keep whichever of those and the post-training
     graph keeps FP32's top-1 on the most validation images (ties: the smaller drop). A graph the fine-tuning cannot
     run leaves the post-training one, with the reason recorded."""
     _say(o, f"INT8: the goal is missed after post-training quantization; quantization-aware fine-tuning for "

@@ -28,9 +28,12 @@ class Deploy:
                 str(config), "--python", VENV_PYTHON, "--reports", str(tmp / "reports"), "--remote-dir",
                 str(tmp / "device"), "--connect-timeout", "5", *FAST, *extra]
         self.remote_base = tmp / "device"
-        # faulthandler: a deploy that hangs is made to print every thread's stack (``finish``)
+        # faulthandler: a deploy that hangs is made to print every thread's stack (``finish``). SIGINT back to its
+        # default, as in a terminal's foreground job: a test suite started in the background (``cmd &`` in a script)
+        # inherits SIGINT ignored, and Python then installs no KeyboardInterrupt at all
         self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp,
-                                     start_new_session=True, env={**os.environ, "PYTHONFAULTHANDLER": "1"})
+                                     start_new_session=True, env={**os.environ, "PYTHONFAULTHANDLER": "1"},
+                                     preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         self.lines = []
         self.reader = threading.Thread(target=lambda: self.lines.extend(self.proc.stderr), daemon=True)
         self.reader.start()

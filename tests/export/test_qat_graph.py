@@ -231,7 +231,7 @@ def test_an_export_that_misses_its_goal_fine_tunes_on_the_int8_graph(checkpoint,
                                     int8_qat_epochs=1, quiet=True))
     qat = m["quantization"]["qat"]
     assert qat["emulation"] == "onnx-graph"
-    assert qat["qdq"] == {"method": "entropy", "calib_images": 16, "float_nodes": 0}
+    assert qat["qdq"] == {"method": "entropy", "calib_images": 16, "float_nodes": 0, "scales_refined": False}
     assert qat["quantized_tensors"]["activations"] > 0 and isinstance(qat["chosen"], bool)
     assert qat["kept"] in ("post-training", "QAT, ranges kept", "QAT, calibrated again")
     assert qat["chosen"] == (qat["kept"] != "post-training") and "agreement" in qat["validation_qat_ranges_kept"]

@@ -134,6 +134,11 @@ class SearchResult:
     ranges: Optional[Ranges] = field(default=None, repr=False)  # the activation ranges ``model`` was quantized at
 
     @property
+    def scales_refined(self) -> bool:
+        """Whether ``model`` is quantized at refined activation scales (the refinement was tried and kept)."""
+        return bool(self.refined and self.refined["kept"])
+
+    @property
     def float_nodes(self) -> List[str]:
         return [n for u in self.float_units for n in u["nodes"]]
 
@@ -150,7 +155,7 @@ class SearchResult:
             "goal_met": self.goal_met,
             "candidates": {"methods": list(self.goal.methods), "calib_images": list(self.goal.sizes)},
             "chosen": {"method": self.method, "calib_images": self.calib_images, "float_nodes": self.float_nodes,
-                       "scales_refined": bool(self.refined and self.refined["kept"])},
+                       "scales_refined": self.scales_refined},
             "validation": {"images": self.val_images, "fp32_top1": round(self.fp32_top1, 4), **self.score.record()},
             "sensitivity": {
                 "images": self.sensitivity_images, "tool": "onnxruntime.quantization.qdq_loss_debug",
@@ -226,7 +231,7 @@ class _Search:
                ) -> Tuple[Score, Ranges, onnx.ModelProto, Dict[str, Any]]:
         """Step 2: the activation scales refined at the logits (``export.refine``), kept when they keep FP32's top-1
         on more validation images without a drop worse by more than its standard error."""
-        new, factors = refine_scales(self.fp32, ranges, images, self.say, self.reference)
+        new, factors = refine_scales(self.fp32, ranges, images, self.say, self.reference, q)
         trial_q = quantize_int8(self.fp32, new)
         s = self.score(trial_q)
         keep = bool(factors) and s.better_than(cur)

@@ -215,7 +215,7 @@ def _quantize(o: ExportOptions, ck: Dict[str, Any], proto, int8: Int8Data, denoi
         final, method, n_cal = search.model, search.method, search.calib_images
         nodes = len(search.float_nodes)
         drop = f"{search.score.drop:+.2f} +- {search.score.se:.2f}"
-        refined = ", scales refined" if search.refined and search.refined["kept"] else ""
+        refined = ", scales refined" if search.scales_refined else ""
         if search.goal_met:
             _say(o, f"INT8: {method} on {n_cal} training images{refined}, {nodes} nodes in float: validation drop {drop} "
                     f"(goal {o.int8_max_drop} met)")
@@ -225,7 +225,7 @@ def _quantize(o: ExportOptions, ck: Dict[str, Any], proto, int8: Int8Data, denoi
                     f"{o.int8_max_float_nodes}); the bundle is written anyway")
     record = {"method": method, "images": int(n_cal), "split": "train",
               "chosen_on": "given" if given else "validation", "selection": selection,
-              "scales_refined": bool(search and search.refined and search.refined["kept"])}
+              "scales_refined": bool(search and search.scales_refined)}
     return final, record, search, qat
 
 
@@ -248,7 +248,7 @@ def _try_qat(o: ExportOptions, ck: Dict[str, Any], proto, folded, int8: Int8Data
         _say(o, f"INT8: QAT not run ({e}); the post-training graph is kept")
         return ptq, {"chosen": False, "not_run": str(e)}
     record["qdq"] = {"method": ptq.method, "calib_images": ptq.calib_images, "float_nodes": 0,
-                     "scales_refined": bool(ptq.refined and ptq.refined["kept"])}
+                     "scales_refined": ptq.scales_refined}
     candidates = {"post-training": ptq,
                   "QAT, ranges kept": search_int8(tuned, calib, val, goal, lambda m: _say(o, m), reference=proto,
                                                   ranges=ranges),

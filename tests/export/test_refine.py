@@ -114,7 +114,7 @@ def test_the_refinement_aims_at_the_reference_logits(tiny, monkeypatch):
     fp32, cal, ranges = tiny
     seen = {}
 
-    def spy(g, r, images, say, reference=None):
+    def spy(g, r, images, say, reference=None, q=None):
         seen["reference"] = reference
         return r, {}
 

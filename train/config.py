@@ -134,9 +134,10 @@ class RuntimeConfig:
     fold_teacher: bool = True  # the frozen teacher runs with its BatchNorm folded, without autograd (taps keep their tensors)
     se_linear: bool = True  # MobileNetV3 squeeze-excitation as linear layers in training (same weights and export)
     teacher_stop: bool = True  # the teacher's pass stops at its last tapped tensor when no loss reads its output (RED alone)
+    tiny_map_conv: str = "auto"  # student convs on 2 x 2 and smaller maps over their valid taps only: auto (CPU), true, false
 
     def __post_init__(self):
-        for key in ("device_augment", "channels_last", "compile"):
+        for key in ("device_augment", "channels_last", "compile", "tiny_map_conv"):
             v = str(getattr(self, key)).strip().lower()
             setattr(self, key, {"on": "true", "yes": "true", "1": "true", "off": "false", "no": "false",
                                 "0": "false"}.get(v, v))
@@ -411,7 +412,7 @@ def _check_runtime(rt: RuntimeConfig) -> None:
 
     parse_count("threads", rt.threads, 1)
     parse_count("workers", rt.workers, 0)
-    for key in ("device_augment", "channels_last", "compile"):
+    for key in ("device_augment", "channels_last", "compile", "tiny_map_conv"):
         _choice(f"runtime.{key}", getattr(rt, key), SWITCH_VALUES)
     _choice("runtime.amp", rt.amp, PRECISIONS)
 

@@ -22,7 +22,7 @@ import torch
 from redistill.errors import UserError
 from redistill.registry import Registry
 
-#: values of the on/off keys (``runtime.channels_last``, ``compile``, ``device_augment``)
+#: values of the on/off keys (``runtime.channels_last``, ``compile``, ``device_augment``, ``tiny_map_conv``)
 SWITCH_VALUES = ("auto", "true", "false")
 
 
@@ -97,6 +97,7 @@ class Runtime:
     fold_teacher: bool
     se_linear: bool
     teacher_stop: bool
+    tiny_map_conv: bool = False
     why_threads: str = ""
 
     @property
@@ -111,7 +112,8 @@ class Runtime:
 
     def describe(self) -> str:
         """One line for the run's log."""
-        on = [k for k in ("channels_last", "compile", "fold_teacher", "se_linear", "teacher_stop") if getattr(self, k)]
+        on = [k for k in ("channels_last", "compile", "fold_teacher", "se_linear", "teacher_stop",
+                                 "tiny_map_conv") if getattr(self, k)]
         data = (f"batches augmented on {self.device.type}" if self.device_augment
                 else f"per-image loading, {self.workers} workers")
         return (f"runtime: threads {self.why_threads}; {data}; amp {self.precision.name}; "
@@ -151,7 +153,8 @@ def resolve_runtime(rt, device: torch.device, *, task: str = "classify", world: 
     return Runtime(device=device, threads=threads, adaptive=adaptive, workers=workers, device_augment=device_augment,
                    channels_last=switch(rt.channels_last, task == "classify"), compile=switch(rt.compile, cuda),
                    precision=precision, fold_teacher=bool(rt.fold_teacher), se_linear=bool(rt.se_linear),
-                   teacher_stop=bool(rt.teacher_stop), why_threads=why)
+                   teacher_stop=bool(rt.teacher_stop), tiny_map_conv=switch(rt.tiny_map_conv, not cuda),
+                   why_threads=why)
 
 
 # --- adaptive threads ---------------------------------------------------------------------------------------

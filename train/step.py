@@ -15,6 +15,7 @@ speed change is a ``runtime.*`` config key (``train.config.RuntimeConfig``, reso
     channels_last  auto | true | false   teacher, student and batches in channels_last (auto: classifiers)
     se_linear      true | false   MobileNetV3 squeeze-excitation as linear layers
     teacher_stop   true | false   the teacher's pass ends at its last tapped tensor when no loss reads its output
+    tiny_map_conv  auto | true | false   student convs on 2 x 2 and smaller maps over valid taps (auto: CPU)
     compile        auto | true | false   torch.compile of the student (auto: CUDA only)
     threads        auto | N       CPU intra-op threads (auto: adaptive to the load, see ThreadGovernor)
     amp            none | bf16 | fp16     autocast (fp16 with a GradScaler)
@@ -35,6 +36,7 @@ from train.design import build_student
 from train.fold import fold_batchnorm
 from train.losses import METHODS
 from train.models import build_model, set_se_linear
+from train.tiny_conv import set_tiny_map_conv
 from train.optim import make_optimizer
 from train.red import REDSite, SitePlan
 from train.runtime import Runtime, ThreadGovernor, resolve_device, resolve_runtime
@@ -127,7 +129,7 @@ class StepResult(NamedTuple):
 class DistillStep:
     """Forward, backward and optimizer step of one batch, with the run's speed settings applied.
 
-    Sets ``model`` to the memory format, squeeze-excitation form and device of ``runtime``, wraps it in
+    Sets ``model`` to the memory format, squeeze-excitation form, tiny-map convs and device of ``runtime``, wraps it in
     DistributedDataParallel when ``world`` > 1 and compiles it when asked; holds the GradScaler of fp16 and
     the thread setting (``close`` restores the thread count found).
     """
@@ -141,7 +143,9 @@ class DistillStep:
         model.to(memory_format=runtime.memory_format)
         for m in task.trainable_modules() if hasattr(task, "trainable_modules") else []:
             m.to(memory_format=runtime.memory_format)
+            set_tiny_map_conv(m, runtime.tiny_map_conv)
         set_se_linear(model, runtime.se_linear)
+        set_tiny_map_conv(model, runtime.tiny_map_conv)
         net = model
         if world > 1:
             net = nn.parallel.DistributedDataParallel(

@@ -159,6 +159,7 @@ def test_auto_settings(monkeypatch):
     rt = _resolve()
     assert rt.adaptive and rt.threads == 2 and rt.workers == 0 and rt.device_augment
     assert rt.channels_last and not rt.compile and rt.fold_teacher and rt.se_linear and rt.precision.name == "none"
+    assert rt.tiny_map_conv and not _resolve("runtime.tiny_map_conv=false").tiny_map_conv
     assert not _resolve(task="denoise").channels_last
     fixed = _resolve("runtime.threads=1", "runtime.workers=3", "runtime.channels_last=off", "runtime.compile=on")
     assert (fixed.threads, fixed.adaptive, fixed.workers, fixed.channels_last, fixed.compile) == (1, False, 3, False, True)

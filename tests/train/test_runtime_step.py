@@ -131,7 +131,7 @@ def test_the_run_keeps_every_configured_site_even_without_red_blocks():
 
 
 OFF = ["runtime.fold_teacher=false", "runtime.channels_last=false", "runtime.se_linear=false",
-       "runtime.teacher_stop=false", "runtime.compile=false", "runtime.amp=none"]
+       "runtime.teacher_stop=false", "runtime.tiny_map_conv=false", "runtime.compile=false", "runtime.amp=none"]
 
 
 def _step(preset, extra, teacher_state=None):
@@ -167,7 +167,8 @@ def _same_updates(a, b, tol=1e-2):
 
 @pytest.mark.parametrize("preset", ["mobilenetv3_small_x4", "resnext18_x4"])
 @pytest.mark.parametrize("change", ["runtime.fold_teacher=true", "runtime.channels_last=true",
-                                    "runtime.se_linear=true", "runtime.teacher_stop=true", "all"])
+                                    "runtime.se_linear=true", "runtime.teacher_stop=true",
+                                    "runtime.tiny_map_conv=true", "all"])
 def test_each_speed_change_keeps_the_step(preset, change):
     """One step's loss, and the weight change of two steps, as with every change off (float tolerance)."""
     teacher_state = _shake_batchnorm(build_model(load_config(preset).teacher.arch, 10, 32)).state_dict()

@@ -22,7 +22,8 @@ Tap = Tuple[int, int, int, int, int, int, int, int]
 
 @lru_cache(maxsize=None)
 def taps(h: int, w: int, kh: int, kw: int, ph: int, pw: int) -> Tuple[Tap, ...]:
-    """The kernel taps of a stride-1 'same' convolution that read the h x w map anywhere, with where."""
+    """The kernel taps of a stride-1 'same' convolution that read the h x w map anywhere, with where; the
+    centre tap (which reads every pixel) first."""
     out: List[Tap] = []
     for a in range(kh):
         dh = a - ph
@@ -32,7 +33,7 @@ def taps(h: int, w: int, kh: int, kw: int, ph: int, pw: int) -> Tuple[Tap, ...]:
             j0, j1 = max(0, -dw), min(w, w - dw)
             if i0 < i1 and j0 < j1:
                 out.append((a, b, i0, i1, j0, j1, dh, dw))
-    return tuple(out)
+    return tuple(sorted(out, key=lambda t: (t[6], t[7]) != (0, 0)))
 
 
 class _TinyMapConv(torch.autograd.Function):
@@ -42,14 +43,19 @@ class _TinyMapConv(torch.autograd.Function):
     def forward(ctx, x, weight, bias, padding):
         n, c, h, w = x.shape
         o = weight.shape[0]
-        tap_list = taps(h, w, weight.shape[2], weight.shape[3], *padding)
+        centre, *rest = taps(h, w, weight.shape[2], weight.shape[3], *padding)  # the centre tap covers the map
         xl = x.permute(0, 2, 3, 1)  # N H W C: a view of a channels_last batch
-        y = x.new_zeros(n, h, w, o) if bias is None else bias.expand(n, h, w, o).clone()
-        for a, b, i0, i1, j0, j1, dh, dw in tap_list:
+        y = x.new_empty(n, h, w, o)
+        w_c = weight[:, :, centre[0], centre[1]].t()
+        if bias is None:
+            torch.mm(xl.reshape(-1, c), w_c, out=y.view(-1, o))
+        else:
+            torch.addmm(bias, xl.reshape(-1, c), w_c, out=y.view(-1, o))
+        for a, b, i0, i1, j0, j1, dh, dw in rest:
             xs = xl[:, i0 + dh:i1 + dh, j0 + dw:j1 + dw].reshape(-1, c)
             y[:, i0:i1, j0:j1] += (xs @ weight[:, :, a, b].t()).view(n, i1 - i0, j1 - j0, o)
         ctx.save_for_backward(x, weight)
-        ctx.tap_list, ctx.has_bias = tap_list, bias is not None
+        ctx.taps, ctx.has_bias = (centre, *rest), bias is not None
         return y.permute(0, 3, 1, 2)  # channels_last storage
 
     @staticmethod
@@ -59,15 +65,17 @@ class _TinyMapConv(torch.autograd.Function):
         o = weight.shape[0]
         xl, gyl = x.permute(0, 2, 3, 1), gy.permute(0, 2, 3, 1)
         want_x, want_w, want_b = ctx.needs_input_grad[:3]
-        gx = x.new_zeros(n, h, w, c) if want_x else None
-        every = len(ctx.tap_list) == weight.shape[2] * weight.shape[3]  # each tap writes its own weights
+        every = len(ctx.taps) == weight.shape[2] * weight.shape[3]  # each tap writes its own weights
         gw = (torch.empty_like if every else torch.zeros_like)(weight) if want_w else None
-        for a, b, i0, i1, j0, j1, dh, dw in ctx.tap_list:
+        gx = x.new_empty(n, h, w, c) if want_x else None
+        for k, (a, b, i0, i1, j0, j1, dh, dw) in enumerate(ctx.taps):
             g = gyl[:, i0:i1, j0:j1].reshape(-1, o)
-            if gx is not None:
+            if gx is not None and k == 0:  # the centre: every pixel, dh = dw = 0
+                torch.mm(g, weight[:, :, a, b], out=gx.view(-1, c))
+            elif gx is not None:
                 gx[:, i0 + dh:i1 + dh, j0 + dw:j1 + dw] += (g @ weight[:, :, a, b]).view(n, i1 - i0, j1 - j0, c)
-            if gw is not None:
-                gw[:, :, a, b] = g.t() @ xl[:, i0 + dh:i1 + dh, j0 + dw:j1 + dw].reshape(-1, c)
+            if gw is not None:  # BLAS writes the tap's rows of a channels_last weight in place
+                torch.mm(g.t(), xl[:, i0 + dh:i1 + dh, j0 + dw:j1 + dw].reshape(-1, c), out=gw[:, :, a, b])
         gb = gy.sum((0, 2, 3)) if ctx.has_bias and want_b else None
         return None if gx is None else gx.permute(0, 3, 1, 2), gw, gb, None
 

@@ -13,8 +13,9 @@ from train.tiny_conv import TinyMapConv2d, _TinyMapConv, eligible, set_tiny_map_
 
 def test_taps_are_the_kernel_positions_that_meet_the_map():
     assert [t[:2] for t in taps(1, 1, 3, 3, 1, 1)] == [(1, 1)]  # a single pixel: the centre only
+    assert taps(2, 2, 3, 3, 1, 1)[0][:2] == (1, 1)  # the centre first: it reads every pixel
     assert len(taps(2, 2, 3, 3, 1, 1)) == 9 and len(taps(1, 2, 3, 3, 1, 1)) == 3
-    a, b, i0, i1, j0, j1, dh, dw = taps(2, 2, 3, 3, 1, 1)[0]  # top-left tap: output (1, 1) reads input (0, 0)
+    a, b, i0, i1, j0, j1, dh, dw = taps(2, 2, 3, 3, 1, 1)[1]  # top-left tap: output (1, 1) reads input (0, 0)
     assert (a, b, i0, i1, j0, j1, dh, dw) == (0, 0, 1, 2, 1, 2, -1, -1)
 
 

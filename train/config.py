@@ -134,7 +134,7 @@ class RuntimeConfig:
     fold_teacher: bool = True  # the frozen teacher runs with its BatchNorm folded, without autograd (taps keep their tensors)
     se_linear: bool = True  # MobileNetV3 squeeze-excitation as linear layers in training (same weights and export)
     teacher_stop: bool = True  # the teacher's pass stops at its last tapped tensor when no loss reads its output (RED alone)
-    tiny_map_conv: str = "auto"  # student convs on 2 x 2 and smaller maps over their valid taps only: auto (CPU), true, false
+    tiny_map_conv: str = "auto"  # the trained network's convs on 2 x 2 and smaller maps over their valid taps only: auto (CPU), true, false
 
     def __post_init__(self):
         for key in ("device_augment", "channels_last", "compile", "tiny_map_conv"):

@@ -112,8 +112,8 @@ class Runtime:
 
     def describe(self) -> str:
         """One line for the run's log."""
-        on = [k for k in ("channels_last", "compile", "fold_teacher", "se_linear", "teacher_stop",
-                                 "tiny_map_conv") if getattr(self, k)]
+        keys = ("channels_last", "compile", "fold_teacher", "se_linear", "teacher_stop", "tiny_map_conv")
+        on = [k for k in keys if getattr(self, k)]
         data = (f"batches augmented on {self.device.type}" if self.device_augment
                 else f"per-image loading, {self.workers} workers")
         return (f"runtime: threads {self.why_threads}; {data}; amp {self.precision.name}; "

@@ -15,7 +15,7 @@ speed change is a ``runtime.*`` config key (``train.config.RuntimeConfig``, reso
     channels_last  auto | true | false   teacher, student and batches in channels_last (auto: classifiers)
     se_linear      true | false   MobileNetV3 squeeze-excitation as linear layers
     teacher_stop   true | false   the teacher's pass ends at its last tapped tensor when no loss reads its output
-    tiny_map_conv  auto | true | false   student convs on 2 x 2 and smaller maps over valid taps (auto: CPU)
+    tiny_map_conv  auto | true | false   trained convs on 2 x 2 and smaller maps over valid taps (auto: CPU)
     compile        auto | true | false   torch.compile of the student (auto: CUDA only)
     threads        auto | N       CPU intra-op threads (auto: adaptive to the load, see ThreadGovernor)
     amp            none | bf16 | fp16     autocast (fp16 with a GradScaler)

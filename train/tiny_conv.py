@@ -2,7 +2,7 @@
 
 An aggressive-pooling student ends on 2 x 2 or 1 x 1 maps, where a 3 x 3 convolution with zero padding
 reads padding for more than half of its taps; oneDNN multiplies those zeros all the same (a 512-channel
-3 x 3 conv on 2 x 2 maps, batch 64, forward and backward: 32 ms on 2 CPU cores, 14 ms over the valid taps).
+3 x 3 conv on 2 x 2 maps, batch 64, forward and backward: 32 ms on 2 CPU cores, 12 ms over the valid taps).
 Here each kernel tap that meets the map is one matrix product of the shifted input with that tap's weights:
 the same sums in another order (within 1e-5), the same parameters, and exporters, tracers and autocast see
 the ordinary convolution.
@@ -15,6 +15,7 @@ from typing import List, Tuple
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 #: (kh, kw, output rows i0:i1, output columns j0:j1, dh, dw): the input rows read are i0+dh:i1+dh
 Tap = Tuple[int, int, int, int, int, int, int, int]
@@ -45,7 +46,8 @@ class _TinyMapConv(torch.autograd.Function):
         o = weight.shape[0]
         centre, *rest = taps(h, w, weight.shape[2], weight.shape[3], *padding)  # the centre tap covers the map
         xl = x.permute(0, 2, 3, 1)  # N H W C: a view of a channels_last batch
-        y = x.new_empty(n, h, w, o)
+        out = torch.empty((n, o, h, w), dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
+        y = out.permute(0, 2, 3, 1)  # written as N H W O
         w_c = weight[:, :, centre[0], centre[1]].t()
         if bias is None:
             torch.mm(xl.reshape(-1, c), w_c, out=y.view(-1, o))
@@ -56,9 +58,11 @@ class _TinyMapConv(torch.autograd.Function):
             y[:, i0:i1, j0:j1] += (xs @ weight[:, :, a, b].t()).view(n, i1 - i0, j1 - j0, o)
         ctx.save_for_backward(x, weight)
         ctx.taps, ctx.has_bias = (centre, *rest), bias is not None
-        return y.permute(0, 3, 1, 2)  # channels_last storage
+        # not a view (in-place ops after it stay legal), in the input's memory format
+        return out if x.is_contiguous(memory_format=torch.channels_last) else out.contiguous()
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, gy):
         x, weight = ctx.saved_tensors
         n, c, h, w = x.shape
@@ -74,7 +78,7 @@ class _TinyMapConv(torch.autograd.Function):
                 torch.mm(g, weight[:, :, a, b], out=gx.view(-1, c))
             elif gx is not None:
                 gx[:, i0 + dh:i1 + dh, j0 + dw:j1 + dw] += (g @ weight[:, :, a, b]).view(n, i1 - i0, j1 - j0, c)
-            if gw is not None:  # BLAS writes the tap's rows of a channels_last weight in place
+            if gw is not None:  # in place for a channels_last weight; a contiguous one is copied back
                 torch.mm(g.t(), xl[:, i0 + dh:i1 + dh, j0 + dw:j1 + dw].reshape(-1, c), out=gw[:, :, a, b])
         gb = gy.sum((0, 2, 3)) if ctx.has_bias and want_b else None
         return None if gx is None else gx.permute(0, 3, 1, 2), gw, gb, None
@@ -84,14 +88,17 @@ class TinyMapConv2d(nn.Conv2d):
     """``nn.Conv2d`` that computes maps no larger than its padding reach (2 x 2 for 3 x 3) over valid taps only.
 
     Only ``set_tiny_map_conv`` makes one (it swaps the class of an eligible ``nn.Conv2d``, so parameters,
-    hooks and state-dict keys stay as they are); every other call runs the ordinary convolution.
+    hooks and state-dict keys stay as they are); tracers, exporters (``torch.onnx``, ``torch.export``) and
+    autocast get the ordinary convolution, as does a conv changed after the switch. Not scriptable, not for
+    ``torch.func`` transforms or double backward: switch it off first (``set_tiny_map_conv(model, False)``).
     """
 
     def _conv_forward(self, input, weight, bias):
+        if (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting()
+                or torch.is_autocast_enabled(input.device.type) or input.dim() != 4 or not eligible(self)):
+            return super()._conv_forward(input, weight, bias)
         ph, pw = self.padding
-        if (input.dim() == 4 and input.shape[2] <= ph + 1 and input.shape[3] <= pw + 1
-                and not (torch.jit.is_tracing() or torch.jit.is_scripting() or torch.onnx.is_in_onnx_export()
-                         or torch.is_autocast_enabled(input.device.type))):
+        if input.shape[2] <= ph + 1 and input.shape[3] <= pw + 1:
             return _TinyMapConv.apply(input, weight, bias, (ph, pw))
         return super()._conv_forward(input, weight, bias)
 

@@ -11,6 +11,7 @@ from train.models import build_model
 from train.red import SitePlan
 from train.step import TeacherTap, build_step, make_teacher_tap
 from train.runtime import resolve_runtime
+from train.tiny_conv import TinyMapConv2d
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -174,7 +175,10 @@ def test_each_speed_change_keeps_the_step(preset, change):
     teacher_state = _shake_batchnorm(build_model(load_config(preset).teacher.arch, 10, 32)).state_dict()
     base_losses, base_w = _run(_step(preset, OFF, teacher_state))
     on = [] if change == "all" else [*OFF, change]
-    losses, w = _run(_step(preset, on, teacher_state))
+    step = _step(preset, on, teacher_state)
+    if change in ("all", "runtime.tiny_map_conv=true") and preset == "resnext18_x4":  # ends on 2 x 2 maps
+        assert any(type(m) is TinyMapConv2d for m in step.model.modules())
+    losses, w = _run(step)
     assert losses == pytest.approx(base_losses, rel=1e-4, abs=1e-5)
     _same_updates(w, base_w)
 

@@ -19,23 +19,58 @@ def test_taps_are_the_kernel_positions_that_meet_the_map():
     assert (a, b, i0, i1, j0, j1, dh, dw) == (0, 0, 1, 2, 1, 2, -1, -1)
 
 
-@pytest.mark.parametrize("shape,k", [((2, 2), 3), ((1, 1), 3), ((1, 2), 3), ((2, 1), 3), ((3, 3), 5), ((8, 8), 3)])
+@pytest.mark.parametrize("shape,k", [((2, 2), (3, 3)), ((1, 1), (3, 3)), ((1, 2), (3, 3)), ((2, 1), (3, 3)),
+                                     ((3, 3), (5, 5)), ((8, 8), (3, 3)), ((2, 3), (3, 5)), ((3, 2), (5, 3)),
+                                     ((1, 3), (1, 5)), ((2, 1), (3, 1))])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("fmt", [torch.channels_last, torch.contiguous_format])
 def test_outputs_and_gradients_are_the_convolutions(shape, k, bias, fmt):
     torch.manual_seed(0)
+    pad = (k[0] // 2, k[1] // 2)
     x = torch.randn(5, 6, *shape).contiguous(memory_format=fmt).requires_grad_()
-    w = torch.randn(7, 6, k, k).contiguous(memory_format=fmt).requires_grad_()
+    w = torch.randn(7, 6, *k).contiguous(memory_format=fmt).requires_grad_()
     b = torch.randn(7, requires_grad=True) if bias else None
     gy = torch.randn(5, 7, *shape)
-    ref = F.conv2d(x, w, b, padding=k // 2)
+    ref = F.conv2d(x, w, b, padding=pad)
     want = torch.autograd.grad(ref, [x, w] + ([b] if bias else []), gy)
-    out = _TinyMapConv.apply(x, w, b, (k // 2, k // 2))
+    out = _TinyMapConv.apply(x, w, b, pad)
     got = torch.autograd.grad(out, [x, w] + ([b] if bias else []), gy)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert out.is_contiguous(memory_format=fmt)  # the input's layout
     for g, r in zip(got, want):
         assert g.shape == r.shape
         torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("k,pad,size", [((3, 5), (1, 2), (2, 3)), ((5, 3), (2, 1), (3, 2))])
+def test_a_non_square_kernel_takes_the_tap_path_up_to_its_reach_on_each_axis(monkeypatch, k, pad, size):
+    conv = nn.Conv2d(3, 4, k, padding=pad)
+    assert set_tiny_map_conv(conv, True) == 1
+    calls = []
+    real = _TinyMapConv.apply
+    monkeypatch.setattr(_TinyMapConv, "apply", lambda *a: calls.append(a[3]) or real(*a))
+    x = torch.randn(2, 3, *size)
+    torch.testing.assert_close(conv(x), F.conv2d(x, conv.weight, conv.bias, padding=pad), rtol=1e-5, atol=1e-5)
+    conv(torch.randn(2, 3, size[0] + 1, size[1]))
+    conv(torch.randn(2, 3, size[0], size[1] + 1))
+    assert calls == [pad]
+
+
+def test_in_place_ops_after_it_and_changes_after_the_switch_are_safe():
+    conv = nn.Conv2d(4, 5, 3, padding=1)
+    set_tiny_map_conv(conv, True)
+    x = torch.randn(2, 4, 2, 2, requires_grad=True)
+    F.relu(conv(x), inplace=True).sum().backward()  # the output is no view of the Function's
+    assert x.grad is not None and conv.weight.grad is not None
+    conv.stride = (2, 2)  # no longer eligible: the ordinary (strided) convolution
+    assert conv(torch.randn(1, 4, 2, 2)).shape[2:] == (1, 1)
+
+
+def test_torch_export_sees_a_convolution():
+    conv = nn.Conv2d(4, 5, 3, padding=1)
+    set_tiny_map_conv(conv, True)
+    graph = torch.export.export(conv, (torch.randn(2, 4, 2, 2),)).graph
+    assert any("conv" in str(n.target) for n in graph.nodes)
 
 
 def test_only_plain_same_size_convs_are_switched_and_only_tiny_maps_take_the_tap_path(monkeypatch):

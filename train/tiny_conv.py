@@ -45,6 +45,7 @@ class _TinyMapConv(torch.autograd.Function):
         n, c, h, w = x.shape
         o = weight.shape[0]
         centre, *rest = taps(h, w, weight.shape[2], weight.shape[3], *padding)  # the centre tap covers the map
+        weight = weight.contiguous(memory_format=torch.channels_last)  # each tap's O x C slice BLAS-ready
         xl = x.permute(0, 2, 3, 1)  # N H W C: a view of a channels_last batch
         out = torch.empty((n, o, h, w), dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
         y = out.permute(0, 2, 3, 1)  # written as N H W O
@@ -70,7 +71,7 @@ class _TinyMapConv(torch.autograd.Function):
         xl, gyl = x.permute(0, 2, 3, 1), gy.permute(0, 2, 3, 1)
         want_x, want_w, want_b = ctx.needs_input_grad[:3]
         every = len(ctx.taps) == weight.shape[2] * weight.shape[3]  # each tap writes its own weights
-        gw = (torch.empty_like if every else torch.zeros_like)(weight) if want_w else None
+        gw = (torch.empty_like if every else torch.zeros_like)(weight) if want_w else None  # channels_last
         gx = x.new_empty(n, h, w, c) if want_x else None
         for k, (a, b, i0, i1, j0, j1, dh, dw) in enumerate(ctx.taps):
             g = gyl[:, i0:i1, j0:j1].reshape(-1, o)
@@ -78,7 +79,7 @@ class _TinyMapConv(torch.autograd.Function):
                 torch.mm(g, weight[:, :, a, b], out=gx.view(-1, c))
             elif gx is not None:
                 gx[:, i0 + dh:i1 + dh, j0 + dw:j1 + dw] += (g @ weight[:, :, a, b]).view(n, i1 - i0, j1 - j0, c)
-            if gw is not None:  # in place for a channels_last weight; a contiguous one is copied back
+            if gw is not None:  # BLAS writes the tap's rows of the channels_last gradient in place
                 torch.mm(g.t(), xl[:, i0 + dh:i1 + dh, j0 + dw:j1 + dw].reshape(-1, c), out=gw[:, :, a, b])
         gb = gy.sum((0, 2, 3)) if ctx.has_bias and want_b else None
         return None if gx is None else gx.permute(0, 3, 1, 2), gw, gb, None

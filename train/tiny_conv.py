@@ -2,7 +2,7 @@
 
 An aggressive-pooling student ends on 2 x 2 or 1 x 1 maps, where a 3 x 3 convolution with zero padding
 reads padding for more than half of its taps; oneDNN multiplies those zeros all the same (a 512-channel
-3 x 3 conv on 2 x 2 maps, batch 64, forward and backward: 32 ms on 2 CPU cores, 12 ms over the valid taps).
+3 x 3 conv on 2 x 2 maps, batch 64, forward and backward: 23-32 ms on 2 CPU cores, 12-13 ms over the taps).
 Here each kernel tap that meets the map is one matrix product of the shifted input with that tap's weights:
 the same sums in another order (within 1e-5), the same parameters, and exporters, tracers and autocast see
 the ordinary convolution.

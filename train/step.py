@@ -36,11 +36,11 @@ from train.design import build_student
 from train.fold import fold_batchnorm
 from train.losses import METHODS
 from train.models import build_model, set_se_linear
-from train.tiny_conv import set_tiny_map_conv
 from train.optim import make_optimizer
 from train.red import REDSite, SitePlan
 from train.runtime import Runtime, ThreadGovernor, resolve_device, resolve_runtime
 from train.tasks import TASKS
+from train.tiny_conv import set_tiny_map_conv
 
 
 class TeacherTap:
@@ -129,9 +129,9 @@ class StepResult(NamedTuple):
 class DistillStep:
     """Forward, backward and optimizer step of one batch, with the run's speed settings applied.
 
-    Sets ``model`` to the memory format, squeeze-excitation form, tiny-map convs and device of ``runtime``, wraps it in
-    DistributedDataParallel when ``world`` > 1 and compiles it when asked; holds the GradScaler of fp16 and
-    the thread setting (``close`` restores the thread count found).
+    Sets ``model`` to the memory format, squeeze-excitation form, tiny-map convs and device of ``runtime``,
+    wraps it in DistributedDataParallel when ``world`` > 1 and compiles it when asked; holds the GradScaler
+    of fp16 and the thread setting (``close`` restores the thread count found).
     """
 
     def __init__(self, cfg: RunConfig, model: nn.Module, task, optimizer: torch.optim.Optimizer, *,

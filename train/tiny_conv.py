@@ -115,8 +115,9 @@ def eligible(m: nn.Module) -> bool:
 
 
 def set_tiny_map_conv(model: nn.Module, on: bool) -> int:
-    """Switch every eligible conv of ``model`` to ``TinyMapConv2d`` (``on``) or back; returns how many there are."""
-    convs = [m for m in model.modules() if eligible(m)]
+    """Switch every eligible conv of ``model`` to ``TinyMapConv2d`` (``on``), or every switched one back; returns
+    how many were set."""
+    convs = [m for m in model.modules() if (eligible(m) if on else type(m) is TinyMapConv2d)]
     for m in convs:
         m.__class__ = TinyMapConv2d if on else nn.Conv2d
     return len(convs)

@@ -46,7 +46,7 @@ SWITCHES: Dict[str, Switch] = {s.key: s for s in (
     Switch("channels_last", True, False, "channels_last memory format for teacher and student"),
     Switch("se_linear", True, False, "squeeze-excitation as linear layers instead of 1x1 convs",
            ("mobilenetv3_small",)),
-    Switch("tiny_map_conv", True, False, "student convs on 2 x 2 and smaller maps over their valid taps only"),
+    Switch("tiny_map_conv", True, False, "student convs on 2 x 2 and smaller maps over their valid taps only (CPU)"),
     Switch("compile", True, False, "torch.compile of the student step"),
     Switch("threads", "auto", None, "adaptive intra-op threads (off: the benchmark's fixed --threads)"),
 )}

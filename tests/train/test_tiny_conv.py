@@ -64,6 +64,7 @@ def test_in_place_ops_after_it_and_changes_after_the_switch_are_safe():
     assert x.grad is not None and conv.weight.grad is not None
     conv.stride = (2, 2)  # no longer eligible: the ordinary (strided) convolution
     assert conv(torch.randn(1, 4, 2, 2)).shape[2:] == (1, 1)
+    assert set_tiny_map_conv(conv, False) == 1 and type(conv) is nn.Conv2d  # switched back all the same
 
 
 def test_torch_export_sees_a_convolution():

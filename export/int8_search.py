@@ -130,8 +130,8 @@ class SearchResult:
     ranking: List[NodeSensitivity]
     sensitivity_images: int
     failed: List[Dict[str, Any]]  # calibrations onnxruntime could not compute
+    ranges: Ranges = field(repr=False)  # the activation ranges ``model`` was quantized at
     refined: Optional[Dict[str, Any]] = None  # the scale refinement, when tried: kept or not, the factors
-    ranges: Optional[Ranges] = field(default=None, repr=False)  # the activation ranges ``model`` was quantized at
 
     @property
     def scales_refined(self) -> bool:
@@ -313,4 +313,4 @@ def search_int8(fp32: onnx.ModelProto, calib: Mapping[int, np.ndarray], val: Tup
             "validation images)")
         cur, q, kept = search.keep_float(cur, ranges, q, ranking, goal)
     return SearchResult(q, ranges.method, ranges.images, kept, search.fp32_top1, len(vx), cur, goal, search.trace,
-                        ranking, len(sel), search.failed, refined, ranges)
+                        ranking, len(sel), search.failed, ranges, refined)

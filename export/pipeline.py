@@ -26,7 +26,7 @@ from train.fold import fold_batchnorm
 from export.onnx_export import INPUT_NAME, MIN_OPSET, check_model, export_onnx, graph_io, lower_ir_version
 from export.preflight import preflight
 from export.qat import QATSettings
-from export.qat_graph import GraphModule, finetune_graph, ranges_for
+from export.qat_graph import GraphModule, finetune_graph
 from export.quantize import qdq_summary, quantize_int8
 from export.targets import get_target
 from export.verify import (accuracy, batched, compare, compare_eps, denoise_inputs, run, session, symbolic_batch, take,
@@ -217,8 +217,8 @@ def _quantize(o: ExportOptions, ck: Dict[str, Any], proto, int8: Int8Data, denoi
         drop = f"{search.score.drop:+.2f} +- {search.score.se:.2f}"
         refined = ", scales refined" if search.scales_refined else ""
         if search.goal_met:
-            _say(o, f"INT8: {method} on {n_cal} training images{refined}, {nodes} nodes in float: validation drop {drop} "
-                    f"(goal {o.int8_max_drop} met)")
+            _say(o, f"INT8: {method} on {n_cal} training images{refined}, {nodes} nodes in float: validation drop "
+                    f"{drop} (goal {o.int8_max_drop} met)")
         else:
             _say(o, f"WARNING: INT8 misses the goal on validation: drop {drop} points is not within "
                     f"{o.int8_max_drop} with {nodes} nodes in float (cap --int8-max-float-nodes "
@@ -233,16 +233,14 @@ def _try_qat(o: ExportOptions, ck: Dict[str, Any], proto, folded, int8: Int8Data
              ptq: SearchResult) -> Tuple[SearchResult, Dict[str, Any]]:
     """Fine-tune the FP32 graph rounded as the QDQ model of the calibration the search chose rounds it (its refined
     scales when it kept them; every node quantized; ``export.qat_graph``), then search the fine-tuned weights twice
-    against the original FP32 graph: at the activation ranges they were fine-tuned at, and calibrated again; keep whichever of those and the post-training
-    graph keeps FP32's top-1 on the most validation images (ties: the smaller drop). A graph the fine-tuning cannot
-    run leaves the post-training one, with the reason recorded."""
+    against the original FP32 graph: at the activation ranges they were fine-tuned at, and calibrated again; keep
+    whichever of those and the post-training graph keeps FP32's top-1 on the most validation images (ties: the
+    smaller drop). A graph the fine-tuning cannot run leaves the post-training one, with the reason recorded."""
     _say(o, f"INT8: the goal is missed after post-training quantization; quantization-aware fine-tuning for "
             f"{o.int8_qat_epochs} epoch(s) on the run's {len(int8.calib)} training images, rounded as the INT8 graph "
             f"of {ptq.method} on {ptq.calib_images} training images rounds")
-    images = calib[ptq.calib_images] if ptq.calib_images in calib else take(int8.calib, ptq.calib_images)[0]
-    try:
-        ranges = ptq.ranges or ranges_for(proto, images, ptq.method)  # the search's own, refined when it kept that
-        tuned, record = finetune_graph(proto, quantize_int8(proto, ranges), int8.calib, val[0],
+    try:  # at the search's own ranges, refined when it kept that
+        tuned, record = finetune_graph(proto, quantize_int8(proto, ptq.ranges), int8.calib, val[0],
                                        QATSettings(o.int8_qat_epochs), lambda m: _say(o, m))
     except UserError as e:
         _say(o, f"INT8: QAT not run ({e}); the post-training graph is kept")
@@ -251,7 +249,7 @@ def _try_qat(o: ExportOptions, ck: Dict[str, Any], proto, folded, int8: Int8Data
                      "scales_refined": ptq.scales_refined}
     candidates = {"post-training": ptq,
                   "QAT, ranges kept": search_int8(tuned, calib, val, goal, lambda m: _say(o, m), reference=proto,
-                                                  ranges=ranges),
+                                                  ranges=ptq.ranges),
                   "QAT, calibrated again": search_int8(tuned, calib, val, goal, lambda m: _say(o, m), reference=proto)}
     name = max(candidates, key=lambda k: (candidates[k].score.agreement, -candidates[k].score.drop))
     keep = name != "post-training"

@@ -97,7 +97,7 @@ class Runtime:
     fold_teacher: bool
     se_linear: bool
     teacher_stop: bool
-    tiny_map_conv: bool = False
+    tiny_map_conv: bool
     why_threads: str = ""
 
     @property

@@ -196,11 +196,17 @@ def _network_section(rec: Dict[str, Any]) -> List[str]:
             lines += ["", f"Quantization-aware fine-tuning was asked for but not run: {q['not_run']}."]
         else:
             cands = [("post-training", q["validation_ptq"]), ("QAT, calibrated again", q["validation_qat"])]
-            if "validation_qat_ranges_kept" in q:  # records before the third candidate have two
+            if "validation_qat_trained_ranges" in q:  # the ranges the fine-tuning ended with (learnt)
+                cands.insert(1, ("QAT, trained ranges", q["validation_qat_trained_ranges"]))
+            elif "validation_qat_ranges_kept" in q:  # older records: frozen ranges; before that, two candidates
                 cands.insert(1, ("QAT, ranges kept", q["validation_qat_ranges_kept"]))
             kept = q.get("kept", "QAT, calibrated again" if q["chosen"] else "post-training")
             lines += ["", f"Quantization-aware fine-tuning ({q['settings']['epochs']} epoch(s), "
-                          f"{q['images_trained']:,} images, lr {q['settings']['lr']:g}, {q['seconds']:.0f} s, "
+                          f"{q['images_trained']:,} images, lr {q['settings']['lr']:g}, "
+                          + (f"activation scales learnt (Adam {q['settings']['scale_lr']:g}; x"
+                             f"{q['activation_scales']['factor_min']:.2f} to x{q['activation_scales']['factor_max']:.2f}"
+                             "), " if (q.get("activation_scales") or {}).get("learnt") else "frozen activation scales, ")
+                          + f"{q['seconds']:.0f} s, "
                           f"{q.get('emulation', 'conv/linear module')} emulation; KL from FP32 on {q['check_images']} validation "
                           f"images {q['kl_before']:.4f} -> {q['kl_after']:.4f}): FP32's top-1 kept on "
                           + ", ".join(f"{100 * c['agreement']:.2f}% ({name}, val drop {_drop(c['val_drop'])})"

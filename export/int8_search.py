@@ -297,7 +297,7 @@ def search_int8(fp32: onnx.ModelProto, calib: Mapping[int, np.ndarray], val: Tup
         q = quantize_int8(fp32, ranges)
         cur = search.score(q)
         search.trace.append(Trial("calibration", ranges.method, ranges.images, [], cur, True))
-        say(f"  {ranges.method} on {ranges.images} training images, ranges kept: validation drop {cur.drop:+.2f} "
+        say(f"  {ranges.method} on {ranges.images} training images, the ranges given: validation drop {cur.drop:+.2f} "
             f"+- {cur.se:.2f}, FP32's top-1 kept on {100 * cur.agreement:.1f}%")
     refined = None
     if not cur.meets(goal.max_drop) and goal.refine_scales and ranges.images in calib:

@@ -232,30 +232,31 @@ def _quantize(o: ExportOptions, ck: Dict[str, Any], proto, int8: Int8Data, denoi
 def _try_qat(o: ExportOptions, ck: Dict[str, Any], proto, folded, int8: Int8Data, calib, val, goal: Goal,
              ptq: SearchResult) -> Tuple[SearchResult, Dict[str, Any]]:
     """Fine-tune the FP32 graph rounded as the QDQ model of the calibration the search chose rounds it (its refined
-    scales when it kept them; every node quantized; ``export.qat_graph``), then search the fine-tuned weights twice
-    against the original FP32 graph: at the activation ranges they were fine-tuned at, and calibrated again; keep
+    scales when it kept them; every node quantized; ``export.qat_graph``), its activation scales learnt with the
+    weights, then search the fine-tuned weights twice against the original FP32 graph: at the activation ranges the
+    fine-tuning ended with, and calibrated again; keep
     whichever of those and the post-training graph keeps FP32's top-1 on the most validation images (ties: the
     smaller drop). A graph the fine-tuning cannot run leaves the post-training one, with the reason recorded."""
     _say(o, f"INT8: the goal is missed after post-training quantization; quantization-aware fine-tuning for "
             f"{o.int8_qat_epochs} epoch(s) on the run's {len(int8.calib)} training images, rounded as the INT8 graph "
             f"of {ptq.method} on {ptq.calib_images} training images rounds")
     try:  # at the search's own ranges, refined when it kept that
-        tuned, record = finetune_graph(proto, quantize_int8(proto, ptq.ranges), int8.calib, val[0],
-                                       QATSettings(o.int8_qat_epochs), lambda m: _say(o, m))
+        tuned, trained_ranges, record = finetune_graph(proto, ptq.ranges, int8.calib, val[0],
+                                                       QATSettings(o.int8_qat_epochs), lambda m: _say(o, m))
     except UserError as e:
         _say(o, f"INT8: QAT not run ({e}); the post-training graph is kept")
         return ptq, {"chosen": False, "not_run": str(e)}
     record["qdq"] = {"method": ptq.method, "calib_images": ptq.calib_images, "float_nodes": 0,
                      "scales_refined": ptq.scales_refined}
     candidates = {"post-training": ptq,
-                  "QAT, ranges kept": search_int8(tuned, calib, val, goal, lambda m: _say(o, m), reference=proto,
-                                                  ranges=ptq.ranges),
+                  "QAT, trained ranges": search_int8(tuned, calib, val, goal, lambda m: _say(o, m),
+                                                     reference=proto, ranges=trained_ranges),
                   "QAT, calibrated again": search_int8(tuned, calib, val, goal, lambda m: _say(o, m), reference=proto)}
     name = max(candidates, key=lambda k: (candidates[k].score.agreement, -candidates[k].score.drop))
     keep = name != "post-training"
     record.update(chosen=keep, kept=name, validation_ptq=ptq.score.record(),
                   validation_qat=candidates["QAT, calibrated again"].score.record(),
-                  validation_qat_ranges_kept=candidates["QAT, ranges kept"].score.record(),
+                  validation_qat_trained_ranges=candidates["QAT, trained ranges"].score.record(),
                   chosen_by="FP32's top-1 kept on the most validation images (ties: the smaller drop)",
                   note="when chosen, the INT8 graph's weights are the fine-tuned ones; the checkpoint, the FP32 "
                        "figures and the test drop's FP32 side are the original network's")

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Callable, List, Tuple
+from typing import Callable, List, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -32,6 +32,7 @@ class QATSettings:
     batch: int = 64
     seed: int = 0
     flip: bool = True  # random horizontal flips of the training images (the only augmentation)
+    scale_lr: float = 1e-3  # Adam on each activation scale's log, learnt with the weights (LSQ); 0: frozen scales
 
 
 def kl_from(reference_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
@@ -54,15 +55,23 @@ ESTIMATE_AFTER = 20
 
 
 def train_kl(model: nn.Module, reference: nn.Module, params: List[torch.Tensor], train: Dataset,
-             settings: QATSettings, say: Callable[[str], None]) -> Tuple[List[float], int, float]:
-    """The fine-tuning loop: KL from ``reference``'s outputs on the same (seeded, flipped)
-    batches, SGD with momentum, cosine to zero. Returns (mean KL per epoch, images trained, seconds)."""
+             settings: QATSettings, say: Callable[[str], None], scale_params: Sequence[torch.Tensor] = ()
+             ) -> Tuple[List[float], int, float]:
+    """The fine-tuning loop: KL from ``reference``'s outputs on the same (seeded, flipped) batches; ``params`` by SGD
+    with momentum, ``scale_params`` (log activation scales) by Adam at ``settings.scale_lr``; both cosine to zero.
+    Returns (mean KL per epoch, images trained, seconds)."""
     g = torch.Generator().manual_seed(settings.seed)
     loader = DataLoader(train, batch_size=settings.batch, shuffle=True, drop_last=len(train) > settings.batch,
                         generator=g)
     total = settings.epochs * len(loader)
-    opt = torch.optim.SGD(params, lr=settings.lr, momentum=settings.momentum)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s / total, 1.0))))
+
+    def cosine(step: int) -> float:
+        return 0.5 * (1 + math.cos(math.pi * min(step / total, 1.0)))
+
+    opts = [torch.optim.SGD(params, lr=settings.lr, momentum=settings.momentum)]
+    if scale_params and settings.scale_lr > 0:
+        opts.append(torch.optim.Adam(list(scale_params), lr=settings.scale_lr))
+    scheds = [torch.optim.lr_scheduler.LambdaLR(opt, cosine) for opt in opts]
     curve, t0, images = [], time.perf_counter(), 0
     for epoch in range(settings.epochs):
         run, n = 0.0, 0
@@ -73,10 +82,12 @@ def train_kl(model: nn.Module, reference: nn.Module, params: List[torch.Tensor],
             with torch.no_grad():
                 target = reference(x)
             loss = kl_from(target, model(x))
-            opt.zero_grad(set_to_none=True)
+            for opt in opts:
+                opt.zero_grad(set_to_none=True)
             loss.backward()
-            opt.step()
-            sched.step()
+            for opt, sched in zip(opts, scheds):
+                opt.step()
+                sched.step()
             run, n = run + float(loss.detach()) * len(x), n + len(x)
             if epoch == 0 and n == ESTIMATE_AFTER * settings.batch:
                 per = (time.perf_counter() - t0) / ESTIMATE_AFTER

@@ -50,6 +50,14 @@ _TORCH_DTYPE = {onnx.TensorProto.FLOAT: torch.float32, onnx.TensorProto.DOUBLE: 
                 onnx.TensorProto.BOOL: torch.bool, onnx.TensorProto.FLOAT16: torch.float16}
 
 
+def learnt_quant(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
+    """``fake_quant`` with a trainable scale (LSQ, Esser et al. 2020): the rounding alone passes gradients straight
+    through, so the scale learns from the rounding error inside the range and from the clipped values outside it."""
+    v = x / scale
+    v = v + (torch.round(v) - v).detach()
+    return (torch.clamp(v + zero, qmin, qmax) - zero) * scale
+
+
 def fake_quant(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
     """QuantizeLinear then DequantizeLinear as onnxruntime computes them (x / scale, rounded half to even, plus the
     zero point, saturated); the gradient passes straight through inside the range and is zero outside it."""
@@ -81,6 +89,7 @@ class _Q:
     qtype: int  # onnx.TensorProto data type of the quantized values
     axis: Optional[int] = None  # weight: per-channel axis (None: per tensor)
     live: bool = False  # weight: scale recomputed from the current weight as onnxruntime's quantizer would
+    scale_name: str = ""  # activation: the QDQ model's scale initializer
 
 
 def _attrs(node: onnx.NodeProto) -> Dict[str, Any]:
@@ -216,9 +225,11 @@ def trained_initializers(proto: onnx.ModelProto) -> List[str]:
 class GraphModule(nn.Module):
     """An FP32 ONNX graph as a torch module: trainable float initializers (``trained_initializers``), constant
     subgraphs folded at build time, and, given ``qdq`` (a QDQ model of the same graph), the tensors it quantizes
-    fake-quantized while ``quantize`` is True (``set_quantize``)."""
+    fake-quantized while ``quantize`` is True (``set_quantize``). With ``learn_scales`` each activation range
+    onnxruntime computes a scale from gets a trainable factor (``log_scales``, the log of scale / calibrated scale,
+    0 at build), read back as ranges by ``learnt_ranges``."""
 
-    def __init__(self, proto: onnx.ModelProto, qdq: Optional[onnx.ModelProto] = None):
+    def __init__(self, proto: onnx.ModelProto, qdq: Optional[onnx.ModelProto] = None, learn_scales: bool = False):
         super().__init__()
         g = proto.graph
         self.trained = trained_initializers(proto)
@@ -252,9 +263,15 @@ class GraphModule(nn.Module):
         self.bias_reads: Dict[int, Tuple[str, str]] = {}  # Conv/Gemm position -> its input's and weight's keys
         self.q: Dict[str, _Q] = {}
         self.quantize = False
+        self.scale_groups: List[str] = []  # learnt scales: each one's scale initializer, in ``log_scales`` order
+        self._scale_index: Dict[str, int] = {}  # activation key -> its entry in ``log_scales``
         if qdq is not None:
             self._map(proto, qdq)
             self.quantize = True
+        if learn_scales:
+            if qdq is None:
+                raise ValueError("learn_scales needs the QDQ model whose scales are learnt")
+            self._learn(proto)
 
     def set_quantize(self, on: bool) -> "GraphModule":
         self.quantize = on
@@ -313,7 +330,8 @@ class GraphModule(nn.Module):
             if scale.numel() != 1 or not torch.equal(arr(src.input[1]), scale):
                 raise UserError(f"QAT on the ONNX graph takes per-tensor activations with one scale per Q/DQ pair; "
                                 f"{dq.name!r} has another")
-            return _Q("activation", scale.float().reshape(()), zero.reshape(()), *QRANGE[qtype], qtype)
+            return _Q("activation", scale.float().reshape(()), zero.reshape(()), *QRANGE[qtype], qtype,
+                      scale_name=dq.input[1])
         if dq.input[0] not in qinits:
             raise UserError(f"QAT on the ONNX graph cannot emulate DequantizeLinear {dq.name!r}: its input is neither "
                             "a QuantizeLinear nor a quantized weight")
@@ -321,6 +339,59 @@ class GraphModule(nn.Module):
         if scale.numel() > 1:
             axis = _attrs(dq).get("axis", 1) % len(qinits[dq.input[0]].dims)
         return _Q("weight", scale.float(), zero.float(), *QRANGE[qtype], qtype, axis)
+
+    def _learn(self, proto: onnx.ModelProto) -> None:
+        """One trainable log factor per activation range: tensors reading one scale initializer share it, and so do
+        a Relu/Clip input read by nothing else and its output (onnxruntime's quantizer gives that input the output's
+        range: ``adjust_tensor_ranges``)."""
+        readers: Dict[str, int] = {}
+        for n in proto.graph.node:
+            for i in n.input:
+                readers[i] = readers.get(i, 0) + 1
+        alias = {f"{n.input[0]}_scale": f"{n.output[0]}_scale" for n in proto.graph.node
+                 if n.op_type in ("Relu", "Clip") and readers.get(n.input[0]) == 1}
+        base: Dict[str, torch.Tensor] = {}
+        for key, spec in self.q.items():
+            if spec.kind != "activation":
+                continue
+            if WEIGHT_SYMMETRIC.get(spec.qtype) is None or spec.zero.item() != 0:
+                raise UserError(f"learnt activation scales need symmetric int8 activations ({spec.scale_name!r} is "
+                                "not): quantize with export.quantize, or fine-tune at frozen scales (scale_lr 0)")
+            name = spec.scale_name
+            while name in alias:
+                name = alias[name]
+            if name not in base:
+                base[name] = spec.scale
+            self._scale_index[key] = list(base).index(name)
+        self.scale_groups = list(base)
+        self.register_buffer("base_scales", torch.stack(list(base.values())) if base else torch.zeros(0),
+                             persistent=False)
+        self.log_scales = nn.Parameter(torch.zeros(len(base)))
+
+    def activation_scale(self, key: str) -> torch.Tensor:
+        """The scale activation ``key`` is rounded at: learnt (calibrated x exp(factor)) or frozen."""
+        i = self._scale_index.get(key)
+        return self.q[key].scale if i is None else self.base_scales[i] * self.log_scales[i].exp()
+
+    def learnt_ranges(self, ranges: Ranges) -> Ranges:
+        """``ranges`` (those the QDQ model was quantized at) with each learnt scale's range set so that onnxruntime's
+        quantizer computes that scale again: symmetric, max |x| = scale x 127 for int8."""
+        from onnxruntime.quantization import TensorsData
+        from onnxruntime.quantization.calibrate import TensorData
+
+        data = dict(ranges.data.data)
+        qmax = WEIGHT_SYMMETRIC[onnx.TensorProto.INT8]
+        for i, name in enumerate(self.scale_groups):
+            tensor = name[:-len("_scale")] if name.endswith("_scale") else name
+            if tensor not in data:
+                raise ValueError(f"no calibrated range for {tensor!r}, whose scale {name!r} was learnt")
+            td = data[tensor]
+            lo, hi = (np.asarray(v) for v in td.range_value)
+            m = float(self.base_scales[i] * self.log_scales[i].detach().exp()) * qmax
+            attrs = {k: v for k, v in td.to_dict().items() if k not in ("lowest", "highest", "CLS")}
+            data[tensor] = TensorData(lowest=np.full(lo.shape, -m, dtype=np.float32),
+                                      highest=np.full(hi.shape, m, dtype=np.float32), **attrs)
+        return Ranges(ranges.method, ranges.images, TensorsData(ranges.data.calibration_method, data))
 
     def _check_weight(self, name: str, spec: _Q, key: str) -> None:
         """Recompute the weight's scale as onnxruntime's quantizer does; where it equals the stored one, training
@@ -355,7 +426,8 @@ class GraphModule(nn.Module):
     def _rounded_bias(self, pos: int, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         x_spec, w_spec = (self.q[k] for k in self.bias_reads[pos])
         ws = weight_scale(w, w_spec.axis, w_spec.qmax) if w_spec.live else w_spec.scale
-        scale = x_spec.scale * ws.reshape(-1) if w_spec.axis is not None else x_spec.scale * ws.reshape(())
+        xs = self.activation_scale(self.bias_reads[pos][0]).detach()
+        scale = xs * ws.reshape(-1) if w_spec.axis is not None else xs * ws.reshape(())
         y = torch.round(b / scale) * scale
         return y if not b.requires_grad else b + (y - b).detach()
 
@@ -375,6 +447,8 @@ class GraphModule(nn.Module):
     def _fake(self, key: str, x: torch.Tensor) -> torch.Tensor:
         s = self.q[key]
         if s.kind == "activation":
+            if key in self._scale_index:
+                return learnt_quant(x, self.activation_scale(key), s.zero, s.qmin, s.qmax)
             return fake_quant(x, s.scale, s.zero, s.qmin, s.qmax)
         scale = weight_scale(x, s.axis, s.qmax) if s.live else s.scale
         zero = s.zero
@@ -443,23 +517,28 @@ def qdq_for(fp32: onnx.ModelProto, calib_images: np.ndarray, method: str) -> onn
     return quantize_int8(fp32, ranges_for(fp32, calib_images, method))
 
 
-def finetune_graph(fp32: onnx.ModelProto, qdq: onnx.ModelProto, train: Dataset, check_images: np.ndarray,
+def finetune_graph(fp32: onnx.ModelProto, ranges: Ranges, train: Dataset, check_images: np.ndarray,
                    settings: QATSettings, say: Callable[[str], None] = lambda _: None
-                   ) -> Tuple[onnx.ModelProto, Dict[str, Any]]:
-    """``fp32`` with fine-tuned initializers (nothing else changed) and the record of the run.
+                   ) -> Tuple[onnx.ModelProto, Ranges, Dict[str, Any]]:
+    """``fp32`` with fine-tuned initializers (nothing else changed), the activation ranges it was fine-tuned to
+    (learnt; ``ranges`` itself when ``settings.scale_lr`` is 0) and the record of the run.
 
-    Trains ``GraphModule(fp32, qdq)`` with ``export.qat.train_kl``: KL from the FP32 graph's outputs, SGD with
-    momentum, cosine to zero, seeded shuffling and flips. ``train``: the run's training images
-    (eval transform); ``check_images``: images the KL from FP32 is reported on before and after.
+    Trains ``GraphModule`` of ``fp32`` rounded as its QDQ model at ``ranges`` rounds it, with ``export.qat.train_kl``:
+    KL from the FP32 graph's outputs, SGD with momentum for the initializers, Adam for the activation scales' log
+    factors, cosine to zero, seeded shuffling and flips. ``train``: the run's training images (eval transform);
+    ``check_images``: images the KL from FP32 is reported on before and after.
     """
     if settings.epochs < 1:
         raise ValueError("QAT needs at least one epoch")
+    learn = settings.scale_lr > 0
     reference = GraphModule(fp32).eval().requires_grad_(False)
-    model = GraphModule(fp32, qdq).eval()
+    model = GraphModule(fp32, quantize_int8(fp32, ranges), learn_scales=learn).eval()
     before = mean_kl(model, reference, check_images)
-    curve, images, seconds = train_kl(model, reference, list(model.parameters()), train, settings, say)
+    curve, images, seconds = train_kl(model, reference, list(model.params), train, settings, say,
+                                      scale_params=[model.log_scales] if learn else ())
     after = mean_kl(model, reference, check_images)
     counts = model.counts()
+    factors = model.log_scales.detach().exp() if learn else torch.ones(0)
     record = {"settings": asdict(settings), "layers": counts["nodes"], "train_images": len(train),
               "images_trained": images, "seconds": round(seconds, 1), "train_kl_per_epoch": curve,
               "check_images": int(len(check_images)), "kl_before": float(f"{before:.4g}"),
@@ -468,12 +547,19 @@ def finetune_graph(fp32: onnx.ModelProto, qdq: onnx.ModelProto, train: Dataset, 
               "emulation": "onnx-graph",
               "quantized_tensors": counts,
               "trained_initializers": len(model.trained),
+              "activation_scales": ({"learnt": True, "ranges": len(factors),
+                                     "factor_min": round(float(factors.min()), 4) if len(factors) else None,
+                                     "factor_max": round(float(factors.max()), 4) if len(factors) else None,
+                                     "changed_over_1pct": int(((factors - 1).abs() > 0.01).sum())}
+                                    if learn else {"learnt": False}),
               "rounding": "the FP32 ONNX graph run in torch, every tensor the QDQ model quantizes rounded as it does: "
-                          "activations per tensor at its frozen scales, weights (conv/Gemm per output channel, "
+                          "activations per tensor (their scales learnt from the calibrated ones, LSQ, unless "
+                          "scale_lr is 0), weights (conv/Gemm per output channel, "
                           "element-wise constants per tensor) int8 symmetric at scales recomputed from the current "
                           "weights, conv/Gemm biases int32 at input x weight scale (onnxruntime's optimiser); "
                           "straight-through gradients"}
     say(f"INT8: QAT on the ONNX graph ({counts['activations']} activations and {counts['weights']} weights rounded) "
         f"{settings.epochs} epoch(s) in {seconds:.0f} s: KL from FP32 on {len(check_images)} validation images "
-        f"{before:.4f} -> {after:.4f}")
-    return model.to_onnx(fp32), record
+        f"{before:.4f} -> {after:.4f}" + (f"; activation scales x{float(factors.min()):.2f} to "
+                                          f"x{float(factors.max()):.2f} of the calibrated ones" if len(factors) else ""))
+    return model.to_onnx(fp32), (model.learnt_ranges(ranges) if learn else ranges), record

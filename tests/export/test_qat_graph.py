@@ -13,7 +13,8 @@ from onnx import TensorProto, helper, numpy_helper
 from export.onnx_export import export_onnx
 from export.pipeline import ExportOptions, run_export
 from export.qat import QATSettings
-from export.qat_graph import GraphModule, fake_quant, finetune_graph, qdq_for, trained_initializers
+from export.qat_graph import GraphModule, fake_quant, finetune_graph, qdq_for, ranges_for, trained_initializers
+from export.quantize import quantize_int8
 from export.verify import run, session
 from redistill.errors import UserError
 from train.config import load_config
@@ -202,9 +203,10 @@ def test_finetune_graph_lowers_the_kl_and_changes_only_trained_initializers():
     g = torch.Generator().manual_seed(1)
     x = torch.randn(256, 3, 16, 16, generator=g)
     train = torch.utils.data.TensorDataset(x, torch.zeros(256, dtype=torch.long))
-    qdq = qdq_for(proto, x[:64].numpy(), "minmax")
-    settings = QATSettings(epochs=4, lr=0.01, batch=32)
-    tuned, rec = finetune_graph(proto, qdq, train, x[:64].numpy(), settings)
+    ranges = ranges_for(proto, x[:64].numpy(), "minmax")
+    settings = QATSettings(epochs=4, lr=0.01, batch=32, scale_lr=0)
+    tuned, kept, rec = finetune_graph(proto, ranges, train, x[:64].numpy(), settings)
+    assert kept is ranges and rec["activation_scales"] == {"learnt": False}
     assert rec["kl_after"] < rec["kl_before"] and len(rec["train_kl_per_epoch"]) == 4
     assert rec["images_trained"] == 4 * 256 and rec["emulation"] == "onnx-graph"
     assert rec["settings"] == asdict(settings) and rec["kl_before"] > 0
@@ -233,8 +235,63 @@ def test_an_export_that_misses_its_goal_fine_tunes_on_the_int8_graph(checkpoint,
     assert qat["emulation"] == "onnx-graph"
     assert qat["qdq"] == {"method": "entropy", "calib_images": 16, "float_nodes": 0, "scales_refined": False}
     assert qat["quantized_tensors"]["activations"] > 0 and isinstance(qat["chosen"], bool)
-    assert qat["kept"] in ("post-training", "QAT, ranges kept", "QAT, calibrated again")
-    assert qat["chosen"] == (qat["kept"] != "post-training") and "agreement" in qat["validation_qat_ranges_kept"]
+    assert qat["kept"] in ("post-training", "QAT, trained ranges", "QAT, calibrated again")
+    assert qat["chosen"] == (qat["kept"] != "post-training") and "agreement" in qat["validation_qat_trained_ranges"]
+    assert qat["activation_scales"]["learnt"] and qat["activation_scales"]["ranges"] > 0
+
+
+def _scale_inits(q: onnx.ModelProto) -> dict:
+    acts = {n.input[1] for n in q.graph.node if n.op_type == "QuantizeLinear"}
+    return {t.name: float(numpy_helper.to_array(t)) for t in q.graph.initializer if t.name in acts}
+
+
+def test_learnt_scales_start_at_the_calibrated_ones_and_come_back_as_ranges_onnxruntime_reproduces():
+    """A fresh learnt-scale module rounds exactly as the frozen one; its scales get gradients; a Relu's input shares
+    its output's scale as onnxruntime ties them; after the factors move, ``learnt_ranges`` quantized by onnxruntime
+    gives every activation the learnt scale and the same INT8 logits as the module."""
+    net = _conv_net()
+    proto = export_onnx(net, 16)
+    x = torch.randn(64, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    ranges = ranges_for(proto, x.numpy(), "percentile-99.9")
+    qdq = quantize_int8(proto, ranges)
+    frozen, learnt = GraphModule(proto, qdq).eval(), GraphModule(proto, qdq, learn_scales=True).eval()
+    assert torch.equal(frozen(x), learnt(x))
+    relu = next(n for n in proto.graph.node if n.op_type == "Relu")
+    keys = {s.scale_name: k for k, s in learnt.q.items() if s.kind == "activation"}
+    assert f"{relu.input[0]}_scale" in keys and f"{relu.input[0]}_scale" not in learnt.scale_groups
+    assert learnt._scale_index[keys[f"{relu.input[0]}_scale"]] == learnt._scale_index[keys[f"{relu.output[0]}_scale"]]
+    assert len(learnt.scale_groups) == len(set(learnt._scale_index.values())) < len(keys)
+    learnt(x).square().sum().backward()
+    assert learnt.log_scales.grad is not None and learnt.log_scales.grad.abs().sum() > 0
+    with torch.no_grad():
+        learnt.log_scales.copy_(torch.linspace(-0.4, 0.4, len(learnt.log_scales)))
+    q2 = quantize_int8(proto, learnt.learnt_ranges(ranges))
+    got, before = _scale_inits(q2), _scale_inits(qdq)
+    assert set(got) == set(before)
+    for name, key in keys.items():
+        want = float(learnt.activation_scale(key).detach())
+        assert got[name] == pytest.approx(want, rel=1e-6), name
+    assert sum(got[n] != before[n] for n in got) >= len(learnt.scale_groups) - 1  # the middle factor is 0
+    with torch.no_grad():
+        ours = learnt(x).numpy()
+    theirs = run(session(q2), x.numpy())
+    assert np.abs(ours - theirs).max() < 1e-4 * max(1.0, np.abs(theirs).max())
+
+
+def test_finetune_graph_learns_activation_scales_and_returns_their_ranges():
+    net = _conv_net()
+    proto = export_onnx(net, 16)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(256, 3, 16, 16, generator=g)
+    train = torch.utils.data.TensorDataset(x, torch.zeros(256, dtype=torch.long))
+    ranges = ranges_for(proto, x[:64].numpy(), "minmax")
+    tuned, learnt, rec = finetune_graph(proto, ranges, train, x[:64].numpy(),
+                                        QATSettings(epochs=2, lr=0.01, batch=32, scale_lr=0.05))
+    assert learnt is not ranges and rec["activation_scales"]["learnt"] and rec["kl_after"] < rec["kl_before"]
+    sc = rec["activation_scales"]
+    assert sc["changed_over_1pct"] > 0 and (sc["factor_min"] < 1 or sc["factor_max"] > 1)
+    at_learnt, at_calibrated = (_scale_inits(quantize_int8(tuned, r)) for r in (learnt, ranges))
+    assert sum(at_learnt[n] != at_calibrated[n] for n in at_learnt) >= sc["changed_over_1pct"]
 
 
 def test_fake_quant_rounds_ties_to_even_as_onnxruntime_does():

@@ -35,7 +35,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from export.qat import QATSettings, mean_kl, train_kl
-from export.quantize import QDQ_OPS, Ranges, calibrate, quantize_int8
+from export.quantize import QDQ_OPS, Ranges, calibrate, quantize_int8, range_ties
 from export.verify import batched
 from redistill.errors import UserError
 
@@ -342,14 +342,8 @@ class GraphModule(nn.Module):
 
     def _learn(self, proto: onnx.ModelProto) -> None:
         """One trainable log factor per activation range: tensors reading one scale initializer share it, and so do
-        a Relu/Clip input read by nothing else and its output (onnxruntime's quantizer gives that input the output's
-        range: ``adjust_tensor_ranges``)."""
-        readers: Dict[str, int] = {}
-        for n in proto.graph.node:
-            for i in n.input:
-                readers[i] = readers.get(i, 0) + 1
-        alias = {f"{n.input[0]}_scale": f"{n.output[0]}_scale" for n in proto.graph.node
-                 if n.op_type in ("Relu", "Clip") and readers.get(n.input[0]) == 1}
+        the tensors whose ranges onnxruntime's quantizer ties (``export.quantize.range_ties``)."""
+        alias = {f"{a}_scale": f"{b}_scale" for a, b in range_ties(proto).items()}
         base: Dict[str, torch.Tensor] = {}
         for key, spec in self.q.items():
             if spec.kind != "activation":
@@ -357,9 +351,7 @@ class GraphModule(nn.Module):
             if WEIGHT_SYMMETRIC.get(spec.qtype) is None or spec.zero.item() != 0:
                 raise UserError(f"learnt activation scales need symmetric int8 activations ({spec.scale_name!r} is "
                                 "not): quantize with export.quantize, or fine-tune at frozen scales (scale_lr 0)")
-            name = spec.scale_name
-            while name in alias:
-                name = alias[name]
+            name = alias.get(spec.scale_name, spec.scale_name)
             if name not in base:
                 base[name] = spec.scale
             self._scale_index[key] = list(base).index(name)

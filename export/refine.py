@@ -21,7 +21,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from export.quantize import Ranges, quantize_int8, read_float
+from export.quantize import Ranges, quantize_int8, range_ties, read_float
 from export.verify import batched, run, session, symbolic_batch
 
 #: the factors each activation's symmetric range is tried at (1.0: the calibrator's own)
@@ -46,14 +46,19 @@ def only(q: onnx.ModelProto, fp32: onnx.ModelProto, tensors: Collection[str]) ->
     return m
 
 
-def scale_groups(q: onnx.ModelProto) -> Dict[str, List[str]]:
+def scale_groups(q: onnx.ModelProto, ties: Optional[Dict[str, str]] = None) -> Dict[str, List[str]]:
     """``{tensor whose range sets the scale: every tensor rounded at that scale}``: onnxruntime gives the output of
     a MaxPool, Flatten, Reshape, ... its input's scale initializer (``<input>_scale``) and ignores its own range,
-    so such tensors are measured and refined together, through their input's range."""
+    and gives a tensor in ``ties`` (``export.quantize.range_ties`` of the FP32 graph: a Relu's or Clip's input) the
+    range of the tensor it names, so such tensors are measured and refined together, through that one range."""
     by_scale: Dict[str, List[str]] = {}
     for tensor, qnode in activation_quantizers(q).items():
         by_scale.setdefault(qnode.input[1], []).append(tensor)
-    return {next((t for t in ts if f"{t}_scale" == name), ts[0]): ts for name, ts in by_scale.items()}
+    groups = {next((t for t in ts if f"{t}_scale" == name), ts[0]): ts for name, ts in by_scale.items()}
+    for tensor, target in (ties or {}).items():
+        if tensor in groups and target in groups:
+            groups[target] = groups[target] + groups.pop(tensor)
+    return groups
 
 
 def _set_scale(m: onnx.ModelProto, name: str, value: float) -> None:
@@ -103,18 +108,19 @@ def refine_scales(fp32: onnx.ModelProto, ranges: Ranges, images: np.ndarray,
     power = max(float(np.sum(ref ** 2)), 1e-30)
     q = quantize_int8(fp32, ranges) if q is None else q
     acts = activation_quantizers(q)
-    groups = scale_groups(q)
+    groups = scale_groups(q, range_ties(fp32))
     t0 = time.time()
     chosen: Dict[str, float] = {}
     for provider, tensors in groups.items():
         if provider not in ranges.data.data:
             continue
         m = only(q, fp32, tensors)
-        scale = acts[provider].input[1]
-        base = float(numpy_helper.to_array(next(t for t in m.graph.initializer if t.name == scale)).reshape(-1)[0])
+        names = sorted({acts[t].input[1] for t in tensors})
+        base = {t.name: float(numpy_helper.to_array(t).reshape(-1)[0]) for t in m.graph.initializer if t.name in names}
         errors = {}
         for f in FACTORS:
-            _set_scale(m, scale, base * f)
+            for scale in names:
+                _set_scale(m, scale, base[scale] * f)
             out = run(session(as_run(m)), x, batch=64).astype(np.float64)
             errors[f] = float(np.sum((out - ref) ** 2)) / power
         best = min(errors, key=errors.get)

@@ -11,7 +11,7 @@ import export.refine as refine
 from export.int8_search import Goal, search_int8
 from export.onnx_export import check_model
 from export.preflight import preflight
-from export.quantize import calibrate, quantize_int8
+from export.quantize import calibrate, quantize_int8, range_ties
 from export.refine import activation_quantizers, only, refine_scales, scaled
 from export.targets import get_target
 from export.verify import run, session
@@ -107,6 +107,20 @@ def test_tensors_sharing_a_scale_are_one_group(tiny):
     assert groups["g"] == ["g", "f"] and "f" not in groups
     assert acts["f"].input[1] == acts["g"].input[1] == "g_scale"
     assert all(len(ts) == 1 for p, ts in groups.items() if p != "g")
+
+
+def test_a_relu_input_is_refined_with_its_output_as_onnxruntime_ties_their_ranges(tiny):
+    """onnxruntime gives conv1's output (read only by the Relu) the Relu output's range: a range set on it alone is
+    ignored, so it is one group with the Relu's output, and a factor chosen for that group moves both scales."""
+    fp32, _, ranges = tiny
+    assert range_ties(fp32) == {"c1": "r1"}
+    q = quantize_int8(fp32, ranges)
+    assert _scale(q, "c1") == _scale(q, "r1")
+    assert _scale(quantize_int8(fp32, scaled(ranges, {"c1": 0.5})), "c1") == _scale(q, "c1")  # ignored
+    q2 = quantize_int8(fp32, scaled(ranges, {"r1": 0.5}))
+    assert _scale(q2, "c1") == _scale(q2, "r1") == pytest.approx(0.5 * _scale(q, "r1"), rel=1e-6)
+    groups = refine.scale_groups(q, range_ties(fp32))
+    assert sorted(groups["r1"]) == ["c1", "r1"] and "c1" not in groups
 
 
 def test_the_refinement_aims_at_the_reference_logits(tiny, monkeypatch):

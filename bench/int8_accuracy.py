@@ -115,6 +115,16 @@ def _drop(v: Optional[float]) -> str:
     return "-" if v is None else f"{v:+.2f}"
 
 
+def _qat_cell(q: Optional[Dict[str, Any]]) -> str:
+    """The summary table's QAT column: not run, or its epochs, whether its scales were learnt and what was kept."""
+    if not q:
+        return "-"
+    if "not_run" in q:
+        return "not run"
+    learnt = "learnt scales" if (q.get("activation_scales") or {}).get("learnt") else "frozen scales"
+    return f"{q['settings']['epochs']} ep, {learnt}, {'kept' if q['chosen'] else 'not kept'}"
+
+
 def render(doc: Dict[str, Any], remarks: Optional[str] = None) -> str:
     """The page, from the page record (``collect``)."""
     nets = doc["networks"]
@@ -129,7 +139,10 @@ def render(doc: Dict[str, Any], remarks: Optional[str] = None) -> str:
               "2026-11-30 also try activation scales refined at the logits; `calibrated`: `--calib-method M "
               "--calib-images N --int8-max-float-nodes 0 --no-int8-refine-scales` with the M and N the search chose; "
               "`plain`: `--calib-method minmax --calib-images 256 --int8-max-float-nodes 0 --no-int8-refine-scales`, "
-              "INT8 as exported before the search); top-1 by ONNX Runtime on the CPU, as the manifests record it", ""]
+              "INT8 as exported before the search; a command's `--qat-epochs N` gives the search export "
+              "`--int8-qat-epochs N`: quantization-aware fine-tuning where the search misses its validation goal, "
+              "its activation scales learnt since 2026-12-01); top-1 by ONNX Runtime on the CPU, as the manifests "
+              "record it", ""]
     rows = []
     for rec in nets:
         e, v = rec["exports"], verdict(rec)
@@ -137,9 +150,10 @@ def render(doc: Dict[str, Any], remarks: Optional[str] = None) -> str:
         rows.append([rec["network"], f"{rec['arch']} ({rec['method']})", t["images"], _pct(t["fp32_top1"]),
                      f"{_pct(e['plain']['test']['int8_top1'])} ({_drop(e['plain']['test']['drop'])})",
                      f"{_pct(e['calibrated']['test']['int8_top1'])} ({_drop(e['calibrated']['test']['drop'])})",
-                     f"{_pct(t['int8_top1'])} ({_drop(t['drop'])})", len(e["search"]["float_nodes"]), v["text"]])
+                     f"{_pct(t['int8_top1'])} ({_drop(t['drop'])})", len(e["search"]["float_nodes"]),
+                     _qat_cell(e["search"].get("qat")), v["text"]])
     lines += md_table(["network", "student", "test images", "FP32 top-1 (%)", "INT8 plain minmax (drop)",
-                       "INT8 chosen calibration (drop)", "INT8 search (drop)", "nodes in float",
+                       "INT8 chosen calibration (drop)", "INT8 search (drop)", "nodes in float", "QAT",
                        f"target (drop <= {doc['target_max_drop']})"], rows)
     met = sum(verdict(r)["met"] for r in nets)
     lines += ["", f"Target met for {met} of {len(nets)} networks. Drops are FP32 minus INT8 test top-1, in points; "

@@ -416,9 +416,10 @@ class GraphModule(nn.Module):
         self.bias_reads[pos] = (x_key, w_key)
 
     def _rounded_bias(self, pos: int, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        x_spec, w_spec = (self.q[k] for k in self.bias_reads[pos])
+        x_key, w_key = self.bias_reads[pos]
+        w_spec = self.q[w_key]
         ws = weight_scale(w, w_spec.axis, w_spec.qmax) if w_spec.live else w_spec.scale
-        xs = self.activation_scale(self.bias_reads[pos][0]).detach()
+        xs = self.activation_scale(x_key).detach()
         scale = xs * ws.reshape(-1) if w_spec.axis is not None else xs * ws.reshape(())
         y = torch.round(b / scale) * scale
         return y if not b.requires_grad else b + (y - b).detach()

@@ -219,7 +219,7 @@ def _network_section(rec: Dict[str, Any]) -> List[str]:
                           f"{q['images_trained']:,} images, lr {q['settings']['lr']:g}, "
                           + (f"activation scales learnt (Adam {q['settings']['scale_lr']:g}; x"
                              f"{q['activation_scales']['factor_min']:.2f} to x{q['activation_scales']['factor_max']:.2f}"
-                             "), " if (q.get("activation_scales") or {}).get("learnt") else "frozen activation scales, ")
+                             "), " if (q.get("activation_scales") or {}).get("ranges") else "frozen activation scales, ")
                           + f"{q['seconds']:.0f} s, "
                           f"{q.get('emulation', 'conv/linear module')} emulation; KL from FP32 on {q['check_images']} validation "
                           f"images {q['kl_before']:.4f} -> {q['kl_after']:.4f}): FP32's top-1 kept on "

@@ -344,13 +344,15 @@ class GraphModule(nn.Module):
         """One trainable log factor per activation range: tensors reading one scale initializer share it, and so do
         the tensors whose ranges onnxruntime's quantizer ties (``export.quantize.range_ties``)."""
         alias = {f"{a}_scale": f"{b}_scale" for a, b in range_ties(proto).items()}
+        softmax = {f"{n.output[0]}_scale" for n in proto.graph.node if n.op_type == "Softmax"}
         base: Dict[str, torch.Tensor] = {}
         for key, spec in self.q.items():
-            if spec.kind != "activation":
+            if spec.kind != "activation" or spec.scale_name in softmax:  # onnxruntime fixes a Softmax's to [0, 1]
                 continue
-            if WEIGHT_SYMMETRIC.get(spec.qtype) is None or spec.zero.item() != 0:
-                raise UserError(f"learnt activation scales need symmetric int8 activations ({spec.scale_name!r} is "
-                                "not): quantize with export.quantize, or fine-tune at frozen scales (scale_lr 0)")
+            if spec.qtype != onnx.TensorProto.INT8 or spec.zero.item() != 0 or not spec.scale_name.endswith("_scale"):
+                raise UserError(f"learnt activation scales need symmetric int8 activations with onnxruntime's scale "
+                                f"names ({spec.scale_name!r} is not): quantize with export.quantize, or fine-tune at "
+                                "frozen scales (scale_lr 0)")
             name = alias.get(spec.scale_name, spec.scale_name)
             if name not in base:
                 base[name] = spec.scale
@@ -376,7 +378,8 @@ class GraphModule(nn.Module):
         for i, name in enumerate(self.scale_groups):
             tensor = name[:-len("_scale")] if name.endswith("_scale") else name
             if tensor not in data:
-                raise ValueError(f"no calibrated range for {tensor!r}, whose scale {name!r} was learnt")
+                raise UserError(f"no calibrated range for {tensor!r}, whose scale {name!r} is learnt: give "
+                                "finetune_graph the ranges its QDQ model was quantized at, or scale_lr 0")
             td = data[tensor]
             lo, hi = (np.asarray(v) for v in td.range_value)
             m = float(self.base_scales[i] * self.log_scales[i].detach().exp()) * qmax
@@ -526,6 +529,8 @@ def finetune_graph(fp32: onnx.ModelProto, ranges: Ranges, train: Dataset, check_
     learn = settings.scale_lr > 0
     reference = GraphModule(fp32).eval().requires_grad_(False)
     model = GraphModule(fp32, quantize_int8(fp32, ranges), learn_scales=learn).eval()
+    if learn:
+        model.learnt_ranges(ranges)  # a range it could not write back fails now, not after the training
     before = mean_kl(model, reference, check_images)
     curve, images, seconds = train_kl(model, reference, list(model.params), train, settings, say,
                                       scale_params=[model.log_scales] if learn else ())
@@ -546,7 +551,7 @@ def finetune_graph(fp32: onnx.ModelProto, ranges: Ranges, train: Dataset, check_
                                      "changed_over_1pct": int(((factors - 1).abs() > 0.01).sum())}
                                     if learn else {"learnt": False}),
               "rounding": "the FP32 ONNX graph run in torch, every tensor the QDQ model quantizes rounded as it does: "
-                          "activations per tensor (their scales learnt from the calibrated ones, LSQ, unless "
+                          "activations per tensor (their scales learnt from the starting ones, LSQ, unless "
                           "scale_lr is 0), weights (conv/Gemm per output channel, "
                           "element-wise constants per tensor) int8 symmetric at scales recomputed from the current "
                           "weights, conv/Gemm biases int32 at input x weight scale (onnxruntime's optimiser); "
@@ -554,5 +559,5 @@ def finetune_graph(fp32: onnx.ModelProto, ranges: Ranges, train: Dataset, check_
     say(f"INT8: QAT on the ONNX graph ({counts['activations']} activations and {counts['weights']} weights rounded) "
         f"{settings.epochs} epoch(s) in {seconds:.0f} s: KL from FP32 on {len(check_images)} validation images "
         f"{before:.4f} -> {after:.4f}" + (f"; activation scales x{float(factors.min()):.2f} to "
-                                          f"x{float(factors.max()):.2f} of the calibrated ones" if len(factors) else ""))
+                                          f"x{float(factors.max()):.2f} of the starting ones" if len(factors) else ""))
     return model.to_onnx(fp32), (model.learnt_ranges(ranges) if learn else ranges), record

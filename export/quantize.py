@@ -221,16 +221,15 @@ def quantize_int8(fp32: onnx.ModelProto, calib: Union[Calib, Ranges], method: st
 
 def range_ties(fp32: onnx.ModelProto) -> Dict[str, str]:
     """``{tensor: the tensor whose calibrated range onnxruntime's quantizer gives it}``: the input of a Relu or Clip
-    that nothing else reads takes the output's range (``adjust_tensor_ranges``), so the two scales move together."""
+    that nothing else reads takes the output's range (``adjust_tensor_ranges``), so the two scales move together.
+    One level only, as onnxruntime copies them: in Conv -> Relu -> Clip the conv output gets the Relu output's
+    calibrated range while the Relu output gets the Clip output's."""
     readers: Dict[str, int] = {}
     for n in fp32.graph.node:
         for i in n.input:
             readers[i] = readers.get(i, 0) + 1
     ties = {n.input[0]: n.output[0] for n in fp32.graph.node
             if n.op_type in ("Relu", "Clip") and readers.get(n.input[0]) == 1}
-    for t in ties:
-        while ties[t] in ties:
-            ties[t] = ties[ties[t]]
     return ties
 
 

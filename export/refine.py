@@ -55,10 +55,11 @@ def scale_groups(q: onnx.ModelProto, ties: Optional[Dict[str, str]] = None) -> D
     for tensor, qnode in activation_quantizers(q).items():
         by_scale.setdefault(qnode.input[1], []).append(tensor)
     groups = {next((t for t in ts if f"{t}_scale" == name), ts[0]): ts for name, ts in by_scale.items()}
-    for tensor, target in (ties or {}).items():
-        if tensor in groups and target in groups:
-            groups[target] = groups[target] + groups.pop(tensor)
-    return groups
+    merged: Dict[str, List[str]] = {}
+    for provider, ts in groups.items():  # one pass: ties are one level (export.quantize.range_ties)
+        target = (ties or {}).get(provider, provider)
+        merged.setdefault(target if target in groups else provider, []).extend(ts)
+    return merged
 
 
 def _set_scale(m: onnx.ModelProto, name: str, value: float) -> None:

@@ -278,6 +278,40 @@ def test_learnt_scales_start_at_the_calibrated_ones_and_come_back_as_ranges_onnx
     assert np.abs(ours - theirs).max() < 1e-4 * max(1.0, np.abs(theirs).max())
 
 
+def test_a_relu_then_clip_ties_one_level_as_onnxruntime_copies_ranges():
+    """Conv -> Relu -> Clip: onnxruntime gives the conv output the Relu output's calibrated range and the Relu output
+    the Clip output's; the learnt-scale groups, the refinement's groups and the written-back ranges follow that."""
+    import export.refine as refine
+    from export.quantize import range_ties
+
+    rng = np.random.default_rng(0)
+    f = np.float32
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c"], ["r"], name="relu"),
+             helper.make_node("Clip", ["r", "lo", "hi"], ["z"], name="clip"),
+             helper.make_node("Conv", ["z", "w2"], ["y"], name="conv2", pads=[1, 1, 1, 1])]
+    inits = {"w": rng.standard_normal((4, 4, 3, 3)).astype(f), "b": rng.standard_normal(4).astype(f),
+             "lo": np.array(0, f), "hi": np.array(1.5, f), "w2": rng.standard_normal((4, 4, 3, 3)).astype(f)}
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4, 6, 6])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4, 6, 6])],
+                          [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    proto = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)], ir_version=7)
+    x = rng.standard_normal((32, 4, 6, 6)).astype(f)
+    assert range_ties(proto) == {"c": "r", "r": "z"}
+    ranges = ranges_for(proto, x, "minmax")
+    q = quantize_int8(proto, ranges)
+    scales = _scale_inits(q)
+    assert scales["r_scale"] == scales["z_scale"] != scales["c_scale"]  # c: the Relu's own range, not the Clip's
+    frozen, learnt = GraphModule(proto, q).eval(), GraphModule(proto, q, learn_scales=True).eval()
+    xt = torch.from_numpy(x)
+    assert torch.equal(frozen(xt), learnt(xt))
+    assert sorted(learnt.scale_groups) == ["r_scale", "x_scale", "z_scale"]  # c in "r_scale", r in "z_scale"
+    back = _scale_inits(quantize_int8(proto, learnt.learnt_ranges(ranges)))
+    assert all(back[n] == pytest.approx(scales[n], rel=1e-6) for n in scales)
+    groups = refine.scale_groups(q, range_ties(proto))
+    assert groups["r"] == ["c"] and sorted(groups["z"]) == ["r", "z"]
+
+
 def test_finetune_graph_learns_activation_scales_and_returns_their_ranges():
     net = _conv_net()
     proto = export_onnx(net, 16)

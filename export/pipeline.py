@@ -222,7 +222,9 @@ def _quantize(o: ExportOptions, ck: Dict[str, Any], proto, int8: Int8Data, denoi
         else:
             _say(o, f"WARNING: INT8 misses the goal on validation: drop {drop} points is not within "
                     f"{o.int8_max_drop} with {nodes} nodes in float (cap --int8-max-float-nodes "
-                    f"{o.int8_max_float_nodes}); the bundle is written anyway")
+                    f"{o.int8_max_float_nodes}); the bundle is written anyway"
+                    + ("" if o.int8_qat_epochs or folded is None else
+                       "; --int8-qat-epochs 4 fine-tunes the INT8 graph for the goal (docs/export.md)"))
     record = {"method": method, "images": int(n_cal), "split": "train",
               "chosen_on": "given" if given else "validation", "selection": selection,
               "scales_refined": bool(search and search.scales_refined)}

@@ -35,7 +35,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from export.qat import QATSettings, mean_kl, train_kl
-from export.quantize import QDQ_OPS, Ranges, calibrate, quantize_int8, range_ties
+from export.quantize import QDQ_OPS, Ranges, calibrate, quantize_int8, range_ties, with_symmetric
 from export.verify import batched
 from redistill.errors import UserError
 
@@ -345,7 +345,8 @@ class GraphModule(nn.Module):
         the tensors whose ranges onnxruntime's quantizer ties (``export.quantize.range_ties``)."""
         alias = {f"{a}_scale": f"{b}_scale" for a, b in range_ties(proto).items()}
         softmax = {f"{n.output[0]}_scale" for n in proto.graph.node if n.op_type == "Softmax"}
-        base: Dict[str, torch.Tensor] = {}
+        base: Dict[str, torch.Tensor] = {}  # in insertion order: the groups' order in ``log_scales``
+        group: Dict[str, int] = {}
         for key, spec in self.q.items():
             if spec.kind != "activation" or spec.scale_name in softmax:  # onnxruntime fixes a Softmax's to [0, 1]
                 continue
@@ -356,7 +357,8 @@ class GraphModule(nn.Module):
             name = alias.get(spec.scale_name, spec.scale_name)
             if name not in base:
                 base[name] = spec.scale
-            self._scale_index[key] = list(base).index(name)
+                group[name] = len(group)
+            self._scale_index[key] = group[name]
         self.scale_groups = list(base)
         self.register_buffer("base_scales", torch.stack(list(base.values())) if base else torch.zeros(0),
                              persistent=False)
@@ -370,23 +372,15 @@ class GraphModule(nn.Module):
     def learnt_ranges(self, ranges: Ranges) -> Ranges:
         """``ranges`` (those the QDQ model was quantized at) with each learnt scale's range set so that onnxruntime's
         quantizer computes that scale again: symmetric, max |x| = scale x 127 for int8."""
-        from onnxruntime.quantization import TensorsData
-        from onnxruntime.quantization.calibrate import TensorData
-
-        data = dict(ranges.data.data)
         qmax = WEIGHT_SYMMETRIC[onnx.TensorProto.INT8]
+        absmax = {}
         for i, name in enumerate(self.scale_groups):
-            tensor = name[:-len("_scale")] if name.endswith("_scale") else name
-            if tensor not in data:
+            tensor = name[:-len("_scale")]  # ``_learn`` takes only onnxruntime's ``<tensor>_scale`` names
+            if tensor not in ranges.data.data:
                 raise UserError(f"no calibrated range for {tensor!r}, whose scale {name!r} is learnt: give "
                                 "finetune_graph the ranges its QDQ model was quantized at, or scale_lr 0")
-            td = data[tensor]
-            lo, hi = (np.asarray(v) for v in td.range_value)
-            m = float(self.base_scales[i] * self.log_scales[i].detach().exp()) * qmax
-            attrs = {k: v for k, v in td.to_dict().items() if k not in ("lowest", "highest", "CLS")}
-            data[tensor] = TensorData(lowest=np.full(lo.shape, -m, dtype=np.float32),
-                                      highest=np.full(hi.shape, m, dtype=np.float32), **attrs)
-        return Ranges(ranges.method, ranges.images, TensorsData(ranges.data.calibration_method, data))
+            absmax[tensor] = float(self.base_scales[i] * self.log_scales[i].detach().exp()) * qmax
+        return with_symmetric(ranges, absmax)
 
     def _check_weight(self, name: str, spec: _Q, key: str) -> None:
         """Recompute the weight's scale as onnxruntime's quantizer does; where it equals the stored one, training

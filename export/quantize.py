@@ -88,6 +88,22 @@ class Ranges:
     data: Any  # onnxruntime.quantization.TensorsData
 
 
+def with_symmetric(ranges: Ranges, absmax: Mapping[str, float]) -> Ranges:
+    """``ranges`` with each named tensor's range set to [-absmax, absmax] (its other calibration data kept): what
+    onnxruntime's symmetric quantizer turns into scale absmax / 127 for int8."""
+    from onnxruntime.quantization import TensorsData
+    from onnxruntime.quantization.calibrate import TensorData
+
+    data = dict(ranges.data.data)
+    for name, m in absmax.items():
+        td = data[name]
+        lo, hi = (np.asarray(v) for v in td.range_value)
+        attrs = {k: v for k, v in td.to_dict().items() if k not in ("lowest", "highest", "CLS")}
+        data[name] = TensorData(lowest=np.full(lo.shape, -m, dtype=np.float32),
+                                highest=np.full(hi.shape, m, dtype=np.float32), **attrs)
+    return Ranges(ranges.method, ranges.images, TensorsData(ranges.data.calibration_method, data))
+
+
 def calibrate(fp32: onnx.ModelProto, calib: Calib, method: str = "minmax") -> Ranges:
     """Run ``method``'s calibrator over the calibration samples once; the ranges feed any number of quantizations."""
     from onnxruntime.quantization import CalibrationMethod, create_calibrator

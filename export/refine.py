@@ -21,7 +21,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from export.quantize import Ranges, quantize_int8, range_ties, read_float
+from export.quantize import Ranges, quantize_int8, range_ties, read_float, with_symmetric
 from export.verify import batched, run, session, symbolic_batch
 
 #: the factors each activation's symmetric range is tried at (1.0: the calibrator's own)
@@ -74,21 +74,12 @@ def _set_scale(m: onnx.ModelProto, name: str, value: float) -> None:
 
 def scaled(ranges: Ranges, factors: Dict[str, float]) -> Ranges:
     """``ranges`` with each named tensor's range made symmetric and scaled by its factor."""
-    from onnxruntime.quantization import TensorsData
-    from onnxruntime.quantization.calibrate import TensorData
-
-    data = {}
-    for name, td in ranges.data.data.items():
-        f = factors.get(name, 1.0)
-        if f == 1.0:
-            data[name] = td
-            continue
-        lo, hi = (np.asarray(v) for v in td.range_value)
-        m = f * max(float(np.abs(lo).max()), float(np.abs(hi).max()))
-        attrs = {k: v for k, v in td.to_dict().items() if k not in ("lowest", "highest", "CLS")}
-        data[name] = TensorData(lowest=np.full(lo.shape, -m, dtype=np.float32),
-                                highest=np.full(hi.shape, m, dtype=np.float32), **attrs)
-    return Ranges(ranges.method, ranges.images, TensorsData(ranges.data.calibration_method, data))
+    absmax = {}
+    for name, f in factors.items():
+        if f != 1.0 and name in ranges.data.data:
+            lo, hi = (np.asarray(v) for v in ranges.data.data[name].range_value)
+            absmax[name] = f * max(float(np.abs(lo).max()), float(np.abs(hi).max()))
+    return with_symmetric(ranges, absmax)
 
 
 def refine_scales(fp32: onnx.ModelProto, ranges: Ranges, images: np.ndarray,
